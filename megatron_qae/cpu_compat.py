@@ -1,0 +1,135 @@
+"""Make megatron-core train on a CPU-only machine (gloo backend).
+
+What it does: when CUDA is absent, `install()` redirects the handful of CUDA-only calls that
+megatron-core makes unconditionally (current device, RNG state, streams, `device="cuda"`
+factories, `.cuda()`, `Tensor.type()` checks of the optimizers) to their CPU equivalents.
+What it does not: change numerics, or do anything at all when CUDA is available. It must be
+imported before `megatron.core` builds models or optimizers; `megatron_qae.model` does that.
+
+The redirect is a TorchFunctionMode pushed for the whole process: it rewrites device
+arguments of tensor factories and the `Tensor.cuda()` / `Tensor.type()` methods only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_INSTALLED = False
+_CPU = torch.device("cpu")
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA ordinal in torch's device arguments.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU for every torch function call."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": _CPU}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # The optimizers accept only 'torch.cuda.*Tensor' parameter types.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if "cuda" not in name else name
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stand-in for torch.cuda.Stream: CPU work is already ordered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _set_rng_state(state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    torch.set_rng_state(state)
+
+
+def _get_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _manual_seed(seed: int) -> None:
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: 0
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.Stream = _NullStream
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda: None
+    cuda.get_rng_state = _get_rng_state
+    cuda.set_rng_state = _set_rng_state
+    cuda.manual_seed = _manual_seed
+    cuda.manual_seed_all = _manual_seed
+
+
+def _patch_megatron_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = _get_rng_state
+    mrandom._set_cuda_rng_state = _set_rng_state
+
+
+def cuda_available() -> bool:
+    """True when a CUDA device can be used (then this module does nothing)."""
+    return torch.cuda.is_available()
+
+
+def install() -> bool:
+    """Install the CPU redirects once per process. Returns True when they are active."""
+    global _INSTALLED
+    if _INSTALLED:
+        return True
+    if cuda_available():
+        return False
+    _patch_torch_cuda()
+    _patch_megatron_rng()
+    _CudaToCpuMode().__enter__()
+    _INSTALLED = True
+    return True
+
+
+def is_installed() -> bool:
+    """True when the CPU redirects are active in this process."""
+    return _INSTALLED
+
+
+@functools.cache
+def default_device() -> torch.device:
+    """The device the trainer computes on: the local CUDA device, else CPU."""
+    if cuda_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return _CPU

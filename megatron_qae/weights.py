@@ -1,0 +1,88 @@
+"""Move weights between the sharded Megatron policy and full (HF-named) tensors.
+
+What it does: loads full HF Qwen2 tensors into this rank's TP/PP shards, and iterates this
+rank's parameters as full tensors (TP all-gathered) under global megatron names, which weight
+sync and checkpoint export turn into HF tensors through `qwen2_mapping`. What it does not:
+talk to engines or files, or move tensors between pipeline stages (callers do).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_qae import qwen2_mapping as qm
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(global megatron name, parameter) of one model chunk; global = whole-model layer index."""
+    model = unwrap(chunk)
+    layers = model.decoder.layers if hasattr(model, "decoder") else []
+    offsets = {i: layer.layer_number - 1 - i for i, layer in enumerate(layers)}
+    for name, param in model.named_parameters():
+        if not qm.is_weight(name):
+            continue
+        local = name.split(".")[2] if name.startswith("decoder.layers.") else None
+        offset = offsets[int(local)] if local is not None else 0
+        yield qm.with_global_layer(name, offset), param
+
+
+def load_full_weights(
+    chunks: list[torch.nn.Module],
+    get_full: Callable[[str], torch.Tensor],
+    tp_rank: int,
+    tp: int,
+) -> None:
+    """Copy full tensors (`get_full(global megatron name)`) into this rank's shards."""
+    with torch.no_grad():
+        for chunk in chunks:
+            for name, param in global_named_parameters(chunk):
+                full = get_full(name)
+                shard = qm.tp_shard(name, full, tp_rank, tp)
+                if shard.shape != param.shape:
+                    raise ValueError(
+                        f"tensor {name}: shard shape {tuple(shard.shape)} != parameter shape "
+                        f"{tuple(param.shape)} (tp={tp}); does the checkpoint match model.path's "
+                        "config.json?"
+                    )
+                param.copy_(shard.to(param.dtype))
+
+
+def load_hf_state(
+    chunks: list[torch.nn.Module],
+    hf_state: Mapping[str, torch.Tensor],
+    hf: Mapping[str, Any],
+    tp_rank: int,
+    tp: int,
+) -> None:
+    """Load a full HF Qwen2 state dict (name -> tensor) into this rank's shards."""
+    load_full_weights(chunks, lambda name: qm.hf_to_megatron(name, hf_state, hf), tp_rank, tp)
+
+
+def iter_full_params(
+    chunks: list[torch.nn.Module], tp_group: dist.ProcessGroup | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(global megatron name, full tensor) for this rank's parameters, TP shards all-gathered.
+
+    Collective over the TP group: every TP rank must iterate in step.
+    """
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+    for chunk in chunks:
+        for name, param in global_named_parameters(chunk):
+            data = param.detach()
+            if tp == 1 or qm.tp_dim(name) is None:
+                yield name, data
+                continue
+            shards = [torch.empty_like(data) for _ in range(tp)]
+            dist.all_gather(shards, data.contiguous(), group=tp_group)
+            yield name, qm.tp_merge(name, shards)
