@@ -1,0 +1,162 @@
+"""One optimizer step (and the forward-only log-prob pass) through megatron's schedule.
+
+What it does: feeds micro-batches to `get_forward_backward_func` (which runs the micro-batch
+and pipeline schedule), computes per-token log-probs on the last pipeline stage, applies the
+DAPO loss with the global token-mean denominator, stops on a non-finite loss before the
+optimizer, clips gradients and steps optimizer + LR schedule. What it does not: build batches
+(batching.py) or compute advantages (advantage.py).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_qae import cpu_compat
+from megatron_qae.batching import MicroBatch
+from megatron_qae.logprobs import token_entropy, token_logprobs
+from megatron_qae.loss import LossConfig, policy_loss
+from megatron_qae.model import causal_mask
+from megatron_qae.policy import Policy
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm of a step was NaN or inf; the optimizer was not stepped."""
+
+
+def _to_device(mb: MicroBatch) -> MicroBatch:
+    device = cpu_compat.default_device()
+    if device.type == "cpu":
+        return mb
+    moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+             for k, v in vars(mb).items()}
+    return MicroBatch(**moved)
+
+
+def _run_schedule(policy: Policy, mbs: list[MicroBatch], loss_fn, forward_only: bool) -> list:
+    def forward_step(data_iterator, model):
+        mb = _to_device(next(data_iterator))
+        seq = mb.tokens.shape[1]
+        output = model(mb.tokens, mb.position_ids, causal_mask(seq, mb.tokens.device))
+        return output, partial(loss_fn, mb)
+
+    chunks = policy.chunks
+    iters = [iter(mbs) for _ in chunks] if len(chunks) > 1 else iter(mbs)
+    longest = max(mb.tokens.shape[1] for mb in mbs)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iters,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(mbs),
+        seq_length=longest,
+        micro_batch_size=max(mb.tokens.shape[0] for mb in mbs),
+        forward_only=forward_only,
+    )
+
+
+@torch.no_grad()
+def compute_logprobs(policy: Policy, mbs: list[MicroBatch], temperature: float = 1.0) -> None:
+    """Fill `mb.old_logprobs` [b, s] (on the last pipeline stage) with the policy's log-probs."""
+    tp_group = policy.groups.tp
+
+    def loss_fn(mb: MicroBatch, logits: torch.Tensor):
+        lp = token_logprobs(logits, mb.targets.to(logits.device), tp_group, temperature)
+        mb.old_logprobs = (lp * mb.loss_mask.to(lp.device)).cpu()
+        zero = torch.zeros((), device=logits.device)
+        return zero, {}
+
+    for chunk in policy.chunks:
+        chunk.eval()
+    _run_schedule(policy, mbs, loss_fn, forward_only=True)
+
+
+def _loss_fn(cfg: LossConfig, global_tokens: int, temperature: float, tp_group, mb: MicroBatch, logits: torch.Tensor):
+    mask = mb.loss_mask.to(logits.device)
+    entropy = token_entropy(logits, tp_group, temperature)
+    lp = token_logprobs(logits, mb.targets.to(logits.device), tp_group, temperature)
+    old = mb.old_logprobs.to(logits.device) if mb.old_logprobs is not None else lp.detach()
+    loss, metrics = policy_loss(
+        lp, old, mb.advantages.to(logits.device), mask, global_tokens, cfg,
+        rollout_logprobs=mb.rollout_logprobs.to(logits.device),
+    )
+    metrics["loss/entropy_sum"] = (entropy * mask).sum()
+    metrics["loss/logprob_gap_sum"] = ((lp.detach() - mb.rollout_logprobs.to(lp.device)).abs() * mask).sum()
+    metrics["loss/loss_sum"] = loss.detach()
+    # 3-tuple + calculate_per_token_loss: megatron neither divides by micro-batch count
+    # nor by tokens; the global token-mean is already in `loss`.
+    num_tokens = mask.sum().to(torch.int)
+    return loss, num_tokens, metrics
+
+
+def _reduce_metrics(policy: Policy, per_mb: list[dict], global_tokens: int) -> dict[str, float]:
+    """Sum token-sum metrics over micro-batches and DP ranks; mean per response token."""
+    names = ["loss/pg_clip_tokens", "loss/dual_clip_tokens", "loss/approx_kl_sum",
+             "loss/entropy_sum", "loss/logprob_gap_sum", "loss/loss_sum"]
+    sums = torch.zeros(len(names), dtype=torch.float64)
+    for m in per_mb:
+        if m:
+            sums += torch.stack([m[n].detach().double().cpu() for n in names])
+    groups = policy.groups
+    # Only the last pipeline stage computed losses; it sums over DP, then shares with the
+    # other stages so every rank returns the same metrics.
+    dist.all_reduce(sums, group=groups.dp)
+    src = dist.get_global_rank(groups.pp, groups.dims.pp - 1) if groups.dims.pp > 1 else None
+    if src is not None:
+        dist.broadcast(sums, src=src, group=groups.pp)
+    out = {n.replace("_sum", "").replace("_tokens", "_frac"): float(v) / max(global_tokens, 1)
+           for n, v in zip(names, sums.tolist())}
+    out["loss/loss"] = float(sums[names.index("loss/loss_sum")])
+    return out
+
+
+def forward_backward(
+    policy: Policy,
+    mbs: list[MicroBatch],
+    global_tokens: int,
+    loss_cfg: LossConfig,
+    temperature: float = 1.0,
+) -> dict[str, float]:
+    """Gradients of the global-token-mean loss over this rank's micro-batches (DP-reduced)."""
+    for chunk in policy.chunks:
+        chunk.train()
+        chunk.zero_grad_buffer()
+    policy.optimizer.zero_grad()
+    loss_fn = partial(_loss_fn, loss_cfg, global_tokens, temperature, policy.groups.tp)
+    per_mb = _run_schedule(policy, mbs, loss_fn, forward_only=False)
+    return _reduce_metrics(policy, per_mb, global_tokens)
+
+
+def train_step(
+    policy: Policy,
+    mbs: list[MicroBatch],
+    global_tokens: int,
+    loss_cfg: LossConfig,
+    step: int,
+    temperature: float = 1.0,
+) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches of a global mini-batch.
+
+    `global_tokens` is the response-token count of the whole mini-batch over all DP ranks.
+    Raises NonFiniteLossError (naming `step`) before the optimizer when the loss is not
+    finite, and after it when the gradient norm is not (megatron then skips the update).
+    """
+    metrics = forward_backward(policy, mbs, global_tokens, loss_cfg, temperature)
+    if not math.isfinite(metrics["loss/loss"]):
+        raise NonFiniteLossError(
+            f"step {step}: loss is {metrics['loss/loss']}; the optimizer was not stepped. "
+            "Check the rewards/advantages and the learning rate."
+        )
+    ok, grad_norm, _ = policy.optimizer.step()
+    if not ok or grad_norm is None or not math.isfinite(grad_norm):
+        raise NonFiniteLossError(
+            f"step {step}: gradient norm is {grad_norm}. "
+            "Lower optim.lr or check the data of this step."
+        )
+    policy.scheduler.step(increment=1)
+    metrics["train/grad_norm"] = float(grad_norm)
+    metrics["train/lr"] = float(policy.optimizer.param_groups[0]["lr"])
+    return metrics

@@ -1,0 +1,83 @@
+"""torchrun worker: one RL forward/backward + Adam step of a tiny Qwen2 under a given layout.
+
+Writes, per rank, the layout-independent results (full-named grads, params after the step,
+loss metrics) so the test can compare layouts against TP=PP=DP=1.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron_qae import parallel, weights  # noqa: E402
+from megatron_qae.batching import rank_micro_batches, response_tokens  # noqa: E402
+from megatron_qae.loss import LossConfig  # noqa: E402
+from megatron_qae.policy import build_policy  # noqa: E402
+from megatron_qae.train_step import compute_logprobs, forward_backward, train_step  # noqa: E402
+from tests import tiny  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--dist-opt", action="store_true")
+    ap.add_argument("--max-tokens", type=int, nargs="+", default=[64])
+    ap.add_argument("--learn-steps", type=int, default=0)
+    ap.add_argument("--skip-zero", action="store_true")
+    ap.add_argument("--tied", action="store_true")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, a.pp))
+    hf = tiny.tiny_hf_config(tied=a.tied)
+    cfg = tiny.run_config(a.tp, a.pp, a.dist_opt)
+    for budget in a.max_tokens:
+        result = run_once(a, groups, hf, cfg, budget)
+        if groups.dp_rank == 0 and groups.tp_rank == 0:
+            torch.save(result, f"{a.out}.mt{budget}.pp{groups.pp_rank}.pt")
+    parallel.destroy()
+
+
+def run_once(a, groups, hf, cfg, budget: int) -> dict:
+    policy = build_policy(cfg, hf, groups, total_steps=10)
+    weights.load_hf_state(policy.chunks, tiny.tiny_hf_model(hf).state_dict(), hf, groups.tp_rank, a.tp)
+    samples, advs = tiny.synthetic_samples()
+    mbs, batch_metrics = rank_micro_batches(samples, advs, groups.dp_rank, groups.dims.dp, budget, a.skip_zero)
+    compute_logprobs(policy, mbs)
+    before = [mb.old_logprobs for mb in mbs]
+    if a.learn_steps:
+        for step in range(a.learn_steps):
+            train_step(policy, mbs, response_tokens(samples), LossConfig(), step)
+        compute_logprobs(policy, mbs)
+        return {"before": before, "after": [mb.old_logprobs for mb in mbs], "mbs": mbs}
+    for mb in mbs:
+        if mb.old_logprobs is not None:  # only the last pipeline stage computes them
+            mb.old_logprobs = mb.old_logprobs + tiny.old_logprob_noise(mb)
+    metrics = forward_backward(policy, mbs, response_tokens(samples), LossConfig())
+    grads = {} if a.dist_opt else gather_full_grads(policy, groups)
+    ok, grad_norm, _ = policy.optimizer.step()
+    params = dict(weights.iter_full_params(policy.chunks, groups.tp))
+    return {"metrics": metrics, "grads": grads, "params": params, "grad_norm": grad_norm,
+            "micro_batches": len(mbs), "batch": batch_metrics}
+
+
+def gather_full_grads(policy, groups) -> dict:
+    from megatron_qae import qwen2_mapping as qm
+    out = {}
+    for chunk in policy.chunks:
+        for name, p in weights.global_named_parameters(chunk):
+            g = p.main_grad.detach().clone()
+            if groups.dims.tp > 1 and qm.tp_dim(name) is not None:
+                shards = [torch.empty_like(g) for _ in range(groups.dims.tp)]
+                dist.all_gather(shards, g.contiguous(), group=groups.tp)
+                g = qm.tp_merge(name, shards)
+            out[name] = g
+    return out
+
+
+if __name__ == "__main__":
+    main()

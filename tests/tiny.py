@@ -1,0 +1,105 @@
+"""Tiny Qwen2-architecture models and synthetic RL samples shared by the tests."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from rollout_sglang.types import Sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_hf_config(tied: bool = False, layers: int = 2, vocab: int = 64) -> dict:
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 32,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "vocab_size": vocab,
+        "max_position_embeddings": 128,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": tied,
+        "torch_dtype": "float32",
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+    }
+
+
+def tiny_hf_model(hf: dict, seed: int = 0):
+    """A transformers Qwen2ForCausalLM with random weights, biases and norms non-trivial."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in hf.items() if k != "architectures"}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name or "norm" in name:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+            else:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def synthetic_samples(n: int = 12, vocab: int = 64, seed: int = 0) -> tuple[list[Sample], list[float]]:
+    """Samples of varied lengths (group size 4) and advantages with many exact zeros."""
+    g = torch.Generator().manual_seed(seed)
+    samples, advs = [], []
+    for i in range(n):
+        p = int(torch.randint(3, 9, (1,), generator=g))
+        r = int(torch.randint(2, 12, (1,), generator=g))
+        ids = torch.randint(1, vocab, (p + r,), generator=g).tolist()
+        lps = (-torch.rand(r, generator=g) * 3).tolist()
+        samples.append(Sample(i // 4, tuple(ids[:p]), tuple(ids[p:]), tuple(lps), "stop",
+                              1.0 if i % 3 == 0 else -1.0, float(i % 3 == 0), 0))
+        advs.append([0.0, 1.5, -0.7, 0.0, 0.0, 2.0][i % 6])
+    return samples, advs
+
+
+def old_logprob_noise(mb) -> torch.Tensor:
+    """Deterministic per-(sample, position) offsets so ratios differ from 1 and clipping acts."""
+    rows = [[math.sin(31.0 * i + 7.0 * pos) * 0.4 for pos in range(mb.tokens.shape[1])]
+            for i in mb.sample_index] or [[0.0] * mb.tokens.shape[1]]
+    return torch.tensor(rows) * mb.loss_mask
+
+
+def run_config(tp: int = 1, pp: int = 1, dist_opt: bool = False, lr: float = 1e-2) -> SimpleNamespace:
+    """The attributes of the run config that build_policy reads."""
+    model = SimpleNamespace(params_dtype="float32", fp8=None, fp8_recipe="tensorwise",
+                            transformer_impl="local", recompute_granularity=None,
+                            recompute_method=None, recompute_num_layers=None,
+                            transformer_overrides={})
+    parallel = SimpleNamespace(tp=tp, pp=pp, vpp=None, cp=1, sequence_parallel=False,
+                               use_distributed_optimizer=dist_opt, ddp_overrides={})
+    optim = SimpleNamespace(lr=lr, min_lr=0.0, warmup_steps=0, lr_decay_style="constant",
+                            weight_decay=0.0, clip_grad=1.0, adam_beta1=0.9, adam_beta2=0.999,
+                            adam_eps=1e-8, optimizer_overrides={})
+    return SimpleNamespace(model=model, parallel=parallel, optim=optim)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: Path, nproc: int, args: list[str], timeout_s: float = 300) -> subprocess.CompletedProcess:
+    """Run `script` under torchrun with `nproc` gloo ranks; raise with its output on failure."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", str(script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
