@@ -160,3 +160,18 @@ def train_step(
     metrics["train/grad_norm"] = float(grad_norm)
     metrics["train/lr"] = float(policy.optimizer.param_groups[0]["lr"])
     return metrics
+
+
+def logprob_gap(policy: Policy, mbs: list[MicroBatch]) -> float:
+    """Mean |trainer - rollout| log-prob over the response tokens of `mbs` (all DP ranks),
+    taken after `compute_logprobs` with the weights the engines sampled with."""
+    sums = torch.zeros(2, dtype=torch.float64)
+    for mb in mbs:
+        if mb.old_logprobs is not None:
+            sums[0] += ((mb.old_logprobs - mb.rollout_logprobs).abs() * mb.loss_mask).sum().double()
+            sums[1] += mb.loss_mask.sum().double()
+    groups = policy.groups
+    dist.all_reduce(sums, group=groups.dp)
+    if groups.dims.pp > 1:
+        dist.broadcast(sums, src=dist.get_global_rank(groups.pp, groups.dims.pp - 1), group=groups.pp)
+    return float(sums[0] / sums[1].clamp(min=1.0))

@@ -1,0 +1,176 @@
+"""Push the trainer's weights to the rollout engines after each step.
+
+What it does: gathers TP shards (all-gather in the TP group) and pipeline stages (broadcast in
+the PP group to global rank 0), maps megatron tensors to HF Qwen2 names with the one pure
+mapping, and sends them in size-bounded buckets: the engines are told the names / dtypes /
+shapes over HTTP (`/update_weights_from_distributed`) while rank 0 broadcasts the tensors over
+the weight-update group that joins it with every engine rank. Timed per phase. What it does
+not: decide when to sync (the loop does) or start engines (the rollout manager does).
+
+Every trainer rank calls `push`; only data-parallel replica 0 takes part in the gathers, and
+only global rank 0 talks to the engines.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_qae import qwen2_mapping as qm
+from megatron_qae.policy import Policy
+from megatron_qae.weights import iter_full_params
+from rollout_sglang.client import SGLangClient
+from rollout_sglang.weight_group import destroy_weight_group, init_weight_group
+
+log = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass
+class SyncTimes:
+    """Seconds spent per phase of one weight sync, and bytes sent."""
+
+    gather_s: float = 0.0
+    transfer_s: float = 0.0
+    engine_load_s: float = 0.0
+    bytes: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        total = self.gather_s + self.transfer_s + self.engine_load_s
+        return {
+            "sync/gather_s": self.gather_s,
+            "sync/transfer_s": self.transfer_s,
+            "sync/engine_load_s": self.engine_load_s,
+            "sync/total_s": total,
+            "sync/bytes": float(self.bytes),
+            "sync/gb_per_s": self.bytes / 1e9 / total if total > 0 else 0.0,
+        }
+
+
+@dataclass
+class EngineLink:
+    """Rank 0's side of the weight-update group with a set of engines."""
+
+    clients: list[SGLangClient]
+    group: dist.ProcessGroup
+    group_name: str
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8))
+
+
+def connect_engines(
+    endpoints: list[tuple[str, int]],
+    master_address: str,
+    master_port: int,
+    backend: str,
+    timeout_s: float,
+) -> EngineLink:
+    """Form the weight-update group: rank 0 = this process, engine i's TP ranks after it."""
+    clients = [SGLangClient(url, timeout_s=timeout_s) for url, _ in endpoints]
+    world = 1 + sum(tp for _, tp in endpoints)
+    group_name = f"qae_weights_{uuid.uuid4().hex[:8]}"
+    pool = ThreadPoolExecutor(max(8, len(clients)))
+    offsets = [1 + sum(tp for _, tp in endpoints[:i]) for i in range(len(endpoints))]
+    futures = [
+        pool.submit(c.init_weights_update_group, master_address, master_port, off, world,
+                    group_name, backend)
+        for c, off in zip(clients, offsets)
+    ]
+    group = init_weight_group(master_address, master_port, 0, world, group_name, backend, timeout_s)
+    for f in futures:
+        f.result()
+    return EngineLink(clients, group, group_name, pool)
+
+
+def disconnect(link: EngineLink) -> None:
+    """Drop the weight-update group (engines re-join a new one after a restart)."""
+    destroy_weight_group(link.group)
+    link.pool.shutdown(wait=False)
+
+
+def _send_bucket(link: EngineLink, bucket: list[tuple[str, torch.Tensor]], version: int,
+                 times: SyncTimes, flush: bool) -> None:
+    names = [n for n, _ in bucket]
+    dtypes = [_DTYPE_NAMES[t.dtype] for _, t in bucket]
+    shapes = [list(t.shape) for _, t in bucket]
+    futures = [
+        link.pool.submit(c.update_weights_from_distributed, names, dtypes, shapes,
+                         link.group_name, flush, str(version))
+        for c in link.clients
+    ]
+    start = time.perf_counter()
+    for _, tensor in bucket:
+        dist.broadcast(tensor.contiguous(), src=0, group=link.group)
+    sent = time.perf_counter()
+    for f in futures:
+        f.result()
+    times.transfer_s += sent - start
+    times.engine_load_s += time.perf_counter() - sent
+    times.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+
+
+def _stage_tensors(policy: Policy):
+    """(global megatron name, full tensor) of the whole model, arriving on global rank 0.
+
+    Stage by stage: the stage's TP ranks all-gather, then its TP rank 0 broadcasts each tensor
+    in the PP group of DP replica 0.
+    """
+    groups = policy.groups
+    for stage in range(groups.dims.pp):
+        mine = groups.pp_rank == stage
+        tensors = iter_full_params(policy.chunks, groups.tp) if mine else iter(())
+        if groups.dims.pp == 1:
+            yield from tensors
+            continue
+        src = dist.get_global_rank(groups.pp, stage)
+        local = dict(tensors)
+        meta = [[(n, t.shape, t.dtype) for n, t in local.items()]] if mine else [None]
+        dist.broadcast_object_list(meta, src=src, group=groups.pp)
+        for name, shape, dtype in meta[0]:
+            buf = local.get(name)
+            if buf is None:
+                buf = torch.empty(shape, dtype=dtype, device=_device_of(policy))
+            dist.broadcast(buf, src=src, group=groups.pp)
+            yield name, buf
+
+
+def _device_of(policy: Policy) -> torch.device:
+    return next(policy.chunks[0].parameters()).device
+
+
+def push_weights(policy: Policy, link: EngineLink | None, version: int,
+                 bucket_bytes: int, dtype: torch.dtype | None = None) -> SyncTimes:
+    """Send every weight to the engines as HF Qwen2 tensors; collective over DP replica 0.
+
+    `link` is only used (and only needed) on global rank 0. `dtype` casts on the way out
+    (bf16 engines from an fp32 trainer); None keeps the trainer's dtype.
+    """
+    times = SyncTimes()
+    if policy.groups.dp_rank != 0:
+        return times
+    is_sender = dist.get_rank() == 0
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    start = time.perf_counter()
+    for name, full in _stage_tensors(policy):
+        if not is_sender:
+            continue
+        for hf_name, tensor in qm.megatron_to_hf(name, full, policy.hf_config):
+            tensor = tensor.to(dtype) if dtype is not None else tensor
+            bucket.append((hf_name, tensor))
+            size += tensor.numel() * tensor.element_size()
+        if size >= bucket_bytes:
+            times.gather_s += time.perf_counter() - start
+            _send_bucket(link, bucket, version, times, flush=False)
+            bucket, size, start = [], 0, time.perf_counter()
+    if is_sender:
+        times.gather_s += time.perf_counter() - start
+        if bucket:
+            _send_bucket(link, bucket, version, times, flush=True)
+    return times
