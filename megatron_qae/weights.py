@@ -9,6 +9,7 @@ talk to engines or files, or move tensors between pipeline stages (callers do).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,3 +87,28 @@ def iter_full_params(
             shards = [torch.empty_like(data) for _ in range(tp)]
             dist.all_gather(shards, data.contiguous(), group=tp_group)
             yield name, qm.tp_merge(name, shards)
+
+
+def load_hf_dir(policy, model_dir: str | Path) -> bool:
+    """Load `<model_dir>/*.safetensors` (sharded or not) into the policy; False when the
+    directory has no weights (the seeded random init is kept, e.g. the CPU demo)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return False
+    handles = {}
+    where: dict[str, Path] = {}
+    for f in files:
+        handles[f] = safe_open(str(f), framework="pt")
+        where.update({k: f for k in handles[f].keys()})
+
+    class _Lazy(dict):
+        def __contains__(self, key: object) -> bool:
+            return key in where
+
+        def __getitem__(self, key: str) -> torch.Tensor:
+            return handles[where[key]].get_tensor(key)
+
+    load_hf_state(policy.chunks, _Lazy(), policy.hf_config, policy.groups.tp_rank, policy.groups.dims.tp)
+    return True

@@ -1,0 +1,194 @@
+"""The RL loop: rollout -> reward -> advantage -> train -> weight sync -> eval / checkpoint.
+
+What it does: `run(cfg, env)` drives one training run on every trainer rank. Global rank 0
+owns the Ray side (rollout manager, engines) and hands each rollout batch to all ranks; the
+advantage is the DP-aware QAE reduction; training runs the step's mini-batches through
+megatron; then weights go to the engines. What it does not: parse arguments or read the
+environment (train.py does), or implement any of the steps (each is a call).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_qae import checkpoint, parallel, weights
+from megatron_qae.advantage import compute_group_advantages
+from megatron_qae.batching import empty_micro_batch, rank_micro_batches, response_tokens, split_by_tokens
+from megatron_qae.config import Config, save_config, to_dict, validate_against_model
+from megatron_qae.loss import LossConfig
+from megatron_qae.metrics import MetricsSink
+from megatron_qae.model import load_hf_config
+from megatron_qae.policy import Policy, build_policy
+from megatron_qae.rollout import Rollout
+from megatron_qae.train_step import compute_logprobs, logprob_gap, train_step
+from megatron_qae.weight_sync import push_weights
+from rollout_sglang.types import RolloutBatch, Sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the entry point read from the environment, once."""
+
+    master_address: str
+    """Address of global rank 0, reachable by the engines (weight-update rendezvous)."""
+
+
+def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
+    """Train for cfg.run.num_rollout_steps rollout steps; returns rank 0's logged metrics."""
+    p = cfg.parallel
+    groups = parallel.init_distributed(
+        lambda w: parallel.ParallelDims.from_world(w, p.tp, p.pp, p.cp, p.vpp), seed=cfg.run.seed
+    )
+    is_driver = dist.get_rank() == 0
+    hf = load_hf_config(cfg.model.path)
+    validate_against_model(cfg, hf)
+    run_dir = Path(cfg.run.run_dir)
+    if is_driver:
+        save_config(cfg, run_dir)
+    total_steps = cfg.run.num_rollout_steps * cfg.rollout.steps_per_rollout
+    policy = build_policy(cfg, hf, groups, total_steps)
+    rollout = Rollout.start(cfg, env.master_address) if is_driver else None
+    start, loop_state = _restore(cfg, policy, rollout)
+    sink = MetricsSink(run_dir, enabled=is_driver, tensorboard=cfg.run.log_tensorboard,
+                       wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
+    sink.truncate_after(start)
+    stop = checkpoint.install_sigterm_save()
+    history: list[dict[str, float]] = []
+    sync_metrics = _sync(policy, rollout, version=start, cfg=cfg)
+    progress = _progress(cfg, start, is_driver)
+    for step in range(start + 1, cfg.run.num_rollout_steps + 1):
+        t0 = time.perf_counter()
+        batch = _broadcast(rollout.generate(step - 1) if is_driver else None)   # rollout + reward
+        samples = batch.samples
+        advantages, adv_metrics = _advantages(cfg, policy, samples)             # advantage
+        train_metrics = _train(cfg, policy, batch, advantages, step)            # train
+        sync_metrics = _sync(policy, rollout, version=step, cfg=cfg)             # weight sync
+        metrics = {**batch.metrics, **adv_metrics, **train_metrics, **sync_metrics,
+                   "time/step_s": time.perf_counter() - t0, "train/policy_version": float(step)}
+        if cfg.run.eval_interval_steps and step % cfg.run.eval_interval_steps == 0 and is_driver:
+            metrics.update(rollout.evaluate(cfg.run.eval_n_samples))            # eval
+        sink.log(step, metrics)
+        history.append(metrics)
+        _progress_update(progress, metrics)
+        want_save = cfg.run.save_interval_steps and step % cfg.run.save_interval_steps == 0
+        if want_save or stop.requested or step == cfg.run.num_rollout_steps:   # checkpoint
+            if cfg.run.save_interval_steps or stop.requested:
+                loop_state = {"step": step, "rollout": rollout.state_dict() if is_driver else None}
+                checkpoint.save_checkpoint(run_dir, step, policy, _broadcast(loop_state),
+                                           keep_last=cfg.run.keep_last_checkpoints)
+        if stop.requested:
+            log.warning("SIGTERM: saved step %d and stopping", step)
+            break
+    sink.close()
+    if rollout is not None:
+        rollout.shutdown()
+    if progress is not None:
+        progress.close()
+    return history
+
+
+def _restore(cfg: Config, policy: Policy, rollout: Rollout | None) -> tuple[int, dict]:
+    """Resume from the run directory's latest checkpoint, else load HF weights if any."""
+    path = checkpoint.latest_checkpoint(cfg.run.run_dir)
+    if path is not None:
+        state = checkpoint.load_checkpoint(path, policy)
+        if rollout is not None and state.get("rollout") is not None:
+            rollout.load_state_dict(state["rollout"])
+        log.info("resumed from %s (step %d)", path, state["step"])
+        return int(state["step"]), state
+    if cfg.model.load_weights:
+        weights.load_hf_dir(policy, cfg.model.path)
+    return 0, {}
+
+
+def _broadcast(obj):
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _advantages(cfg: Config, policy: Policy, samples: list[Sample]) -> tuple[list[float], dict]:
+    """QAE advantages of every sample; each DP rank reduces only its own share."""
+    groups = policy.groups
+    mine = split_by_tokens([s.num_tokens for s in samples], groups.dims.dp)[groups.dp_rank]
+    source = "accuracy" if cfg.algo.quantile_source == "accuracy" else "reward"
+    scores = torch.tensor([getattr(samples[i], source) for i in mine], dtype=torch.float32)
+    ids = torch.tensor([samples[i].group_id for i in mine], dtype=torch.int64)
+    adv, metrics = compute_group_advantages(
+        scores, ids, quantile_k=cfg.algo.effective_quantile_k,
+        quantile_method=cfg.algo.quantile_method, norm_by_std=cfg.algo.norm_adv_by_std,
+        eps=cfg.algo.adv_eps, dp_group=groups.dp,
+    )
+    # Mini-batches re-split samples over DP ranks, so every rank needs every advantage.
+    shares: list = [None] * groups.dims.dp
+    dist.all_gather_object(shares, (mine, adv.tolist()), group=groups.dp)
+    out = [0.0] * len(samples)
+    for idx, values in shares:
+        for i, v in zip(idx, values):
+            out[i] = v
+    return out, metrics
+
+
+def _train(cfg: Config, policy: Policy, batch: RolloutBatch, advantages: list[float], step: int) -> dict:
+    """Old log-probs for all mini-batches, then one optimizer step per mini-batch."""
+    groups, loss_cfg = policy.groups, LossConfig(cfg.algo.clip_low, cfg.algo.clip_high,
+                                                 cfg.algo.clip_c, cfg.algo.tis_cap)
+    per_mini = cfg.rollout.mini_batch_prompts * cfg.rollout.n_samples_per_prompt
+    samples = batch.samples
+    plans = []
+    for lo in range(0, len(samples), per_mini):
+        part, adv = samples[lo: lo + per_mini], advantages[lo: lo + per_mini]
+        mbs, bmetrics = rank_micro_batches(part, adv, groups.dp_rank, groups.dims.dp,
+                                           cfg.train.micro_batch_max_tokens,
+                                           cfg.algo.can_skip_zero_advantage)
+        plans.append((mbs or [empty_micro_batch()], response_tokens(part), bmetrics))
+    t0 = time.perf_counter()
+    for mbs, _, _ in plans:
+        compute_logprobs(policy, mbs, cfg.rollout.temperature)
+    gap = logprob_gap(policy, [mb for mbs, _, _ in plans for mb in mbs])
+    sums: dict[str, float] = {}
+    for i, (mbs, tokens, bmetrics) in enumerate(plans):
+        m = train_step(policy, mbs, tokens, loss_cfg, (step - 1) * len(plans) + i,
+                       cfg.rollout.temperature)
+        for k, v in {**m, **bmetrics}.items():
+            sums[k] = sums.get(k, 0.0) + v / len(plans)
+    elapsed = time.perf_counter() - t0
+    trained = torch.tensor([float(sum(mb.loss_mask.sum() for mbs, _, _ in plans for mb in mbs))])
+    dist.all_reduce(trained, group=groups.dp)
+    return {**sums, "train/logprob_gap_rollout": gap, "train/step_s": elapsed,
+            "train/tokens_per_s": float(trained) / elapsed, "train/optimizer_steps": float(len(plans))}
+
+
+def _sync(policy: Policy, rollout: Rollout | None, version: int, cfg: Config) -> dict:
+    """Push weights at `version` to every engine (engines restarted since get them too)."""
+    link = rollout.prepare_sync() if rollout is not None else None
+    times = push_weights(policy, link, version, cfg.engine.weight_sync_bucket_bytes)
+    if rollout is None:
+        return {}
+    rollout.mark_synced(version)
+    return times.metrics()
+
+
+def _progress(cfg: Config, start: int, is_driver: bool):
+    if not (is_driver and cfg.run.progress_bar):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.run.num_rollout_steps, initial=start, desc="rollout steps", unit="step")
+
+
+def _progress_update(progress, metrics: dict[str, float]) -> None:
+    if progress is None:
+        return
+    keys = {"acc": "rollout/accuracy_all", "reward": "rollout/reward_mean",
+            "entropy": "loss/entropy", "zero_adv": "adv/zero_frac"}
+    progress.set_postfix({k: f"{metrics[v]:.3f}" for k, v in keys.items() if v in metrics})
+    progress.update(1)

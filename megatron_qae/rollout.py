@@ -1,0 +1,89 @@
+"""Global rank 0's handle on the rollout side: Ray, the rollout manager and the weight link.
+
+What it does: connects to (or starts) Ray, creates the RolloutManager actor, forwards
+generate / evaluate / state calls, and keeps the weight-update group with the engines formed,
+re-forming it when the set of engines changed (an engine died and was restarted).
+What it does not: generate or score (the manager does) or send weights (weight_sync does).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+import ray
+
+from megatron_qae import cpu_compat
+from megatron_qae.weight_sync import EngineLink, connect_engines, disconnect
+from rollout_sglang.manager import RolloutManager
+from rollout_sglang.types import RolloutBatch
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class Rollout:
+    """Driver-side facade over the RolloutManager actor."""
+
+    def __init__(self, cfg, manager, master_address: str) -> None:
+        self.cfg = cfg
+        self.manager = manager
+        self.master_address = master_address
+        self.link: EngineLink | None = None
+        self._endpoints: list[tuple[str, int]] = []
+
+    @classmethod
+    def start(cls, cfg, master_address: str) -> Rollout:
+        if not ray.is_initialized():
+            if cfg.ray.address:
+                ray.init(address=cfg.ray.address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
+                         _temp_dir=str(Path(cfg.run.run_dir).resolve() / "ray"))
+        actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4)
+        log_dir = str(Path(cfg.run.run_dir) / "engine_logs")
+        manager = actor.remote(cfg, cfg.model.path, log_dir)
+        ray.get(manager.ready.remote())
+        return cls(cfg, manager, master_address)
+
+    def generate(self, policy_version: int) -> RolloutBatch:
+        return ray.get(self.manager.generate.remote(policy_version))
+
+    def evaluate(self, n_samples: int) -> dict[str, float]:
+        return ray.get(self.manager.evaluate.remote(n_samples))
+
+    def prepare_sync(self) -> EngineLink:
+        """The weight link to every live engine, re-formed when engines were restarted."""
+        restarted = ray.get(self.manager.restart_dead_engines.remote())
+        endpoints = ray.get(self.manager.engine_endpoints.remote())
+        if self.link is None or restarted or endpoints != self._endpoints:
+            if self.link is not None:
+                disconnect(self.link)
+            backend = "gloo" if not cpu_compat.cuda_available() else "nccl"
+            self.link = connect_engines(endpoints, self.master_address, _free_port(), backend,
+                                        self.cfg.engine.request_timeout_s)
+            self._endpoints = endpoints
+            if restarted:
+                log.warning("re-formed the weight group after restarting %s", restarted)
+        return self.link
+
+    def mark_synced(self, version: int) -> None:
+        ray.get(self.manager.mark_synced.remote([u for u, _ in self._endpoints], version))
+
+    def state_dict(self) -> dict:
+        return ray.get(self.manager.state_dict.remote())
+
+    def load_state_dict(self, state: dict) -> None:
+        ray.get(self.manager.load_state_dict.remote(state))
+
+    def shutdown(self) -> None:
+        if self.link is not None:
+            disconnect(self.link)
+            self.link = None
+        ray.get(self.manager.shutdown.remote())

@@ -1,0 +1,50 @@
+"""Entry point: `torchrun [...] -m megatron_qae.train --config configs/X.yaml key=value ...`.
+
+What it does: reads the environment once (torchrun's rank variables, defaults for a plain
+single-process `python -m megatron_qae.train`), loads and validates the config, sets up
+logging and runs the loop. What it does not: any training logic (loop.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from megatron_qae.config import load_config
+from megatron_qae.loop import LaunchEnv, run
+
+
+def _single_process_defaults() -> None:
+    # A plain `python -m megatron_qae.train` is a world of one.
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=None, help="YAML file under configs/ (defaults if omitted)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. algo.quantile_k=0.6")
+    args = ap.parse_args(argv)
+    _single_process_defaults()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    rank = int(os.environ["RANK"])
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
+    )
+    cfg = load_config(args.config, args.overrides)
+    env = LaunchEnv(master_address=os.environ["MASTER_ADDR"])
+    run(cfg, env)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
