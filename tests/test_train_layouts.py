@@ -114,3 +114,17 @@ def test_positive_advantages_raise_logprobs(tmp_path):
             assert delta > 0.05, (i, delta)
         elif advs[i] < 0:
             assert delta < -0.01, (i, delta)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_skipping_zero_advantage_samples_gives_the_same_step(base, tmp_path, nproc):
+    out = str(tmp_path / f"skip{nproc}")
+    res = tiny.torchrun(WORKER, nproc, ["--skip-zero", "--max-tokens", "16", "--out", out])
+    del res
+    ours, ref = _load(out, 16), _load(base, 16)
+    part = torch.load(f"{out}.mt16.pp0.pt", weights_only=False)
+    _, advs = tiny.synthetic_samples()
+    assert part["batch"]["batch/skipped_samples_frac"] == sum(a == 0.0 for a in advs) / len(advs)
+    assert ours["micro_batches"] >= 2
+    assert _max_diff(ours["grads"], ref["grads"]) < 1e-6
+    assert _max_diff(ours["params"], ref["params"]) < 1e-5
