@@ -1,0 +1,60 @@
+"""Full weight sync through the project's path vs a plain copy of the same bytes.
+
+The trainer gathers its weights, maps them to HF names and broadcasts them in buckets over
+the weight-update group to a rollout server (our CPU server on CPU; on a GPU machine the same
+path to a CUDA server), which loads them. Baseline: one plain tensor copy of the same number
+of bytes on the same machine. Prints GB/s of both and the ratio.
+
+    python -m benchmarks.bench_weight_sync [--hidden 512 --layers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import bench_hf_config, single_process_world, timed
+from benchmarks.server import CpuServer, write_model_dir
+from megatron_qae import parallel, weight_sync, weights
+from megatron_qae.policy import build_policy
+from tests.tiny import free_port, run_config
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--bucket-mb", type=int, default=64)
+    a = ap.parse_args()
+    single_process_world()
+    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, 1))
+    hf = bench_hf_config(a.hidden, a.layers, vocab=8192)
+    policy = build_policy(run_config(), hf, groups, total_steps=1)
+    total = sum(p.numel() * p.element_size() for _, p in weights.global_named_parameters(policy.chunks[0]))
+    with tempfile.TemporaryDirectory() as tmp, CpuServer(write_model_dir(Path(tmp) / "m", hf)) as url:
+        link = weight_sync.connect_engines([(url, 1)], "127.0.0.1", free_port(), "gloo", 300.0)
+        last = {}
+
+        def sync() -> None:
+            last["t"] = weight_sync.push_weights(policy, link, 1, a.bucket_mb << 20)
+
+        t_sync = timed(sync, repeats=2)
+        weight_sync.disconnect(link)
+    src = torch.empty(total // 4, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    t_copy = timed(lambda: dst.copy_(src), repeats=5)
+    phases = last["t"].metrics()
+    print(f"weights: {total / 1e6:.1f} MB ({len(list(weights.global_named_parameters(policy.chunks[0])))} tensors)")
+    print(f"weight sync: {t_sync:.3f} s = {total / t_sync / 1e9:.3f} GB/s "
+          f"(gather {phases['sync/gather_s']:.3f} s, transfer {phases['sync/transfer_s']:.3f} s, "
+          f"engine load {phases['sync/engine_load_s']:.3f} s)")
+    print(f"plain copy of the same bytes: {t_copy:.4f} s = {total / t_copy / 1e9:.2f} GB/s")
+    print(f"ratio (sync GB/s / copy GB/s): {t_copy / t_sync:.4f}")
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()

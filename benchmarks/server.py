@@ -1,0 +1,55 @@
+"""Start / stop one CPU rollout server for a benchmark (a subprocess on a free port)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rollout_sglang.client import SGLangClient
+from tests.tiny import free_port
+
+
+def write_model_dir(path: Path, hf: dict, seed: int = 0) -> Path:
+    """config.json + random safetensors weights of `hf` (a Qwen2 config dict)."""
+    from tests.tiny import tiny_hf_model
+
+    path.mkdir(parents=True, exist_ok=True)
+    tiny_hf_model(hf, seed).save_pretrained(path)
+    (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()),
+                                                  "architectures": ["Qwen2ForCausalLM"]}))
+    return path
+
+
+class CpuServer:
+    """`with CpuServer(model_dir) as url:` runs `python -m rollout_sglang.cpu_server`."""
+
+    def __init__(self, model_dir: Path, threads: int = 1) -> None:
+        self.model_dir, self.threads = model_dir, threads
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> str:
+        cmd = [sys.executable, "-m", "rollout_sglang.cpu_server", "--model-path", str(self.model_dir),
+               "--host", "127.0.0.1", "--port", str(self.port), "--num-threads", str(self.threads)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{self.port}"
+        client = SGLangClient(url, timeout_s=5.0)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cpu_server exited with {self.proc.returncode}: {' '.join(cmd)}")
+            try:
+                if client.health():
+                    return url
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"cpu_server at {url} not healthy within 120 s")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
