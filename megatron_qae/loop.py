@@ -174,7 +174,9 @@ def _sync(policy: Policy, rollout: Rollout | None, version: int, cfg: Config) ->
     if rollout is None:
         return {}
     rollout.mark_synced(version)
-    return times.metrics()
+    versions = rollout.engine_versions()
+    return {**times.metrics(), "sync/engine_version_min": float(min(versions)),
+            "sync/engine_version_max": float(max(versions))}
 
 
 def _progress(cfg: Config, start: int, is_driver: bool):

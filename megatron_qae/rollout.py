@@ -76,6 +76,10 @@ class Rollout:
     def mark_synced(self, version: int) -> None:
         ray.get(self.manager.mark_synced.remote([u for u, _ in self._endpoints], version))
 
+    def engine_versions(self) -> list[int]:
+        """The weight version each engine reports over its own HTTP API."""
+        return [int(c.get_weight_version()) for c in self.link.clients] if self.link else []
+
     def state_dict(self) -> dict:
         return ray.get(self.manager.state_dict.remote())
 
