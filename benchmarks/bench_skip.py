@@ -24,17 +24,22 @@ from tests.tiny import run_config
 
 
 def qae_batch(groups: int, n: int, prompt: int, response: int, vocab: int, seed: int = 0):
-    """Samples with binary rewards whose per-prompt success rates are mostly near 0 or 1."""
+    """Binary-reward groups with mixed accuracy (after dynamic sampling), success rates near 0 or 1."""
     g = torch.Generator().manual_seed(seed)
-    rates = torch.distributions.Beta(0.35, 0.35).sample((groups,))
+    torch.manual_seed(seed)  # Beta sampling draws from the global generator
     samples = []
-    for gid in range(groups):
-        for _ in range(n):
-            ok = bool(torch.rand(1, generator=g) < rates[gid])
+    gid = 0
+    while gid < groups:
+        rate = float(torch.distributions.Beta(0.3, 0.3).sample())
+        oks = [bool(torch.rand(1, generator=g) < rate) for _ in range(n)]
+        if len(set(oks)) == 1:
+            continue  # DAPO dynamic sampling keeps only groups with mixed accuracy
+        for ok in oks:
             r = int(torch.randint(response // 2, response + 1, (1,), generator=g))
             ids = torch.randint(1, vocab, (prompt + r,), generator=g).tolist()
             samples.append(Sample(gid, tuple(ids[:prompt]), tuple(ids[prompt:]), tuple([-1.0] * r),
                                   "stop", 1.0 if ok else -1.0, float(ok), 0))
+        gid += 1
     scores = torch.tensor([s.reward for s in samples])
     ids = torch.tensor([s.group_id for s in samples])
     adv, metrics = compute_group_advantages(scores, ids, quantile_k=0.4)
@@ -63,24 +68,35 @@ def main() -> None:
             start = {n: p.detach().clone() for n, p in weights.global_named_parameters(policy.chunks[0])}
         mbs, bm = rank_micro_batches(samples, adv, 0, 1, a.max_tokens, skip)
         mbs = mbs or [empty_micro_batch()]
-        compute_logprobs(policy, mbs)
 
-        def step() -> None:
+        def reset() -> None:
             with torch.no_grad():
                 for n, p in weights.global_named_parameters(policy.chunks[0]):
                     p.copy_(start[n])
+
+        def step() -> None:
+            reset()
             train_step(policy, mbs, tokens, LossConfig(), step=0)
 
-        results[skip] = timed(step, repeats=2)
+        reset()
+        compute_logprobs(policy, mbs)
+
+        # The compared update is the first step from a fresh optimizer state; timing after it.
         step()
         results[(skip, "params")] = {n: p.detach().clone() for n, p in weights.global_named_parameters(policy.chunks[0])}
+        results[(skip, "grads")] = {n: p.main_grad.detach().clone() for n, p in weights.global_named_parameters(policy.chunks[0])}
         results[(skip, "bm")] = bm
+        results[skip] = timed(step, repeats=2)
     diff = max((results[(True, "params")][n] - results[(False, "params")][n]).abs().max().item() for n in start)
+    gdiff = max((results[(True, "grads")][n] - results[(False, "grads")][n]).abs().max().item() for n in start)
+    gmax = max(results[(False, "grads")][n].abs().max().item() for n in start)
+    update = max((results[(False, "params")][n] - start[n]).abs().max().item() for n in start)
     print(f"zero-advantage fraction: {adv_metrics['adv/zero_frac']:.3f} "
           f"(skipped samples {results[(True, 'bm')]['batch/skipped_samples_frac']:.3f})")
     print(f"train step, skip off: {results[False]:.3f} s   skip on: {results[True]:.3f} s")
     print(f"speed-up ratio (off / on): {results[False] / results[True]:.2f}x")
-    print(f"max |param difference| after the step: {diff:.3e}")
+    print(f"max |grad difference|: {gdiff:.3e} (largest |grad| {gmax:.3e})")
+    print(f"max |param difference| after the step: {diff:.3e} (largest update {update:.3e})")
     parallel.destroy()
 
 
