@@ -1,0 +1,150 @@
+"""The run configuration: one typed tree of frozen dataclasses.
+
+What it does: defines every knob with a one-line docstring, loads YAML files plus dotted
+`key=value` overrides through OmegaConf structured configs (unknown keys and wrong types are
+errors), validates values and cross-field constraints (ValueError naming the field, the value
+and the fix), and writes the resolved config into the run directory. Derived values are
+properties. What it does not: re-declare megatron-core's or SGLang's own knobs (the
+`*_overrides` / `sglang_args` dicts pass them through, checked against upstream fields), or
+silently rewrite anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megatron_qae.config_sections import (
+    AlgoConfig,
+    DataConfig,
+    EngineConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RayConfig,
+    RewardConfig,
+    RolloutConfig,
+    RunConfig,
+    TrainConfig,
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run directory, steps, logging, checkpoint and eval cadence."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model (HF Qwen2 directory) and its numerics."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Megatron parallel layout of the trainer."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and the LR schedule."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """QAE advantage and the DAPO loss."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Sampling, batch sizes and dynamic sampling."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Rollout engines (SGLang on GPU, our CPU server otherwise)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward function and overlong penalty."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt data sets."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray cluster to join, or a local one."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Micro-batching of the trainer."""
+
+    def __post_init__(self) -> None:
+        r = self.rollout
+        if self.reward.overlong_buffer_enable and self.reward.overlong_buffer_tokens >= r.max_response_tokens:
+            _fail("reward.overlong_buffer_tokens", self.reward.overlong_buffer_tokens,
+                  f"must be < rollout.max_response_tokens={r.max_response_tokens}; shrink the buffer "
+                  "or set reward.overlong_buffer_enable=false")
+        if self.engine.backend == "cpu" and self.engine.engine_tp != 1:
+            _fail("engine.engine_tp", self.engine.engine_tp, "the CPU rollout server runs tp=1; set 1")
+        if self.model.fp8 and self.model.params_dtype != "bfloat16":
+            _fail("model.fp8", self.model.fp8, "FP8 training needs model.params_dtype=bfloat16")
+
+
+def _fail(name: str, value: Any, fix: str) -> None:
+    raise ValueError(f"{name}={value!r}: {fix}")
+
+
+def _load_error(exc: OmegaConfBaseException) -> ValueError:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    hint = ""
+    if ("Key" in type(exc).__name__ or "not in" in msg) and "Did you mean" not in msg:
+        section, _, leaf = str(key).rpartition(".")
+        known = _field_names(section)
+        close = difflib.get_close_matches(leaf, known, n=3)
+        hint = f"; did you mean {close}?" if close else f"; known keys: {sorted(known)}"
+    return ValueError(f"config key {key!r}: {msg}{hint} (see docs/config.md)")
+
+
+def _field_names(section: str) -> list[str]:
+    cls: Any = Config
+    for part in [p for p in section.split(".") if p]:
+        types = {f.name: f.default_factory for f in dataclasses.fields(cls)
+                 if f.default_factory is not dataclasses.MISSING}
+        if part not in types:
+            return []
+        cls = types[part]().__class__
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then dotted `key=value` overrides; validated."""
+    try:
+        merged = OmegaConf.structured(Config)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ValueError(f"--config {str(path)!r} does not exist; pass a YAML file under configs/")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ValueError(f"overrides {bad} are not key=value (e.g. algo.quantile_k=0.6)")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _load_error(exc) from None
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of the config (for logs, W&B and the run directory)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def save_config(cfg: Config, run_dir: str | Path) -> Path:
+    """Write the resolved config to `<run_dir>/config.yaml`; loading it gives back `cfg`."""
+    out = Path(run_dir) / "config.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tmp.replace(out)
+    return out
+
+
+def validate_against_model(cfg: Config, hf: dict[str, Any]) -> None:
+    """Constraints that need the model's HF config.json."""
+    heads, layers = hf["num_attention_heads"], hf["num_hidden_layers"]
+    kv = hf.get("num_key_value_heads", heads)
+    tp, pp, vpp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp or 1
+    if heads % tp or kv % tp:
+        _fail("parallel.tp", tp, f"must divide num_attention_heads={heads} and num_key_value_heads={kv}")
+    if layers % (pp * vpp):
+        _fail("parallel.pp", pp, f"pp*vpp={pp * vpp} must divide num_hidden_layers={layers}")
+    total = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
+    limit = hf.get("max_position_embeddings", total)
+    if total > limit:
+        _fail("rollout.max_response_tokens", cfg.rollout.max_response_tokens,
+              f"prompt + response = {total} exceeds the model's max_position_embeddings={limit}")
