@@ -1,0 +1,105 @@
+"""Batched autoregressive sampling with a KV cache for the CPU rollout server.
+
+What it does: left-pads a batch of token-id prompts, decodes with transformers' KV cache,
+samples with temperature / top-k / top-p (greedy at temperature 0), honours max_new_tokens,
+min_new_tokens and stop tokens, and returns SGLang-shaped outputs with the log-prob of each
+sampled token under the temperature-scaled distribution it was sampled from (the trainer
+takes its log-probs at the same temperature). What it does not: serve HTTP (cpu_server.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the first always stays).
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def generate_batch(
+    model: torch.nn.Module,
+    rows: list[list[int]],
+    params: dict[str, Any],
+    eos_ids: list[int],
+    abort: threading.Event | None = None,
+) -> list[dict[str, Any]]:
+    """One SGLang-style output dict per prompt row."""
+    temperature = float(params.get("temperature", 1.0))
+    top_p = float(params.get("top_p", 1.0))
+    top_k = int(params.get("top_k", -1))
+    max_new = int(params.get("max_new_tokens", 128))
+    min_new = int(params.get("min_new_tokens", 0))
+    stop_ids = set(int(t) for t in (params.get("stop_token_ids") or [])) | set(eos_ids)
+    if params.get("ignore_eos"):
+        stop_ids = set(int(t) for t in (params.get("stop_token_ids") or []))
+    b, longest = len(rows), max(len(r) for r in rows)
+    ids = torch.zeros(b, longest, dtype=torch.long)
+    mask = torch.zeros(b, longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, longest - len(r):] = torch.tensor(r)
+        mask[i, longest - len(r):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1].float()
+    tokens: list[list[int]] = [[] for _ in range(b)]
+    logps: list[list[float]] = [[] for _ in range(b)]
+    reasons = ["length"] * b
+    done = torch.zeros(b, dtype=torch.bool)
+    next_pos = positions[:, -1] + 1
+    for step in range(max_new):
+        if abort is not None and abort.is_set():
+            for i in range(b):
+                if not done[i]:
+                    reasons[i] = "abort"
+            break
+        if step < min_new and stop_ids:
+            logits[:, sorted(stop_ids)] = float("-inf")
+        if temperature <= 0:
+            logp = torch.log_softmax(logits, -1)
+            nxt = logits.argmax(-1)
+        else:
+            logp = torch.log_softmax(logits / temperature, -1)
+            probs = torch.softmax(_filter_logits(logits / temperature, top_k, top_p), -1)
+            nxt = torch.multinomial(probs, 1).squeeze(-1)
+        chosen = logp.gather(-1, nxt[:, None]).squeeze(-1)
+        for i in range(b):
+            if done[i]:
+                continue
+            tok = int(nxt[i])
+            tokens[i].append(tok)
+            logps[i].append(float(chosen[i]))
+            if tok in stop_ids:
+                done[i], reasons[i] = True, "stop"
+        if done.all() or step == max_new - 1:
+            break
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], dim=1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()
+        next_pos = next_pos + 1
+    return [
+        {
+            "output_ids": tokens[i],
+            "meta_info": {
+                "finish_reason": {"type": reasons[i]},
+                "prompt_tokens": len(rows[i]),
+                "completion_tokens": len(tokens[i]),
+                "output_token_logprobs": [[lp, t, None] for lp, t in zip(logps[i], tokens[i])],
+            },
+        }
+        for i in range(b)
+    ]
