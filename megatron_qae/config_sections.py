@@ -331,12 +331,12 @@ class RewardConfig:
     overlong_penalty_factor: float = 1.0
     """Penalty at the max length (the penalty grows linearly to -factor)."""
     num_workers: int = 2
-    """Processes scoring responses (math-verify needs a main thread or its own process)."""
+    """Processes scoring responses (math-verify needs a main thread, so always processes)."""
 
     def __post_init__(self) -> None:
         _positive("reward.overlong_buffer_tokens", self.overlong_buffer_tokens)
         _positive("reward.overlong_penalty_factor", self.overlong_penalty_factor, strict=False)
-        _positive("reward.num_workers", self.num_workers, strict=False)
+        _positive("reward.num_workers", self.num_workers)
 
 
 @dataclass(frozen=True)

@@ -86,16 +86,18 @@ def _loss_fn(cfg: LossConfig, global_tokens: int, temperature: float, tp_group, 
     metrics["loss/entropy_sum"] = (entropy * mask).sum()
     metrics["loss/logprob_gap_sum"] = ((lp.detach() - mb.rollout_logprobs.to(lp.device)).abs() * mask).sum()
     metrics["loss/loss_sum"] = loss.detach()
+    metrics["loss/tokens"] = mask.sum()
     # 3-tuple + calculate_per_token_loss: megatron neither divides by micro-batch count
     # nor by tokens; the global token-mean is already in `loss`.
     num_tokens = mask.sum().to(torch.int)
     return loss, num_tokens, metrics
 
 
-def _reduce_metrics(policy: Policy, per_mb: list[dict], global_tokens: int) -> dict[str, float]:
-    """Sum token-sum metrics over micro-batches and DP ranks; mean per response token."""
+def _reduce_metrics(policy: Policy, per_mb: list[dict]) -> dict[str, float]:
+    """Sum token-sum metrics over micro-batches and DP ranks; mean per trained response token
+    (skipped zero-advantage samples are not in the forward pass, so not in these means)."""
     names = ["loss/pg_clip_tokens", "loss/dual_clip_tokens", "loss/approx_kl_sum",
-             "loss/entropy_sum", "loss/logprob_gap_sum", "loss/loss_sum"]
+             "loss/entropy_sum", "loss/logprob_gap_sum", "loss/loss_sum", "loss/tokens"]
     sums = torch.zeros(len(names), dtype=torch.float64)
     for m in per_mb:
         if m:
@@ -107,9 +109,11 @@ def _reduce_metrics(policy: Policy, per_mb: list[dict], global_tokens: int) -> d
     src = dist.get_global_rank(groups.pp, groups.dims.pp - 1) if groups.dims.pp > 1 else None
     if src is not None:
         dist.broadcast(sums, src=src, group=groups.pp)
-    out = {n.replace("_sum", "").replace("_tokens", "_frac"): float(v) / max(global_tokens, 1)
-           for n, v in zip(names, sums.tolist())}
+    trained = float(sums[names.index("loss/tokens")])
+    out = {n.replace("_sum", "").replace("_tokens", "_frac"): float(v) / max(trained, 1.0)
+           for n, v in zip(names[:5], sums.tolist())}
     out["loss/loss"] = float(sums[names.index("loss/loss_sum")])
+    out["loss/trained_tokens"] = trained
     return out
 
 
@@ -127,7 +131,7 @@ def forward_backward(
     policy.optimizer.zero_grad()
     loss_fn = partial(_loss_fn, loss_cfg, global_tokens, temperature, policy.groups.tp)
     per_mb = _run_schedule(policy, mbs, loss_fn, forward_only=False)
-    return _reduce_metrics(policy, per_mb, global_tokens)
+    return _reduce_metrics(policy, per_mb)
 
 
 def train_step(

@@ -1,0 +1,169 @@
+"""Atomic, layout-independent checkpoints with megatron-core dist_checkpointing.
+
+What it does: saves model, optimizer (distributed optimizer in the model-space sharded format,
+so a checkpoint loads into any (tp, pp, dp) layout), LR schedule, RNG states and the loop's own
+state into `<run_dir>/checkpoints/tmp.step_<k>.<id>`, renames it to `step_<k>` once complete,
+then points `latest` at it (written last, atomically); keeps the newest N. A run killed during
+a save leaves the previous checkpoint intact and loadable. SIGTERM sets a flag the loop checks
+(it saves and exits; nothing runs inside the handler). What it does not: convert to HF
+(tools/convert_checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+from megatron_qae.policy import Policy
+from megatron_qae.weights import unwrap
+
+log = logging.getLogger(__name__)
+_DONE = "complete.json"
+_OPT_META = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+def _ckpt_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _sharded_state(policy: Policy, is_loading: bool) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    chunks = policy.chunks
+    for i, chunk in enumerate(chunks):
+        state["model" if len(chunks) == 1 else f"model{i}"] = unwrap(chunk).sharded_state_dict()
+    state["optimizer"] = policy.optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=_OPT_META)
+    return state
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(run_dir: str | Path, step: int, policy: Policy, loop_state: dict[str, Any],
+                    keep_last: int = 2) -> Path:
+    """Collective: every trainer rank calls it. Returns the final checkpoint directory."""
+    root = _ckpt_root(run_dir)
+    name = [f"tmp.step_{step}.{uuid.uuid4().hex[:8]}"]
+    dist.broadcast_object_list(name, src=0)
+    tmp = root / name[0]
+    if dist.get_rank() == 0:
+        tmp.mkdir(parents=True, exist_ok=False)
+    dist.barrier()
+    state = _sharded_state(policy, is_loading=False)
+    state["scheduler"] = policy.scheduler.state_dict()
+    state["rng"] = _rng_state()
+    state["loop"] = loop_state
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+    final = root / f"step_{step}"
+    if dist.get_rank() == 0:
+        (tmp / _DONE).write_text(json.dumps({"step": step, "model_path": loop_state.get("model_path")}))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(root, final.name)
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in [*path.rglob("*"), path]:
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / f"latest.tmp.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / "latest")
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and (path / _DONE).is_file()
+
+
+def _steps(root: Path) -> list[Path]:
+    done = [p for p in root.glob("step_*") if _complete(p)]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for old in _steps(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("tmp.step_*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` points at, or the newest complete one if the pointer is stale."""
+    root = _ckpt_root(run_dir)
+    pointer = root / "latest"
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if _complete(target):
+            return target
+        log.warning("%s points at %s, which is incomplete; using the newest complete checkpoint",
+                    pointer, target)
+    steps = _steps(root) if root.is_dir() else []
+    return steps[-1] if steps else None
+
+
+def load_checkpoint(path: str | Path, policy: Policy) -> dict[str, Any]:
+    """Load a checkpoint into the policy (any layout); returns the loop state."""
+    path = Path(path)
+    if not _complete(path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_DONE}); "
+                                "point at a step_<k> directory written by save_checkpoint")
+    template = _sharded_state(policy, is_loading=True)
+    template.update(scheduler=None, rng=None, loop=None)
+    try:
+        loaded = dist_checkpointing.load(template, str(path))
+    except Exception as exc:  # noqa: BLE001 - re-raised with the path and the likely cause
+        raise ValueError(f"cannot load checkpoint {path}: {exc}. Was it saved for the same model "
+                         "(model.path's config.json)? Is it truncated?") from exc
+    chunks = policy.chunks
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+    policy.optimizer.load_state_dict(loaded["optimizer"])
+    policy.scheduler.load_state_dict(loaded["scheduler"])
+    rng = loaded["rng"]
+    torch.set_rng_state(rng["torch"])
+    get_cuda_rng_tracker().set_states(rng["tracker"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return loaded["loop"]
+
+
+@dataclass
+class StopFlag:
+    """Set by SIGTERM; the loop saves and exits at the next step boundary."""
+
+    requested: bool = False
+
+
+def install_sigterm_save() -> StopFlag:
+    flag = StopFlag()
+
+    def handler(signum, frame) -> None:  # noqa: ARG001
+        flag.requested = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return flag

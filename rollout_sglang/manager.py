@@ -1,0 +1,248 @@
+"""The rollout manager (a Ray actor): engines, generation, scoring, DAPO dynamic sampling.
+
+What it does: starts the engines, spreads generation requests over the engines that hold the
+current weights, decodes and scores responses (reward fn + overlong penalty), drops groups
+whose accuracy is all-equal and refills from new generation batches until the step's batch is
+full, and returns typed groups. A failed request is retried on another engine; a group is
+accepted exactly once. Dead engines are restarted on request and get no work until the
+trainer has pushed the current weights to them. What it does not: push weights (the trainer
+owns the weight-update group) or compute advantages.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import ray
+
+from rollout_sglang.client import EngineError, SGLangClient
+from rollout_sglang.data import PromptCursor, load_prompts
+from rollout_sglang.engine import RolloutEngine
+from rollout_sglang.rewards import apply_overlong_penalty, load_reward_fn, score_batch
+from rollout_sglang.types import Group, Prompt, RolloutBatch, Sample
+
+log = logging.getLogger(__name__)
+_ROWS_PER_REQUEST = 64
+
+
+@dataclass
+class _Engine:
+    actor: object
+    url: str
+    tp: int
+    synced_version: int | None = None
+    dead: bool = False
+    restarts: int = 0
+
+
+def select_groups(groups: list[Group], dynamic: bool) -> tuple[list[Group], dict[str, int]]:
+    """Groups DAPO keeps, and how many were dropped for being all-correct / all-wrong."""
+    if not dynamic:
+        return list(groups), {"all_correct": 0, "all_wrong": 0}
+    kept = [g for g in groups if not g.accuracy_is_constant]
+    dropped = [g for g in groups if g.accuracy_is_constant]
+    correct = sum(1 for g in dropped if g.samples[0].accuracy > 0)
+    return kept, {"all_correct": correct, "all_wrong": len(dropped) - correct}
+
+
+class RolloutManager:
+    """Owns the engines and the prompt stream of one run."""
+
+    def __init__(self, cfg, model_path: str, log_dir: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        e = cfg.engine
+        actor = ray.remote(RolloutEngine).options(num_cpus=0, num_gpus=e.engine_tp if e.backend == "sglang" else 0)
+        handles = [actor.remote(model_path, e.backend, e.host, e.port_base + 100 * i, e.engine_tp,
+                                e.mem_fraction_static, dict(e.sglang_args), e.startup_timeout_s,
+                                e.request_timeout_s, log_dir, cfg.run.seed + i)
+                   for i in range(e.num_engines)]
+        self.engines = [_Engine(h, ray.get(h.url.remote()), e.engine_tp) for h in handles]
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.reward_fn = load_reward_fn(cfg.reward.name)
+        # math-verify needs a main thread; actor methods run on worker threads, so use processes.
+        self.pool = ProcessPoolExecutor(cfg.reward.num_workers, mp_context=multiprocessing.get_context("spawn"))
+        d, r = cfg.data, cfg.rollout
+        kw = dict(prompt_key=d.prompt_key, answer_key=d.answer_key,
+                  apply_chat_template=d.apply_chat_template, max_prompt_tokens=r.max_prompt_tokens)
+        self.train_prompts = load_prompts(d.train_path, self.tokenizer, **kw)
+        self.val_prompts = load_prompts(d.val_path, self.tokenizer, **kw) if d.val_path else []
+        self.cursor = PromptCursor(len(self.train_prompts), d.seed, d.shuffle)
+        self.leftover: list[Group] = []
+        self.next_group_id = 0
+        self.threads = ThreadPoolExecutor(max(4, 2 * len(self.engines)))
+
+    def ready(self) -> bool:
+        return True
+
+    # ---- engines -------------------------------------------------------------------------
+    def engine_endpoints(self) -> list[tuple[str, int]]:
+        return [(en.url, en.tp) for en in self.engines if not en.dead]
+
+    def engine_pids(self) -> list[int]:
+        return [ray.get(en.actor.pid.remote()) for en in self.engines]
+
+    def engines_needing_sync(self) -> list[str]:
+        return [en.url for en in self.engines if not en.dead and en.synced_version is None]
+
+    def mark_synced(self, urls: list[str], version: int) -> None:
+        for en in self.engines:
+            if en.url in urls:
+                en.synced_version = version
+
+    def restart_dead_engines(self) -> list[str]:
+        """Restart engines whose process died; they wait for weights before serving."""
+        restarted = []
+        for en in self.engines:
+            alive = ray.get(en.actor.is_alive.remote())
+            if en.dead or not alive:
+                if en.restarts >= self.cfg.engine.max_restarts:
+                    raise EngineError(f"engine {en.url} died again after {en.restarts} restarts "
+                                      "(engine.max_restarts); see its log under engine_logs/")
+                en.restarts += 1
+                en.url = ray.get(en.actor.restart.remote())
+                en.dead, en.synced_version = False, None
+                restarted.append(en.url)
+                log.warning("restarted engine, now at %s", en.url)
+        return restarted
+
+    def _serving(self) -> list[_Engine]:
+        ready = [en for en in self.engines if not en.dead and en.synced_version is not None]
+        if not ready:
+            raise EngineError("no live engine holds the current weights; the trainer must sync "
+                              "weights (restart_dead_engines + push) before generating")
+        return ready
+
+    # ---- generation ----------------------------------------------------------------------
+    def _request(self, rows: list[list[int]], params: dict, first: int) -> list:
+        """Generate `rows` on a serving engine; on failure mark it dead and try the next."""
+        tried = 0
+        while True:
+            serving = self._serving()
+            en = serving[(first + tried) % len(serving)]
+            try:
+                client = SGLangClient(en.url, timeout_s=self.cfg.engine.request_timeout_s)
+                return client.generate(rows, params, return_logprob=True)
+            except EngineError as exc:
+                log.warning("engine %s failed (%s); retrying the request elsewhere", en.url, exc)
+                en.dead = True
+                tried += 1
+
+    def _generate_groups(self, prompts: list[Prompt], n: int, params: dict, version: int) -> list[Group]:
+        per = max(1, _ROWS_PER_REQUEST // n)
+        chunks = [prompts[i: i + per] for i in range(0, len(prompts), per)]
+        futures = [self.threads.submit(self._request, [list(p.prompt_ids) for p in c for _ in range(n)],
+                                       params, i) for i, c in enumerate(chunks)]
+        outputs = [o for f in futures for o in f.result()]
+        texts = [self.tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outputs]
+        answers = [p.answer for p in prompts for _ in range(n)]
+        results = score_batch(self.reward_fn, texts, answers, pool=self.pool)
+        groups = []
+        for gi, prompt in enumerate(prompts):
+            samples = []
+            for o, res in zip(outputs[gi * n:(gi + 1) * n], results[gi * n:(gi + 1) * n]):
+                score = res.score
+                if self.cfg.reward.overlong_buffer_enable:
+                    score = apply_overlong_penalty(score, len(o.output_ids), self.cfg.rollout.max_response_tokens,
+                                                   self.cfg.reward.overlong_buffer_tokens,
+                                                   self.cfg.reward.overlong_penalty_factor)
+                samples.append(Sample(self.next_group_id, prompt.prompt_ids, tuple(o.output_ids),
+                                      tuple(o.output_logprobs), o.finish_reason, score, res.accuracy, version))
+            groups.append(Group(self.next_group_id, prompt, tuple(samples)))
+            self.next_group_id += 1
+        return groups
+
+    def _params(self, temperature: float, top_p: float) -> dict:
+        r = self.cfg.rollout
+        return {"temperature": temperature, "top_p": top_p, "top_k": r.top_k,
+                "max_new_tokens": r.max_response_tokens}
+
+    def generate(self, policy_version: int) -> RolloutBatch:
+        """The step's groups: DAPO dynamic sampling over generation batches."""
+        r = self.cfg.rollout
+        t0 = time.perf_counter()
+        params = self._params(r.temperature, r.top_p)
+        kept, generated, dropped = list(self.leftover), [], {"all_correct": 0, "all_wrong": 0}
+        batches = 0
+        while len(kept) < r.prompts_per_step:
+            if batches == (r.max_gen_batches if r.dynamic_sampling else 1):
+                raise RuntimeError(
+                    f"dynamic sampling kept {len(kept)} of rollout.prompts_per_step={r.prompts_per_step} "
+                    f"groups after {batches} generation batches of {r.gen_batch_prompts} prompts "
+                    "(the rest were all-correct or all-wrong); raise rollout.max_gen_batches or "
+                    "rollout.gen_batch_prompts, or use easier/harder data")
+            size = r.gen_batch_prompts if r.dynamic_sampling else r.prompts_per_step
+            prompts = [self.train_prompts[i] for i in self.cursor.next_indices(size)]
+            new = self._generate_groups(prompts, r.n_samples_per_prompt, params, policy_version)
+            batches += 1
+            generated += new
+            take, counts = select_groups(new, r.dynamic_sampling)
+            kept += take
+            dropped = {k: dropped[k] + counts[k] for k in dropped}
+        gen_s = time.perf_counter() - t0
+        self.leftover = kept[r.prompts_per_step:]
+        groups = kept[: r.prompts_per_step]
+        return RolloutBatch(groups, policy_version, self._metrics(groups, generated, dropped, batches, gen_s))
+
+    def _metrics(self, groups, generated, dropped, batches, gen_s) -> dict[str, float]:
+        every = [s for g in generated for s in g.samples]
+        kept = [s for g in groups for s in g.samples]
+        tokens = sum(len(s.response_ids) for s in every)
+        n = max(len(every), 1)
+        return {
+            "rollout/gen_batches": float(batches),
+            "rollout/groups_generated": float(len(generated)),
+            "rollout/groups_dropped_all_correct": float(dropped["all_correct"]),
+            "rollout/groups_dropped_all_wrong": float(dropped["all_wrong"]),
+            "rollout/response_tokens": float(tokens),
+            "rollout/tokens_per_s": tokens / gen_s if gen_s > 0 else 0.0,
+            "rollout/generate_s": gen_s,
+            "rollout/accuracy_all": sum(s.accuracy for s in every) / n,
+            "rollout/reward_all": sum(s.reward for s in every) / n,
+            "rollout/accuracy_mean": sum(s.accuracy for s in kept) / max(len(kept), 1),
+            "rollout/reward_mean": sum(s.reward for s in kept) / max(len(kept), 1),
+            "rollout/response_len_mean": tokens / n,
+            "rollout/truncated_frac": sum(s.finish_reason == "length" for s in every) / n,
+        }
+
+    def evaluate(self, n_samples: int) -> dict[str, float]:
+        """avg@n and pass@n over the validation prompts."""
+        if not self.val_prompts:
+            return {}
+        r = self.cfg.rollout
+        groups = self._generate_groups(self.val_prompts, n_samples, self._params(r.val_temperature, r.val_top_p), -1)
+        self.next_group_id -= len(groups)  # evaluation groups are not training groups
+        acc = [s.accuracy for g in groups for s in g.samples]
+        return {
+            f"eval/avg@{n_samples}": sum(acc) / len(acc),
+            f"eval/pass@{n_samples}": sum(any(s.accuracy > 0 for s in g.samples) for g in groups) / len(groups),
+            "eval/response_len_mean": sum(len(s.response_ids) for g in groups for s in g.samples) / len(acc),
+        }
+
+    # ---- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor.state_dict(), "leftover": self.leftover,
+                "next_group_id": self.next_group_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor.load_state_dict(state["cursor"])
+        self.leftover = list(state["leftover"])
+        self.next_group_id = int(state["next_group_id"])
+
+    def pause(self) -> None:
+        for en in self.engines:
+            SGLangClient(en.url).pause_generation()
+
+    def resume(self) -> None:
+        for en in self.engines:
+            SGLangClient(en.url).continue_generation()
+
+    def shutdown(self) -> None:
+        ray.get([en.actor.stop.remote() for en in self.engines])
+        self.pool.shutdown(cancel_futures=True)
+        self.threads.shutdown(wait=False)
