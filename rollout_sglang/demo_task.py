@@ -1,10 +1,10 @@
-"""The CPU demo's task: single-digit sums "a+b=" answered by one digit, with a tokenizer built
-in code and a tiny Qwen2-architecture config.
+"""The CPU demo's task: single-digit sums ("3+4=") answered by one digit, with a tokenizer
+built in code and a tiny Qwen2-architecture config.
 
 What it does: writes a model directory (config.json + tokenizer files, no weights: the policy
 starts from a seeded random init, so a random policy answers right about 1 time in 16 and RL
 has signal from the first step) and train / validation jsonl files in the verl schema. The
-validation set holds the same 25 sums (the demo shows the policy learning the table; it is
+validation set holds the same 25 problems (the demo shows the policy learning the table; it is
 not a generalization benchmark). What it does not: train.
 """
 
@@ -14,9 +14,8 @@ import json
 from pathlib import Path
 
 SPECIAL = ["<pad>", "<eos>"]
-CHARS = list("0123456789+=")
-UNUSED = ["<unused0>", "<unused1>"]
-MAX_OPERAND = 4
+CHARS = list("0123456789+-=")
+UNUSED = ["<unused0>"]
 
 
 def build_tokenizer():
@@ -54,17 +53,21 @@ def write_demo_model_dir(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def sums() -> list[tuple[str, str]]:
-    """(prompt, answer) of every a+b with 0 <= a, b <= MAX_OPERAND."""
-    return [(f"{a}+{b}=", str(a + b)) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
+MAX_OPERAND = 4
+
+
+def problems() -> list[tuple[str, str]]:
+    """(prompt, answer) of every a+b with 0 <= a, b <= MAX_OPERAND (25 problems)."""
+    digits = range(MAX_OPERAND + 1)
+    return [(f"{a}+{b}=", str(a + b)) for a in digits for b in digits]
 
 
 def write_demo_data(directory: str | Path, seed: int = 0) -> tuple[Path, Path]:
     """train.jsonl and val.jsonl in the verl schema; returns their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    rows = [{"data_source": "demo_sums", "prompt": [{"role": "user", "content": q}],
-             "reward_model": {"ground_truth": a, "style": "rule"}} for q, a in sums()]
+    rows = [{"data_source": "demo_digits", "prompt": [{"role": "user", "content": q}],
+             "reward_model": {"ground_truth": a, "style": "rule"}} for q, a in problems()]
     paths = []
     for name in ("train", "val"):
         p = directory / f"{name}.jsonl"

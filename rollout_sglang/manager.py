@@ -73,7 +73,6 @@ class RolloutManager:
         self.train_prompts = load_prompts(d.train_path, self.tokenizer, **kw)
         self.val_prompts = load_prompts(d.val_path, self.tokenizer, **kw) if d.val_path else []
         self.cursor = PromptCursor(len(self.train_prompts), d.seed, d.shuffle)
-        self.leftover: list[Group] = []
         self.next_group_id = 0
         self.threads = ThreadPoolExecutor(max(4, 2 * len(self.engines)))
 
@@ -136,8 +135,12 @@ class RolloutManager:
     def _generate_groups(self, prompts: list[Prompt], n: int, params: dict, version: int) -> list[Group]:
         per = max(1, _ROWS_PER_REQUEST // n)
         chunks = [prompts[i: i + per] for i in range(0, len(prompts), per)]
+        # A seed per request (from the run seed and the first group id) makes sampling
+        # reproducible whatever engine or thread serves it, so a resumed run repeats itself.
+        first_ids = [self.next_group_id + i * per for i in range(len(chunks))]
         futures = [self.threads.submit(self._request, [list(p.prompt_ids) for p in c for _ in range(n)],
-                                       params, i) for i, c in enumerate(chunks)]
+                                       {**params, "sampling_seed": self.cfg.run.seed * 1_000_003 + gid}, i)
+                   for i, (c, gid) in enumerate(zip(chunks, first_ids))]
         outputs = [o for f in futures for o in f.result()]
         texts = [self.tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outputs]
         answers = [p.answer for p in prompts for _ in range(n)]
@@ -167,7 +170,7 @@ class RolloutManager:
         r = self.cfg.rollout
         t0 = time.perf_counter()
         params = self._params(r.temperature, r.top_p)
-        kept, generated, dropped = list(self.leftover), [], {"all_correct": 0, "all_wrong": 0}
+        kept, generated, dropped = [], [], {"all_correct": 0, "all_wrong": 0}
         batches = 0
         while len(kept) < r.prompts_per_step:
             if batches == (r.max_gen_batches if r.dynamic_sampling else 1):
@@ -185,9 +188,12 @@ class RolloutManager:
             kept += take
             dropped = {k: dropped[k] + counts[k] for k in dropped}
         gen_s = time.perf_counter() - t0
-        self.leftover = kept[r.prompts_per_step:]
+        # As verl's DAPO: kept groups beyond the batch are discarded, not carried over, so
+        # every trained sample comes from the weights of this rollout step.
         groups = kept[: r.prompts_per_step]
-        return RolloutBatch(groups, policy_version, self._metrics(groups, generated, dropped, batches, gen_s))
+        metrics = self._metrics(groups, generated, dropped, batches, gen_s)
+        metrics["rollout/groups_discarded_extra"] = float(len(kept) - len(groups))
+        return RolloutBatch(groups, policy_version, metrics)
 
     def _metrics(self, groups, generated, dropped, batches, gen_s) -> dict[str, float]:
         every = [s for g in generated for s in g.samples]
@@ -226,12 +232,10 @@ class RolloutManager:
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor.state_dict(), "leftover": self.leftover,
-                "next_group_id": self.next_group_id}
+        return {"cursor": self.cursor.state_dict(), "next_group_id": self.next_group_id}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor.load_state_dict(state["cursor"])
-        self.leftover = list(state["leftover"])
         self.next_group_id = int(state["next_group_id"])
 
     def pause(self) -> None:

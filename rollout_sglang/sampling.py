@@ -1,8 +1,8 @@
 """Batched autoregressive sampling with a KV cache for the CPU rollout server.
 
 What it does: left-pads a batch of token-id prompts, decodes with transformers' KV cache,
-samples with temperature / top-k / top-p (greedy at temperature 0), honours max_new_tokens,
-min_new_tokens and stop tokens, and returns SGLang-shaped outputs with the log-prob of each
+samples with temperature / top-k / top-p (greedy at temperature 0; seeded per request with
+SGLang's `sampling_seed`), honours max_new_tokens, min_new_tokens and stop tokens, and returns SGLang-shaped outputs with the log-prob of each
 sampled token under the temperature-scaled distribution it was sampled from (the trainer
 takes its log-probs at the same temperature). What it does not: serve HTTP (cpu_server.py).
 """
@@ -43,6 +43,8 @@ def generate_batch(
     top_k = int(params.get("top_k", -1))
     max_new = int(params.get("max_new_tokens", 128))
     min_new = int(params.get("min_new_tokens", 0))
+    seed = params.get("sampling_seed")
+    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     stop_ids = set(int(t) for t in (params.get("stop_token_ids") or [])) | set(eos_ids)
     if params.get("ignore_eos"):
         stop_ids = set(int(t) for t in (params.get("stop_token_ids") or []))
@@ -74,7 +76,7 @@ def generate_batch(
         else:
             logp = torch.log_softmax(logits / temperature, -1)
             probs = torch.softmax(_filter_logits(logits / temperature, top_k, top_p), -1)
-            nxt = torch.multinomial(probs, 1).squeeze(-1)
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
         chosen = logp.gather(-1, nxt[:, None]).squeeze(-1)
         for i in range(b):
             if done[i]:

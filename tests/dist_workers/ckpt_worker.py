@@ -1,0 +1,79 @@
+"""torchrun worker for checkpoints.
+
+--mode save: one RL step under the given layout, save step 1, write the full params; then
+  (with --kill-during-save) start saving step 2 and SIGKILL itself after the files are written
+  but before the rename, as a crash mid-save would.
+--mode load: load the latest checkpoint under the given layout, write the full params and the
+  loss of one more step on the same batch.
+"""
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron_qae import checkpoint, parallel, weights  # noqa: E402
+from megatron_qae.batching import rank_micro_batches, response_tokens  # noqa: E402
+from megatron_qae.loss import LossConfig  # noqa: E402
+from megatron_qae.policy import build_policy  # noqa: E402
+from megatron_qae.train_step import compute_logprobs, train_step  # noqa: E402
+from tests import tiny  # noqa: E402
+
+
+def step(policy, groups, k: int) -> float:
+    samples, advs = tiny.synthetic_samples(seed=k)
+    mbs, _ = rank_micro_batches(samples, advs, groups.dp_rank, groups.dims.dp, 64)
+    compute_logprobs(policy, mbs)
+    return train_step(policy, mbs, response_tokens(samples), LossConfig(), k)["loss/loss"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["save", "load"], required=True)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--dist-opt", action="store_true")
+    ap.add_argument("--kill-during-save", action="store_true")
+    ap.add_argument("--run-dir", required=True)
+    a = ap.parse_args()
+    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, a.pp))
+    hf = tiny.tiny_hf_config()
+    policy = build_policy(tiny.run_config(a.tp, a.pp, a.dist_opt, lr=1e-2), hf, groups, total_steps=10)
+    out = Path(a.run_dir)
+    if a.mode == "save":
+        weights.load_hf_state(policy.chunks, tiny.tiny_hf_model(hf).state_dict(), hf, groups.tp_rank, a.tp)
+        step(policy, groups, 1)
+        checkpoint.save_checkpoint(out, 1, policy, {"step": 1, "cursor": [3, 4]})
+        params = dict(weights.iter_full_params(policy.chunks, groups.tp))
+        loss2 = step(policy, groups, 2)
+        if dist.get_rank() == 0:
+            torch.save({"params": params, "loss2": loss2}, out / f"saved.pp{groups.pp_rank}.pt")
+        if a.kill_during_save:
+            real_replace = os.replace
+
+            def crash(src, dst):
+                if "step_2" in str(dst):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                real_replace(src, dst)
+
+            os.replace = crash
+            checkpoint.save_checkpoint(out, 2, policy, {"step": 2})
+    else:
+        path = checkpoint.latest_checkpoint(out)
+        state = checkpoint.load_checkpoint(path, policy)
+        params = dict(weights.iter_full_params(policy.chunks, groups.tp))
+        loss2 = step(policy, groups, 2)
+        if dist.get_rank() == 0:
+            torch.save({"params": params, "loss2": loss2, "state": state, "path": str(path)},
+                       out / f"loaded.pp{groups.pp_rank}.pt")
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()
