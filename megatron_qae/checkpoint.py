@@ -1,6 +1,6 @@
 """Atomic, layout-independent checkpoints with megatron-core dist_checkpointing.
 
-What it does: saves model, optimizer (distributed optimizer in the model-space sharded format,
+What it does: saves model, optimizer (distributed optimizer in the fully reshardable format,
 so a checkpoint loads into any (tp, pp, dp) layout), LR schedule, RNG states and the loop's own
 state into `<run_dir>/checkpoints/tmp.step_<k>.<id>`, renames it to `step_<k>` once complete,
 then points `latest` at it (written last, atomically); keeps the newest N. A run killed during
@@ -31,19 +31,20 @@ from megatron_qae.weights import unwrap
 
 log = logging.getLogger(__name__)
 _DONE = "complete.json"
-_OPT_META = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+_OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def _ckpt_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _sharded_state(policy: Policy, is_loading: bool) -> dict[str, Any]:
+def _sharded_state(policy: Policy, is_loading: bool, with_optimizer: bool = True) -> dict[str, Any]:
     state: dict[str, Any] = {}
     chunks = policy.chunks
     for i, chunk in enumerate(chunks):
         state["model" if len(chunks) == 1 else f"model{i}"] = unwrap(chunk).sharded_state_dict()
-    state["optimizer"] = policy.optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=_OPT_META)
+    if with_optimizer:
+        state["optimizer"] = policy.optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=_OPT_META)
     return state
 
 
@@ -55,8 +56,10 @@ def _rng_state() -> dict[str, Any]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, policy: Policy, loop_state: dict[str, Any],
-                    keep_last: int = 2) -> Path:
-    """Collective: every trainer rank calls it. Returns the final checkpoint directory."""
+                    keep_last: int = 2, with_optimizer: bool = True) -> Path:
+    """Collective: every trainer rank calls it. Returns the final checkpoint directory.
+
+    `with_optimizer=False` writes model weights only (conversion from HF)."""
     root = _ckpt_root(run_dir)
     name = [f"tmp.step_{step}.{uuid.uuid4().hex[:8]}"]
     dist.broadcast_object_list(name, src=0)
@@ -64,7 +67,7 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: Policy, loop_state: 
     if dist.get_rank() == 0:
         tmp.mkdir(parents=True, exist_ok=False)
     dist.barrier()
-    state = _sharded_state(policy, is_loading=False)
+    state = _sharded_state(policy, is_loading=False, with_optimizer=with_optimizer)
     state["scheduler"] = policy.scheduler.state_dict()
     state["rng"] = _rng_state()
     state["loop"] = loop_state
@@ -72,7 +75,8 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: Policy, loop_state: 
     dist.barrier()
     final = root / f"step_{step}"
     if dist.get_rank() == 0:
-        (tmp / _DONE).write_text(json.dumps({"step": step, "model_path": loop_state.get("model_path")}))
+        (tmp / _DONE).write_text(json.dumps({"step": step, "with_optimizer": with_optimizer,
+                                             "model_path": loop_state.get("model_path")}))
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -126,13 +130,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def load_checkpoint(path: str | Path, policy: Policy) -> dict[str, Any]:
-    """Load a checkpoint into the policy (any layout); returns the loop state."""
+def load_checkpoint(path: str | Path, policy: Policy, model_only: bool = False) -> dict[str, Any]:
+    """Load a checkpoint into the policy (any layout); returns the loop state.
+
+    Model-only checkpoints (from HF conversion), or `model_only=True`, leave the optimizer,
+    LR schedule and RNG as they are."""
     path = Path(path)
     if not _complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_DONE}); "
                                 "point at a step_<k> directory written by save_checkpoint")
-    template = _sharded_state(policy, is_loading=True)
+    model_only = model_only or not json.loads((path / _DONE).read_text()).get("with_optimizer", True)
+    template = _sharded_state(policy, is_loading=True, with_optimizer=not model_only)
     template.update(scheduler=None, rng=None, loop=None)
     try:
         loaded = dist_checkpointing.load(template, str(path))
@@ -142,6 +150,8 @@ def load_checkpoint(path: str | Path, policy: Policy) -> dict[str, Any]:
     chunks = policy.chunks
     for i, chunk in enumerate(chunks):
         unwrap(chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+    if model_only:
+        return loaded["loop"]
     policy.optimizer.load_state_dict(loaded["optimizer"])
     policy.scheduler.load_state_dict(loaded["scheduler"])
     rng = loaded["rng"]

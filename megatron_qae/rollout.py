@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import tempfile
 from pathlib import Path
 
 import ray
@@ -44,8 +45,9 @@ class Rollout:
             if cfg.ray.address:
                 ray.init(address=cfg.ray.address, log_to_driver=False)
             else:
+                # A short private temp dir: Ray's socket paths must stay under 107 bytes.
                 ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
-                         _temp_dir=str(Path(cfg.run.run_dir).resolve() / "ray"))
+                         _temp_dir=tempfile.mkdtemp(prefix="qae-ray-"))
         actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4)
         log_dir = str(Path(cfg.run.run_dir) / "engine_logs")
         manager = actor.remote(cfg, cfg.model.path, log_dir)

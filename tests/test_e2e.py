@@ -48,3 +48,18 @@ def test_two_ranks_two_steps_write_metrics_and_sync_engines(e2e_run):
     assert "eval/avg@4" in rows[-1] or any(k.startswith("eval/avg@") for k in rows[-1])
     assert (e2e_run / "config.yaml").is_file()
     assert any((e2e_run / "tensorboard").iterdir())
+
+
+def test_resume_after_step_k_repeats_the_uninterrupted_run(tmp_path):
+    keys = ["rollout/accuracy_all", "rollout/reward_mean", "adv/zero_frac", "loss/loss",
+            "loss/entropy", "train/grad_norm"]
+    full, part = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    common = ["run.save_interval_steps=1", "run.log_tensorboard=false"]
+    _train(full, 1, [*common, "run.num_rollout_steps=3"])
+    _train(part, 1, [*common, "run.num_rollout_steps=2"])
+    _train(part, 1, [*common, "run.num_rollout_steps=3"])  # auto-resumes from step 2
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for k in keys:
+        assert abs(a[2][k] - b[2][k]) < 1e-6, (k, a[2][k], b[2][k])
+    assert (part / "checkpoints" / "latest").read_text().strip() == "step_3"

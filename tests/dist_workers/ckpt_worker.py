@@ -50,7 +50,7 @@ def main() -> None:
         weights.load_hf_state(policy.chunks, tiny.tiny_hf_model(hf).state_dict(), hf, groups.tp_rank, a.tp)
         step(policy, groups, 1)
         checkpoint.save_checkpoint(out, 1, policy, {"step": 1, "cursor": [3, 4]})
-        params = dict(weights.iter_full_params(policy.chunks, groups.tp))
+        params = {k: v.clone() for k, v in weights.iter_full_params(policy.chunks, groups.tp)}
         loss2 = step(policy, groups, 2)
         if dist.get_rank() == 0:
             torch.save({"params": params, "loss2": loss2}, out / f"saved.pp{groups.pp_rank}.pt")
@@ -67,7 +67,7 @@ def main() -> None:
     else:
         path = checkpoint.latest_checkpoint(out)
         state = checkpoint.load_checkpoint(path, policy)
-        params = dict(weights.iter_full_params(policy.chunks, groups.tp))
+        params = {k: v.clone() for k, v in weights.iter_full_params(policy.chunks, groups.tp)}
         loss2 = step(policy, groups, 2)
         if dist.get_rank() == 0:
             torch.save({"params": params, "loss2": loss2, "state": state, "path": str(path)},

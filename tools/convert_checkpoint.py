@@ -1,0 +1,223 @@
+"""Convert between Hugging Face Qwen2 safetensors and Megatron dist checkpoints.
+
+    python -m tools.convert_checkpoint hf-to-mcore --hf-dir HF --out CKPT
+    python -m tools.convert_checkpoint mcore-to-hf --ckpt CKPT/step_N --hf-config-dir HF --out OUT \
+        [--dtype bfloat16] [--max-shard-bytes 5000000000] [--fp8]
+
+What it does: HF -> Megatron reads the safetensors shards tensor by tensor and writes a model
+dist checkpoint (torch_dist) that training loads in any layout (`model.path` + the checkpoint
+as the run directory's first step, or `load_checkpoint`). Megatron -> HF loads the checkpoint
+(saved under any tp/pp/dp), maps tensor by tensor with the same pure Qwen2 mapping weight sync
+uses, and writes size-bounded safetensors shards, the index, config.json and the tokenizer
+files. Output goes to a temporary directory renamed at the end, so a failure leaves nothing
+half-written. What it does not: optimizer state (HF has none), or FP8 export without
+nvidia-modelopt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from megatron_qae import qwen2_mapping as qm
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _single_rank_world() -> None:
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+
+
+def _policy(hf_dir: Path):
+    """A TP=PP=1 model + optimizer skeleton of the HF config (to load / save sharded state)."""
+    from types import SimpleNamespace
+
+    from megatron_qae import parallel
+    from megatron_qae.model import load_hf_config
+    from megatron_qae.policy import build_policy
+
+    hf = load_hf_config(hf_dir)
+    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, 1))
+    cfg = SimpleNamespace(
+        model=SimpleNamespace(params_dtype="float32", fp8=None, fp8_recipe="tensorwise", transformer_impl="local",
+                              recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
+                              transformer_overrides={}),
+        parallel=SimpleNamespace(sequence_parallel=False, use_distributed_optimizer=False, ddp_overrides={}),
+        optim=SimpleNamespace(lr=1e-6, min_lr=0.0, warmup_steps=0, lr_decay_style="constant", weight_decay=0.0,
+                              clip_grad=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
+                              optimizer_overrides={}))
+    return build_policy(cfg, hf, groups, total_steps=1), hf
+
+
+def _safetensor_index(hf_dir: Path) -> dict[str, Path]:
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: hf_dir / f for name, f in weight_map.items()}
+        missing = sorted({str(p) for p in files.values() if not p.is_file()})
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
+        return files
+    single = hf_dir / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def hf_to_mcore(hf_dir: Path, out: Path) -> Path:
+    """Write the HF weights as a Megatron checkpoint directory `out/step_0` (+ `latest`)."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    from megatron_qae import checkpoint, weights
+
+    _single_rank_world()
+    policy, hf = _policy(hf_dir)
+    files = _safetensor_index(hf_dir)
+    handles = {p: safe_open(str(p), framework="pt") for p in set(files.values())}
+
+    class _Lazy(dict):
+        def __contains__(self, key: object) -> bool:
+            return key in files
+
+        def __getitem__(self, key: str) -> torch.Tensor:
+            return handles[files[key]].get_tensor(key)
+
+    names = list(qm.megatron_names(hf))
+    bar = tqdm(total=len(names), desc="hf -> mcore", unit="tensor")
+
+    def get_full(name: str) -> torch.Tensor:
+        bar.update(1)
+        return qm.hf_to_megatron(name, _Lazy(), hf)
+
+    weights.load_full_weights(policy.chunks, get_full, 0, 1)
+    bar.close()
+    return checkpoint.save_checkpoint(out, 0, policy, {"step": 0, "model_path": str(hf_dir.resolve())},
+                                      with_optimizer=False)
+
+
+def _write_shards(tensors, out: Path, max_shard_bytes: int) -> dict[str, str]:
+    from safetensors.torch import save_file
+
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    size, index = 0, 0
+
+    def flush() -> None:
+        nonlocal shard, size, index
+        if shard:
+            index += 1
+            name = f"model-{index:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+        shard[name] = tensor.contiguous()
+        size += nbytes
+    flush()
+    total = index
+    renamed = {}
+    for k, v in weight_map.items():
+        i = int(v.split("-")[1].split(".")[0])
+        final = f"model-{i:05d}-of-{total:05d}.safetensors"
+        renamed[k] = final
+    for i in range(1, total + 1):
+        os.replace(out / f"model-{i:05d}.safetensors", out / f"model-{i:05d}-of-{total:05d}.safetensors")
+    return renamed
+
+
+def mcore_to_hf(ckpt: Path, hf_config_dir: Path, out: Path, dtype: str, max_shard_bytes: int) -> Path:
+    """Write an HF model directory from a Megatron checkpoint (saved in any layout)."""
+    from tqdm import tqdm
+
+    from megatron_qae import checkpoint, weights
+
+    if out.exists():
+        raise FileExistsError(f"--out {out} exists; choose a new directory")
+    _single_rank_world()
+    policy, hf = _policy(hf_config_dir)
+    checkpoint.load_checkpoint(ckpt, policy, model_only=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent if out.parent.exists() else None))
+    try:
+        target = _DTYPES[dtype]
+        names = list(weights.global_named_parameters(policy.chunks[0]))
+
+        def tensors():
+            for name, full in tqdm(weights.iter_full_params(policy.chunks, None), total=len(names),
+                                   desc="mcore -> hf", unit="tensor"):
+                for hf_name, t in qm.megatron_to_hf(name, full, hf):
+                    yield hf_name, t.to(target).clone()
+
+        weight_map = _write_shards(tensors(), tmp, max_shard_bytes)
+        total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        config = json.loads((hf_config_dir / "config.json").read_text())
+        config["torch_dtype"] = dtype
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for f in TOKENIZER_FILES:
+            if (hf_config_dir / f).is_file():
+                shutil.copy2(hf_config_dir / f, tmp / f)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_fp8(hf_dir: Path) -> None:
+    try:
+        import modelopt.torch.quantization  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available here"
+        raise SystemExit(f"--fp8 needs nvidia-modelopt on a CUDA machine ({exc}); install megatron-qae[gpu]") from exc
+    raise SystemExit("--fp8: run modelopt's FP8 export on the written HF directory "
+                     f"{hf_dir} on a GPU machine (not implemented in this tool yet)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("hf-to-mcore")
+    a.add_argument("--hf-dir", type=Path, required=True)
+    a.add_argument("--out", type=Path, required=True, help="run directory to write checkpoints/step_0 into")
+    b = sub.add_parser("mcore-to-hf")
+    b.add_argument("--ckpt", type=Path, required=True, help="a checkpoints/step_N directory")
+    b.add_argument("--hf-config-dir", type=Path, required=True, help="source of config.json and tokenizer files")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    b.add_argument("--max-shard-bytes", type=int, default=5_000_000_000)
+    b.add_argument("--fp8", action="store_true")
+    args = ap.parse_args(argv)
+    if args.cmd == "hf-to-mcore":
+        print(hf_to_mcore(args.hf_dir, args.out))
+    else:
+        if args.fp8:
+            export_fp8(args.out)
+        print(mcore_to_hf(args.ckpt, args.hf_config_dir, args.out, args.dtype, args.max_shard_bytes))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,66 @@
+"""Generate docs/config.md from the config dataclasses' field docstrings.
+
+    python -m tools.gen_config_docs          # write docs/config.md
+    python -m tools.gen_config_docs --check  # exit 1 when docs/config.md is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [ROOT / "megatron_qae" / "config.py", ROOT / "megatron_qae" / "config_sections.py"]
+OUT = ROOT / "docs" / "config.md"
+
+
+def _fields(cls: ast.ClassDef) -> list[tuple[str, str, str, str]]:
+    rows, body = [], cls.body
+    for i, node in enumerate(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            doc = ""
+            nxt = body[i + 1] if i + 1 < len(body) else None
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                doc = str(nxt.value.value).strip()
+            default = ast.unparse(node.value) if node.value is not None else ""
+            rows.append((node.target.id, ast.unparse(node.annotation), default, doc))
+    return rows
+
+
+def render() -> str:
+    classes = {}
+    for src in SOURCES:
+        for node in ast.parse(src.read_text()).body:
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Config"):
+                classes[node.name] = node
+    top = classes.pop("Config")
+    lines = ["# Configuration reference", "",
+             "Generated from the dataclass docstrings by `python -m tools.gen_config_docs`; do not edit.",
+             "Set fields in a YAML file (`--config`) or as dotted overrides (`algo.quantile_k=0.6`).", ""]
+    for section, annotation, _, doc in _fields(top):
+        lines += [f"## `{section}`", "", doc, "", "| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for name, typ, default, fdoc in _fields(classes[annotation]):
+            default = default.replace("field(default_factory=dict)", "{}").replace("|", "\\|")
+            lines.append(f"| `{section}.{name}` | `{typ.replace('|', chr(92) + '|')}` | `{default}` | {fdoc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    a = ap.parse_args(argv)
+    text = render()
+    if a.check:
+        if not OUT.is_file() or OUT.read_text() != text:
+            print(f"{OUT} is out of date: run python -m tools.gen_config_docs")
+            sys.exit(1)
+        return
+    OUT.write_text(text)
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
