@@ -140,6 +140,7 @@ def load_checkpoint(path: str | Path, policy: Policy, model_only: bool = False) 
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_DONE}); "
                                 "point at a step_<k> directory written by save_checkpoint")
     model_only = model_only or not json.loads((path / _DONE).read_text()).get("with_optimizer", True)
+    added_steps = [] if model_only else _init_optimizer_state(policy.optimizer)
     template = _sharded_state(policy, is_loading=True, with_optimizer=not model_only)
     template.update(scheduler=None, rng=None, loop=None)
     try:
@@ -152,6 +153,9 @@ def load_checkpoint(path: str | Path, policy: Policy, model_only: bool = False) 
         unwrap(chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
     if model_only:
         return loaded["loop"]
+    for state in added_steps:
+        del state["step"]
+    _patch_reshardable_load_without_te()
     policy.optimizer.load_state_dict(loaded["optimizer"])
     policy.scheduler.load_state_dict(loaded["scheduler"])
     rng = loaded["rng"]
@@ -160,6 +164,45 @@ def load_checkpoint(path: str | Path, policy: Policy, model_only: bool = False) 
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return loaded["loop"]
+
+
+def _patch_reshardable_load_without_te() -> None:
+    """megatron-core 0.19 without Apex/TE keeps Adam's `step` as a tensor in the optimizer
+    state, and its fully-reshardable loader then looks for a `step` shard that the format
+    stores separately (KeyError). Hide `step` while the shards are copied; the step itself is
+    restored by megatron from the param groups. Does nothing when TE or Apex is present."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if getattr(dopt, "HAVE_APEX_OR_TE", True) or getattr(dopt, "_qae_patched", False):
+        return
+    original = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def without_step(self, model_param, tensors):
+        held = {id(st): st.pop("step") for st in self.optimizer.state.values() if "step" in st}
+        try:
+            original(self, model_param, tensors)
+        finally:
+            for st in self.optimizer.state.values():
+                if id(st) in held:
+                    st["step"] = held[id(st)]
+
+    dopt.DistributedOptimizer._set_main_param_and_optimizer_states = without_step
+    dopt._qae_patched = True
+
+
+def _init_optimizer_state(optimizer) -> list[dict]:
+    """Give a fresh optimizer its (zero) Adam state, so its sharded state dict can describe
+    what to load (megatron's DistributedOptimizer expects one step count per parameter while
+    building it, and none while loading). Returns the states given a temporary step."""
+    added = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if not inner.state and getattr(opt, "init_state_fn", None) is not None:
+            opt.init_state_fn(inner, opt.config)
+            for state in inner.state.values():
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                added.append(state)
+    return added
 
 
 @dataclass
