@@ -56,13 +56,22 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
     total_steps = cfg.run.num_rollout_steps * cfg.rollout.steps_per_rollout
     policy = build_policy(cfg, hf, groups, total_steps)
     rollout = Rollout.start(cfg, env.master_address) if is_driver else None
-    start, loop_state = _restore(cfg, policy, rollout)
+    start, _ = _restore(cfg, policy, rollout)
+    try:
+        return _train_loop(cfg, policy, rollout, start, run_dir, is_driver)
+    finally:
+        if rollout is not None:
+            rollout.shutdown()
+
+
+def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, start: int, run_dir: Path,
+                is_driver: bool) -> list[dict[str, float]]:
     sink = MetricsSink(run_dir, enabled=is_driver, tensorboard=cfg.run.log_tensorboard,
                        wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
     sink.truncate_after(start)
     stop = checkpoint.install_sigterm_save()
     history: list[dict[str, float]] = []
-    sync_metrics = _sync(policy, rollout, version=start, cfg=cfg)
+    _sync(policy, rollout, version=start, cfg=cfg)  # engines start from the trainer's weights
     progress = _progress(cfg, start, is_driver)
     for step in range(start + 1, cfg.run.num_rollout_steps + 1):
         t0 = time.perf_counter()
@@ -78,18 +87,15 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
         sink.log(step, metrics)
         history.append(metrics)
         _progress_update(progress, metrics)
-        want_save = cfg.run.save_interval_steps and step % cfg.run.save_interval_steps == 0
-        if want_save or stop.requested or step == cfg.run.num_rollout_steps:   # checkpoint
-            if cfg.run.save_interval_steps or stop.requested:
-                loop_state = {"step": step, "rollout": rollout.state_dict() if is_driver else None}
-                checkpoint.save_checkpoint(run_dir, step, policy, _broadcast(loop_state),
-                                           keep_last=cfg.run.keep_last_checkpoints)
-        if stop.requested:
+        stopping = _broadcast(stop.requested)  # every rank must agree before a collective save
+        if stopping or (cfg.run.save_interval_steps and step % cfg.run.save_interval_steps == 0):
+            loop_state = {"step": step, "rollout": rollout.state_dict() if is_driver else None}
+            checkpoint.save_checkpoint(run_dir, step, policy, _broadcast(loop_state),    # checkpoint
+                                       keep_last=cfg.run.keep_last_checkpoints)
+        if stopping:
             log.warning("SIGTERM: saved step %d and stopping", step)
             break
     sink.close()
-    if rollout is not None:
-        rollout.shutdown()
     if progress is not None:
         progress.close()
     return history

@@ -12,9 +12,8 @@ owns the weight-update group) or compute advantages.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ray
@@ -22,7 +21,7 @@ import ray
 from rollout_sglang.client import EngineError, SGLangClient
 from rollout_sglang.data import PromptCursor, load_prompts
 from rollout_sglang.engine import RolloutEngine
-from rollout_sglang.rewards import apply_overlong_penalty, load_reward_fn, score_batch
+from rollout_sglang.rewards import apply_overlong_penalty, load_reward_fn, make_pool, score_batch
 from rollout_sglang.types import Group, Prompt, RolloutBatch, Sample
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ class RolloutManager:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.reward_fn = load_reward_fn(cfg.reward.name)
         # math-verify needs a main thread; actor methods run on worker threads, so use processes.
-        self.pool = ProcessPoolExecutor(cfg.reward.num_workers, mp_context=multiprocessing.get_context("spawn"))
+        self.pool = make_pool(cfg.reward.num_workers)
         d, r = cfg.data, cfg.rollout
         kw = dict(prompt_key=d.prompt_key, answer_key=d.answer_key,
                   apply_chat_template=d.apply_chat_template, max_prompt_tokens=r.max_prompt_tokens)

@@ -100,6 +100,23 @@ def _score_one(args: tuple) -> RewardResult:
     return fn(text, answer)
 
 
+def die_with_parent() -> None:
+    """Pool initializer: on Linux, end this worker when the process that spawned it dies
+    (a killed rollout manager must not leave scoring processes behind)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def make_pool(num_workers: int) -> ProcessPoolExecutor:
+    """Scoring processes (spawned: math-verify's signal.alarm needs their main thread)."""
+    return ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=die_with_parent)
+
+
 def score_batch(fn: RewardFn, texts: list[str], answers: list[str], num_workers: int = 0,
                 pool: ProcessPoolExecutor | None = None) -> list[RewardResult]:
     """Rewards of many responses: in `pool` / `num_workers` processes, else on this thread."""
@@ -107,8 +124,7 @@ def score_batch(fn: RewardFn, texts: list[str], answers: list[str], num_workers:
     if pool is not None:
         results = list(pool.map(_score_one, jobs, chunksize=16))
     elif num_workers > 0:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(num_workers, mp_context=ctx) as tmp:
+        with make_pool(num_workers) as tmp:
             results = list(tmp.map(_score_one, jobs, chunksize=16))
     else:
         results = [_score_one(j) for j in jobs]
