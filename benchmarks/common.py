@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import torch
 
 
 def single_process_world() -> None:
     """Environment of a one-rank torchrun, so the benchmarks run as plain scripts."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    from megatron_qae.parallel import single_process_env
+
+    single_process_env()
 
 
 def bench_hf_config(hidden: int = 256, layers: int = 4, vocab: int = 2048) -> dict:

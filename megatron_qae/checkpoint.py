@@ -157,6 +157,7 @@ def load_checkpoint(path: str | Path, policy: Policy, model_only: bool = False) 
         del state["step"]
     _patch_reshardable_load_without_te()
     policy.optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(policy.optimizer)
     policy.scheduler.load_state_dict(loaded["scheduler"])
     rng = loaded["rng"]
     torch.set_rng_state(rng["torch"])
@@ -188,6 +189,16 @@ def _patch_reshardable_load_without_te() -> None:
 
     dopt.DistributedOptimizer._set_main_param_and_optimizer_states = without_step
     dopt._qae_patched = True
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron's no-Apex/TE loader gives every parameter the same `step` tensor; torch's Adam
+    increments each parameter's step in place, so a shared one would advance once per
+    parameter per optimizer step (wrong bias correction after a resume). Give each its own."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 def _init_optimizer_state(optimizer) -> list[dict]:

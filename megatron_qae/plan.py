@@ -44,16 +44,9 @@ def count_parameters(hf: dict[str, Any]) -> int:
 
 def megatron_parameter_count(hf: dict[str, Any]) -> int:
     """Parameters of the GPTModel megatron builds for `hf` (built for real: use small configs)."""
-    import os
-    import socket
-
     from megatron_qae import model as model_lib, parallel
 
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(s.getsockname()[1]))
+    parallel.single_process_env()
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, 1))
     config = model_lib.build_transformer_config(hf, groups.dims)
     chunks = model_lib.build_model_chunks(hf, config, "local")

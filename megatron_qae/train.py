@@ -10,22 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 
 from megatron_qae.config import load_config
 from megatron_qae.loop import LaunchEnv, run
-
-
-def _single_process_defaults() -> None:
-    # A plain `python -m megatron_qae.train` is a world of one.
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+from megatron_qae.parallel import single_process_env
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", default=None, help="YAML file under configs/ (defaults if omitted)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. algo.quantile_k=0.6")
     args = ap.parse_args(argv)
-    _single_process_defaults()
+    single_process_env()  # a plain `python -m megatron_qae.train` is a world of one
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rank = int(os.environ["RANK"])

@@ -78,13 +78,14 @@ class SGLangClient:
 
     def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any],
                  return_logprob: bool = True) -> list[GenerateOutput]:
-        """One response per row of `input_ids` (repeat a prompt n times for n samples)."""
+        """One response per row of `input_ids`, or `sampling_params["n"]` per row, row-major."""
         payload = {"input_ids": input_ids, "sampling_params": sampling_params,
                    "return_logprob": return_logprob, "logprob_start_len": -1}
         out = self._request("POST", "/generate", payload)
         items = out if isinstance(out, list) else [out]
-        if len(items) != len(input_ids):
-            raise EngineError(f"{self.base_url}/generate returned {len(items)} outputs for {len(input_ids)} prompts")
+        expected = len(input_ids) * int(sampling_params.get("n", 1))
+        if len(items) != expected:
+            raise EngineError(f"{self.base_url}/generate returned {len(items)} outputs, expected {expected}")
         return [_parse_output(item) for item in items]
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,

@@ -136,13 +136,7 @@ def build_app(state: ServerState) -> FastAPI:
             buf = torch.empty(shape, dtype=_DTYPES[dtype])
             dist.broadcast(buf, src=0, group=group)
             received.append((name, buf))
-        with state.lock:
-            error = _load(state, received)
-            if error:
-                return _fail(error)
-            if req.get("weight_version") is not None:
-                state.weight_version = str(req["weight_version"])
-        return {"success": True, "message": f"loaded {len(received)} tensors"}
+        return _apply_update(state, received, req.get("weight_version"))
 
     @app.post("/update_weights_from_tensor")
     def update_tensor(req: dict[str, Any] = Body(...)) -> Any:
@@ -152,13 +146,7 @@ def build_app(state: ServerState) -> FastAPI:
         named = []
         for blob in req["serialized_named_tensors"]:
             named.extend(torch.load(io.BytesIO(base64.b64decode(blob)), weights_only=True))
-        with state.lock:
-            error = _load(state, named)
-            if error:
-                return _fail(error)
-            if req.get("weight_version") is not None:
-                state.weight_version = str(req["weight_version"])
-        return {"success": True, "message": f"loaded {len(named)} tensors"}
+        return _apply_update(state, named, req.get("weight_version"))
 
     @app.post("/pause_generation")
     def pause(req: dict[str, Any] = Body(default={})) -> dict:
@@ -196,6 +184,16 @@ def build_app(state: ServerState) -> FastAPI:
         return {"success": True}
 
     return app
+
+
+def _apply_update(state: ServerState, named: list[tuple[str, torch.Tensor]], version: Any) -> Any:
+    with state.lock:
+        error = _load(state, named)
+        if error:
+            return _fail(error)
+        if version is not None:
+            state.weight_version = str(version)
+    return {"success": True, "message": f"loaded {len(named)} tensors"}
 
 
 def _load(state: ServerState, named: list[tuple[str, torch.Tensor]]) -> str | None:

@@ -25,8 +25,9 @@ def test_save_tp2_dist_opt_load_tp1_continues_identically(tmp_path):
     saved, loaded = torch.load(run / "saved.pp0.pt"), torch.load(run / "loaded.pp0.pt", weights_only=False)
     assert _max_diff(saved["params"], loaded["params"]) == 0.0
     assert loaded["state"] == {"step": 1, "cursor": [3, 4]}
-    # The optimizer state came back too: the next step's loss matches the original run's.
+    # The optimizer state came back too: the loss after one more update matches the original.
     assert abs(saved["loss2"] - loaded["loss2"]) < 1e-6
+    assert abs(saved["loss3"] - loaded["loss3"]) < 1e-6
 
 
 def test_dp2_distributed_optimizer_reshards_to_dp1(tmp_path):
@@ -36,6 +37,7 @@ def test_dp2_distributed_optimizer_reshards_to_dp1(tmp_path):
     saved, loaded = torch.load(run / "saved.pp0.pt"), torch.load(run / "loaded.pp0.pt", weights_only=False)
     assert _max_diff(saved["params"], loaded["params"]) == 0.0
     assert abs(saved["loss2"] - loaded["loss2"]) < 1e-6
+    assert abs(saved["loss3"] - loaded["loss3"]) < 1e-6
 
 
 def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):

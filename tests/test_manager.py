@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -37,7 +36,7 @@ def manager(tmp_path_factory):
     cfg = load_config("configs/test_tiny.yaml", [
         f"model.path={model}", f"data.train_path={train}", f"data.val_path={val}",
         "engine.num_engines=2", "rollout.prompts_per_step=6", "rollout.gen_batch_prompts=12",
-        "rollout.max_response_tokens=4", "rollout.max_gen_batches=20",
+        "rollout.max_response_tokens=48", "rollout.max_gen_batches=20",
         "reward.name=tests.rewards_for_tests:first_char_odd", f"run.run_dir={tmp}"])
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp / "ray"), log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}})
@@ -64,13 +63,10 @@ def test_dynamic_sampling_keeps_mixed_groups_and_counts_drops(manager):
 
 def test_killed_engine_mid_rollout_loses_no_group(manager):
     pids = ray.get(manager.engine_pids.remote())
-
-    def kill_soon() -> None:
-        time.sleep(0.3)
-        os.kill(pids[0], signal.SIGKILL)
-
-    threading.Thread(target=kill_soon).start()
-    batches = [ray.get(manager.generate.remote(1)) for _ in range(3)]
+    pending = manager.generate.remote(1)
+    time.sleep(0.3)  # requests of 48 rows x up to 48 new tokens are in flight on both engines
+    os.kill(pids[0], signal.SIGKILL)
+    batches = [ray.get(pending)] + [ray.get(manager.generate.remote(1)) for _ in range(2)]
     ids = [g.group_id for b in batches for g in b.groups]
     assert len(ids) == len(set(ids)) == 18
     assert all(len(g.samples) == 4 for b in batches for g in b.groups)

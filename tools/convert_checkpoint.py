@@ -20,34 +20,23 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from megatron_qae import qwen2_mapping as qm
+from megatron_qae import parallel, qwen2_mapping as qm
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _single_rank_world() -> None:
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-
-
 def _policy(hf_dir: Path):
     """A TP=PP=1 model + optimizer skeleton of the HF config (to load / save sharded state)."""
     from types import SimpleNamespace
 
-    from megatron_qae import parallel
     from megatron_qae.model import load_hf_config
     from megatron_qae.policy import build_policy
 
@@ -89,7 +78,7 @@ def hf_to_mcore(hf_dir: Path, out: Path) -> Path:
 
     from megatron_qae import checkpoint, weights
 
-    _single_rank_world()
+    parallel.single_process_env()
     policy, hf = _policy(hf_dir)
     files = _safetensor_index(hf_dir)
     handles = {p: safe_open(str(p), framework="pt") for p in set(files.values())}
@@ -156,7 +145,7 @@ def mcore_to_hf(ckpt: Path, hf_config_dir: Path, out: Path, dtype: str, max_shar
 
     if out.exists():
         raise FileExistsError(f"--out {out} exists; choose a new directory")
-    _single_rank_world()
+    parallel.single_process_env()
     policy, hf = _policy(hf_config_dir)
     checkpoint.load_checkpoint(ckpt, policy, model_only=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent if out.parent.exists() else None))

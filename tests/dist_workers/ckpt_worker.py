@@ -48,12 +48,14 @@ def main() -> None:
     out = Path(a.run_dir)
     if a.mode == "save":
         weights.load_hf_state(policy.chunks, tiny.tiny_hf_model(hf).state_dict(), hf, groups.tp_rank, a.tp)
-        step(policy, groups, 1)
+        for k in range(3):  # several optimizer steps, so Adam's step count matters after a resume
+            step(policy, groups, 1)
         checkpoint.save_checkpoint(out, 1, policy, {"step": 1, "cursor": [3, 4]})
         params = {k: v.clone() for k, v in weights.iter_full_params(policy.chunks, groups.tp)}
         loss2 = step(policy, groups, 2)
+        loss3 = step(policy, groups, 3)  # depends on the Adam state carried over from step 2
         if dist.get_rank() == 0:
-            torch.save({"params": params, "loss2": loss2}, out / f"saved.pp{groups.pp_rank}.pt")
+            torch.save({"params": params, "loss2": loss2, "loss3": loss3}, out / f"saved.pp{groups.pp_rank}.pt")
         if a.kill_during_save:
             real_replace = os.replace
 
@@ -69,8 +71,9 @@ def main() -> None:
         state = checkpoint.load_checkpoint(path, policy)
         params = {k: v.clone() for k, v in weights.iter_full_params(policy.chunks, groups.tp)}
         loss2 = step(policy, groups, 2)
+        loss3 = step(policy, groups, 3)
         if dist.get_rank() == 0:
-            torch.save({"params": params, "loss2": loss2, "state": state, "path": str(path)},
+            torch.save({"params": params, "loss2": loss2, "loss3": loss3, "state": state, "path": str(path)},
                        out / f"loaded.pp{groups.pp_rank}.pt")
     parallel.destroy()
 

@@ -1,0 +1,76 @@
+"""The CPU rollout server: greedy output equals transformers' generate, log-probs equal an
+independent recomputation, stop / length / n handling, pause / release endpoints, bad updates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.server import CpuServer, write_model_dir
+from rollout_sglang.client import EngineError, SGLangClient
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    hf = tiny.tiny_hf_config()
+    model_dir = write_model_dir(tmp_path_factory.mktemp("srv") / "m", hf, seed=3)
+    from transformers import Qwen2ForCausalLM
+
+    with CpuServer(model_dir) as url:
+        yield SGLangClient(url, timeout_s=60), Qwen2ForCausalLM.from_pretrained(model_dir).eval()
+
+
+def _logprobs(model, prompt: list[int], out: list[int]) -> list[float]:
+    ids = torch.tensor([prompt + out])
+    logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    return [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(out)]
+
+
+def test_greedy_equals_transformers_generate_and_logprobs_match(served):
+    client, model = served
+    prompts = [[5, 9, 11], [3, 4, 8, 20, 21]]
+    outs = client.generate(prompts, {"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True})
+    for p, o in zip(prompts, outs):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=None)
+        assert o.output_ids == ref[0, len(p):].tolist()
+        assert max(abs(a - b) for a, b in zip(o.output_logprobs, _logprobs(model, p, o.output_ids))) < 1e-5
+        assert o.finish_reason == "length"
+
+
+def test_sampled_logprobs_are_those_of_the_temperature_scaled_distribution(served):
+    client, model = served
+    out = client.generate([[7, 7, 1]], {"temperature": 0.7, "max_new_tokens": 8, "ignore_eos": True,
+                                        "sampling_seed": 11})[0]
+    ids = torch.tensor([[7, 7, 1] + out.output_ids])
+    logp = torch.log_softmax(model(ids).logits[0].float() / 0.7, -1)
+    ref = [logp[2 + i, t].item() for i, t in enumerate(out.output_ids)]
+    assert max(abs(a - b) for a, b in zip(out.output_logprobs, ref)) < 1e-5
+    again = client.generate([[7, 7, 1]], {"temperature": 0.7, "max_new_tokens": 8, "ignore_eos": True,
+                                          "sampling_seed": 11})[0]
+    assert again.output_ids == out.output_ids  # the per-request seed makes sampling reproducible
+
+
+def test_stop_tokens_and_n_samples(served):
+    client, model = served
+    greedy = client.generate([[5, 9, 11]], {"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True})[0]
+    stop = greedy.output_ids[2]
+    first = greedy.output_ids.index(stop)
+    out = client.generate([[5, 9, 11]], {"temperature": 0.0, "max_new_tokens": 6, "stop_token_ids": [stop]})[0]
+    assert out.output_ids == greedy.output_ids[: first + 1] and out.finish_reason == "stop"
+    many = client.generate([[5, 9, 11]], {"temperature": 1.0, "max_new_tokens": 3, "n": 4, "ignore_eos": True})
+    assert len(many) == 4 and all(len(o.output_ids) == 3 for o in many)
+
+
+def test_release_resume_and_bad_weight_update(served):
+    client, _ = served
+    client.release_memory_occupation()
+    with pytest.raises(EngineError, match="released"):
+        client.generate([[1, 2]], {"max_new_tokens": 1})
+    client.resume_memory_occupation()
+    assert len(client.generate([[1, 2]], {"max_new_tokens": 1})[0].output_ids) == 1
+    with pytest.raises(EngineError, match="no weight group"):
+        client.update_weights_from_distributed(["model.norm.weight"], ["float32"], [[32]], "missing")
+    client.pause_generation()
+    client.continue_generation()
+    assert client.health()
