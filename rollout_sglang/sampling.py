@@ -2,9 +2,9 @@
 
 What it does: left-pads a batch of token-id prompts, decodes with transformers' KV cache,
 samples with temperature / top-k / top-p (greedy at temperature 0; seeded per request with
-SGLang's `sampling_seed`), honours max_new_tokens, min_new_tokens and stop tokens, and returns SGLang-shaped outputs with the log-prob of each
-sampled token under the temperature-scaled distribution it was sampled from (the trainer
-takes its log-probs at the same temperature). What it does not: serve HTTP (cpu_server.py).
+SGLang's `sampling_seed`), honours max_new_tokens, min_new_tokens and stop tokens, and returns
+SGLang-shaped outputs with the log-prob of each sampled token under the temperature-scaled
+distribution it was sampled from (the trainer takes its log-probs at the same temperature). What it does not: serve HTTP (cpu_server.py).
 """
 
 from __future__ import annotations
