@@ -81,45 +81,57 @@ def _fail(name: str, value: Any, fix: str) -> None:
     raise ValueError(f"{name}={value!r}: {fix}")
 
 
-def _load_error(exc: OmegaConfBaseException) -> ValueError:
-    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?"
+def _load_error(exc: OmegaConfBaseException, source: str) -> ValueError:
+    """ValueError naming where the bad entry came from, its dotted key, value and the fix."""
+    key = str(getattr(exc, "full_key", None) or getattr(exc, "key", None) or "")
     msg = str(exc).splitlines()[0]
-    hint = ""
-    if ("Key" in type(exc).__name__ or "not in" in msg) and "Did you mean" not in msg:
-        section, _, leaf = str(key).rpartition(".")
-        known = _field_names(section)
-        close = difflib.get_close_matches(leaf, known, n=3)
-        hint = f"; did you mean {close}?" if close else f"; known keys: {sorted(known)}"
-    return ValueError(f"config key {key!r}: {msg}{hint} (see docs/config.md)")
+    section, _, leaf = key.rpartition(".")
+    fields = _fields_of(section)
+    if leaf and leaf not in fields and "Did you mean" in msg:
+        fix = "rename the key"
+    elif leaf and leaf not in fields:
+        close = difflib.get_close_matches(leaf, list(fields), n=3)
+        fix = f"did you mean {close}?" if close else f"known keys here: {sorted(fields)}"
+    elif leaf:
+        fix = f"give a value of type {fields[leaf]}"
+    else:
+        fix = "each section is a mapping of the fields listed in docs/config.md"
+    return ValueError(f"{source}: config key {key or '?'!r}: {msg}; {fix} (see docs/config.md)")
 
 
-def _field_names(section: str) -> list[str]:
+def _fields_of(section: str) -> dict[str, str]:
+    """{field name: type} of the dataclass at dotted `section` ('' = the top level)."""
     cls: Any = Config
     for part in [p for p in section.split(".") if p]:
-        types = {f.name: f.default_factory for f in dataclasses.fields(cls)
-                 if f.default_factory is not dataclasses.MISSING}
-        if part not in types:
-            return []
-        cls = types[part]().__class__
-    return [f.name for f in dataclasses.fields(cls)]
+        sub = {f.name: f.default_factory for f in dataclasses.fields(cls)
+               if f.default_factory is not dataclasses.MISSING}
+        if part not in sub or not dataclasses.is_dataclass(sub[part]):
+            return {}
+        cls = sub[part]
+    return {f.name: str(f.type) for f in dataclasses.fields(cls)}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file, then dotted `key=value` overrides; validated."""
-    try:
-        merged = OmegaConf.structured(Config)
-        if path is not None:
-            if not Path(path).is_file():
-                raise ValueError(f"--config {str(path)!r} does not exist; pass a YAML file under configs/")
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        if not Path(path).is_file():
+            raise ValueError(f"--config {str(path)!r} does not exist; pass a YAML file under configs/")
+        try:
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ValueError(f"overrides {bad} are not key=value (e.g. algo.quantile_k=0.6)")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as exc:
+            raise _load_error(exc, str(path)) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. algo.quantile_k=0.6)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _load_error(exc, f"override {item!r}") from None
+    try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise _load_error(exc) from None
+        raise _load_error(exc, "config") from None
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -138,16 +150,23 @@ def save_config(cfg: Config, run_dir: str | Path) -> Path:
 
 
 def validate_against_model(cfg: Config, hf: dict[str, Any]) -> None:
-    """Constraints that need the model's HF config.json."""
-    heads, layers = hf["num_attention_heads"], hf["num_hidden_layers"]
+    """Constraints that need the model's HF config.json (trainer and engine layouts, lengths)."""
+    heads, layers, vocab = hf["num_attention_heads"], hf["num_hidden_layers"], hf["vocab_size"]
     kv = hf.get("num_key_value_heads", heads)
     tp, pp, vpp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp or 1
     if heads % tp or kv % tp:
         _fail("parallel.tp", tp, f"must divide num_attention_heads={heads} and num_key_value_heads={kv}")
+    if vocab % tp:
+        _fail("parallel.tp", tp, f"must divide vocab_size={vocab} (vocab-parallel embedding)")
     if layers % (pp * vpp):
         _fail("parallel.pp", pp, f"pp*vpp={pp * vpp} must divide num_hidden_layers={layers}")
+    etp = cfg.engine.engine_tp
+    if heads % etp or (kv % etp and etp % kv):
+        _fail("engine.engine_tp", etp, f"must divide num_attention_heads={heads}, and divide or be a "
+              f"multiple of num_key_value_heads={kv} (SGLang's tensor-parallel split)")
     total = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
     limit = hf.get("max_position_embeddings", total)
     if total > limit:
         _fail("rollout.max_response_tokens", cfg.rollout.max_response_tokens,
-              f"prompt + response = {total} exceeds the model's max_position_embeddings={limit}")
+              f"prompt + response = {total} exceeds the model's max_position_embeddings={limit}; "
+              "lower rollout.max_prompt_tokens / rollout.max_response_tokens")

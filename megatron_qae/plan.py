@@ -1,26 +1,40 @@
 """Dry run: does a config fit its GPUs? Runs on CPU, needs no GPU.
 
-    python -m megatron_qae.plan --config configs/qwen2.5_32b_qae.yaml --nodes 8 [key=value ...]
+    python -m megatron_qae.plan --config configs/qwen2.5_32b_qae.yaml --nodes 8 --trainer-gpus 32 \
+        [--gpus-per-node 8] [--gpu-memory-gib 80] [key=value ...]
 
-What it does: validates the config against the model's config.json, counts parameters from the
-HF config (and checks the formula against a Megatron GPTModel built at reduced width, so the
-two agree on the structure), and prints per GPU the trainer's parameter / gradient / optimizer
-/ activation memory, the engines' weight + KV-cache memory, the parallel layout per node and
-the bytes of one weight sync. Exits non-zero naming the shortfall when the trainer does not
-fit. What it does not: measure anything (benchmarks/ do); the activation figure is the
-standard estimate stated below, not a measurement.
+What it does: loads and validates the config against the model's config.json, counts the
+parameters two ways (config.json arithmetic, and the Megatron GPTModel built for real on the
+meta device: same structure, no memory) and requires them to agree, then prints per GPU the
+trainer's parameters / gradients / optimizer state / activations / logits for every pipeline
+stage, the engines' weights and KV cache, the bytes of one weight sync and the layout per
+node. Exits 1 naming each shortfall in GiB when something does not fit, 2 on a config error.
+What it does not: measure anything (benchmarks/ do); the activation figure is the estimate
+below, not a measurement, and it does not decide where Ray places engines.
 
-Activation estimate per GPU (bf16, flash attention, sequence parallel dividing by tp):
-  full recompute: layers_per_stage * tokens * hidden * 2 bytes per in-flight micro-batch
-                  (pp micro-batches in flight under 1F1B) + one layer's working set
-                  tokens * hidden * 34 / tp bytes;
-  no recompute:   layers_per_stage * tokens * hidden * 34 / tp bytes per in-flight micro-batch;
-  logits:         tokens * vocab / tp * 4 bytes * 2 (fp32 logits and their gradient).
+Trainer bytes per GPU of pipeline stage s (n = that stage's parameters on one GPU):
+  params n*2 (bf16) or n*4; grads n*4 (fp32 grad buffer, megatron's grad_reduce_in_fp32);
+  optimizer n*12 (fp32 master + Adam m, v; n*8 for fp32 params) / (dp*cp) with the
+  distributed optimizer; FP8: + n*2 (Transformer Engine's fp8 weight copy and its transpose).
+Activations (bf16, flash attention, t = train.micro_batch_max_tokens / cp tokens per
+micro-batch, sp = tp with sequence parallel else 1, q/kv = query/KV projection widths):
+  one layer keeps  a = t * 2 * (4h/sp + (2q + 2kv)/tp + 3*ffn/tp)  bytes (norm and linear
+  inputs, q/k/v and the attention output, SwiGLU's input and output); its input alone is
+  i = t * 2h/sp. Stage s under 1F1B holds m = pp - s micro-batches in flight
+  (x (1 + (pp-1)/(pp*vpp)) interleaved). No recompute: m*L*a; full/uniform, r layers per
+  unit: m*ceil(L/r)*i + r*a; full/block: m*(r*i + (L-r)*a) + a (L = layers per stage);
+  selective: as none (flash attention already keeps no s^2 score matrix).
+Logits (last stage): t * vocab/tp * 12 bytes (bf16 logits, fp32 copy, fp32 softmax kept for
+  backward, bf16 gradient). Usable memory: (1 - 0.08) * GPU memory (CUDA context, NCCL
+  buffers, allocator fragmentation).
+Engine GPU (SGLang): weights = params*2/engine_tp; KV cache = GPU*mem_fraction_static - weights;
+  KV bytes/token = 2 (K, V) * layers * max(kv_heads/engine_tp, 1) * head_dim * 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -28,142 +42,289 @@ from typing import Any
 from megatron_qae.config import Config, load_config, validate_against_model
 
 GIB = 1024**3
+RESERVED_FRACTION = 0.08
 
 
 def count_parameters(hf: dict[str, Any]) -> int:
     """Parameters of a Qwen2 model from its config.json arithmetic."""
     h, layers, ffn, vocab = hf["hidden_size"], hf["num_hidden_layers"], hf["intermediate_size"], hf["vocab_size"]
     heads = hf["num_attention_heads"]
-    kv_dim = hf.get("num_key_value_heads", heads) * (hf.get("head_dim") or h // heads)
-    q_dim = heads * (hf.get("head_dim") or h // heads)
-    attn = h * q_dim + q_dim + 2 * (h * kv_dim + kv_dim) + q_dim * h
-    per_layer = attn + 3 * h * ffn + 2 * h
+    head_dim = hf.get("head_dim") or h // heads
+    q_dim, kv_dim = heads * head_dim, hf.get("num_key_value_heads", heads) * head_dim
+    attn = h * q_dim + q_dim + 2 * (h * kv_dim + kv_dim) + q_dim * h  # q, k, v with bias; o without
+    per_layer = attn + 3 * h * ffn + 2 * h  # SwiGLU gate/up/down; two RMSNorm weights
     embed = vocab * h * (1 if hf.get("tie_word_embeddings", False) else 2)
     return layers * per_layer + embed + h
 
 
-def megatron_parameter_count(hf: dict[str, Any]) -> int:
-    """Parameters of the GPTModel megatron builds for `hf` (built for real: use small configs)."""
+@dataclass(frozen=True)
+class ModelShape:
+    """Parameter counts of the Megatron GPTModel by part (from a meta-device build, tp=pp=1)."""
+
+    num_layers: int
+    embedding: int
+    layer_sharded: int
+    """Per decoder layer: parameters split over TP (linear weights, qkv bias)."""
+    layer_replicated: int
+    """Per decoder layer: parameters copied on every TP rank (RMSNorm weights)."""
+    final_norm: int
+    output: int
+    """Output layer (0 when tied to the embedding)."""
+    tied: bool
+
+    @property
+    def total(self) -> int:
+        layer = self.layer_sharded + self.layer_replicated
+        return self.embedding + self.num_layers * layer + self.final_norm + self.output
+
+
+def megatron_shape(hf: dict[str, Any]) -> ModelShape:
+    """Build the GPTModel for `hf` on the meta device (no memory) and count its parameters."""
+    import torch
+
     from megatron_qae import model as model_lib, parallel
+
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     parallel.single_process_env()
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, 1))
     config = model_lib.build_transformer_config(hf, groups.dims)
-    chunks = model_lib.build_model_chunks(hf, config, "local")
-    return sum(p.numel() for c in chunks for p in c.parameters())
+    tied = bool(hf.get("tie_word_embeddings", False))
+    with torch.device("meta"):
+        gpt = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+                       vocab_size=hf["vocab_size"], max_sequence_length=hf.get("max_position_embeddings", 4096),
+                       share_embeddings_and_output_weights=tied, position_embedding_type="rope")
+    parts = {"embedding": 0, "sharded": 0, "replicated": 0, "final_norm": 0, "output": 0}
+    for name, p in gpt.named_parameters():
+        if name.startswith("embedding."):
+            parts["embedding"] += p.numel()
+        elif name.startswith("decoder.layers."):
+            parts["sharded" if getattr(p, "tensor_model_parallel", False) else "replicated"] += p.numel()
+        elif name.startswith("decoder.final_layernorm"):
+            parts["final_norm"] += p.numel()
+        else:
+            assert name.startswith("output_layer."), name
+            parts["output"] += p.numel()
+    layers = hf["num_hidden_layers"]
+    assert parts["sharded"] % layers == 0 and parts["replicated"] % layers == 0, parts
+    return ModelShape(layers, parts["embedding"], parts["sharded"] // layers, parts["replicated"] // layers,
+                      parts["final_norm"], parts["output"], tied)
 
 
-def reduced(hf: dict[str, Any], factor: int = 16) -> dict[str, Any]:
-    """The same structure at 1/factor width and 2 layers (for the Megatron cross-check)."""
-    heads, kv = hf["num_attention_heads"], hf.get("num_key_value_heads", hf["num_attention_heads"])
-    head_dim = 8
-    return {**hf, "num_hidden_layers": 2, "hidden_size": heads * head_dim, "head_dim": head_dim,
-            "num_key_value_heads": kv, "intermediate_size": max(hf["intermediate_size"] // factor, 8),
-            "vocab_size": max(hf["vocab_size"] // factor // 8 * 8, 8)}
+def stage_parameters(shape: ModelShape, tp: int, pp: int, stage: int) -> float:
+    """Parameters on one GPU of pipeline stage `stage` (a tied embedding is copied to the
+    last stage when pp > 1, as megatron does)."""
+    n = shape.num_layers // pp * (shape.layer_sharded / tp + shape.layer_replicated)
+    if stage == 0:
+        n += shape.embedding / tp
+    if stage == pp - 1:
+        n += shape.final_norm + (shape.embedding if shape.tied and pp > 1 else shape.output) / tp
+    return n
 
 
-@dataclass
-class TrainerMemory:
+def layer_activation_bytes_per_token(hf: dict[str, Any], tp: int, sp: int) -> float:
+    """Bytes one decoder layer keeps for backward per token (the `a` of the module docstring)."""
+    h, ffn, heads = hf["hidden_size"], hf["intermediate_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or h // heads
+    q, kv = heads * head_dim, hf.get("num_key_value_heads", heads) * head_dim
+    return 2 * (4 * h / sp + (2 * q + 2 * kv) / tp + 3 * ffn / tp)
+
+
+def activation_bytes(cfg: Config, hf: dict[str, Any], stage: int) -> float:
+    """Activation bytes on one GPU of pipeline stage `stage` (formula in the module docstring)."""
+    p, m = cfg.parallel, cfg.model
+    tokens = cfg.train.micro_batch_max_tokens / p.cp
+    sp = p.tp if p.sequence_parallel else 1
+    layers = hf["num_hidden_layers"] // p.pp
+    a = tokens * layer_activation_bytes_per_token(hf, p.tp, sp)
+    i = tokens * 2 * hf["hidden_size"] / sp
+    in_flight = (p.pp - stage) * (1 + (p.pp - 1) / (p.pp * p.vpp) if p.vpp else 1)
+    if m.recompute_granularity != "full":
+        return in_flight * layers * a
+    r = min(m.recompute_num_layers or 1, layers)
+    if m.recompute_method == "uniform":
+        return in_flight * math.ceil(layers / r) * i + r * a
+    return in_flight * (r * i + (layers - r) * a) + a
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Trainer bytes on one GPU of one pipeline stage."""
+
+    stage: int
     params: float
     grads: float
     optimizer: float
+    fp8_weights: float
     activations: float
     logits: float
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations + self.logits
+        return self.params + self.grads + self.optimizer + self.fp8_weights + self.activations + self.logits
 
 
-def trainer_memory(cfg: Config, hf: dict[str, Any], n_params: int, dp: int) -> TrainerMemory:
-    """Bytes per GPU of the trainer (see the module docstring for the activation estimate)."""
-    p = cfg.parallel
-    mp = p.tp * p.pp
-    bf16 = cfg.model.params_dtype == "bfloat16"
-    params = n_params * (2 if bf16 else 4) / mp
-    grads = n_params * 4 / mp  # gradients reduced in fp32
-    opt_bytes = (12 if bf16 else 8) * n_params / mp  # fp32 master (bf16 only) + Adam m, v
-    optimizer = opt_bytes / dp if p.use_distributed_optimizer else opt_bytes
-    tokens = cfg.train.micro_batch_max_tokens
-    h, layers = hf["hidden_size"], hf["num_hidden_layers"] // p.pp
-    sp = p.tp if p.sequence_parallel else 1
-    if cfg.model.recompute_granularity == "full":
-        acts = p.pp * layers * tokens * h * 2 / sp + tokens * h * 34 / p.tp
-    else:
-        acts = p.pp * layers * tokens * h * 34 / p.tp
-    logits = tokens * hf["vocab_size"] / p.tp * 4 * 2
-    return TrainerMemory(params, grads, optimizer, acts, logits)
+def trainer_memory(cfg: Config, hf: dict[str, Any], shape: ModelShape, dp: int, stage: int) -> StageMemory:
+    """Bytes per GPU of pipeline stage `stage` (formulas in the module docstring)."""
+    p, m = cfg.parallel, cfg.model
+    n = stage_parameters(shape, p.tp, p.pp, stage)
+    bf16 = m.params_dtype == "bfloat16"
+    grad_bytes = 4 if p.ddp_overrides.get("grad_reduce_in_fp32", True) else (2 if bf16 else 4)
+    shards = dp * p.cp if p.use_distributed_optimizer else 1
+    tokens = cfg.train.micro_batch_max_tokens / p.cp
+    logits = tokens * hf["vocab_size"] / p.tp * 12 if stage == p.pp - 1 else 0.0
+    return StageMemory(stage, n * (2 if bf16 else 4), n * grad_bytes, n * (12 if bf16 else 8) / shards,
+                       n * 2 if m.fp8 else 0.0, activation_bytes(cfg, hf, stage), logits)
 
 
-def engine_memory(cfg: Config, n_params: int, gpu_bytes: float) -> tuple[float, float]:
-    """(weight bytes, KV-cache bytes) per engine GPU under SGLang's mem_fraction_static."""
-    weights = n_params * 2 / cfg.engine.engine_tp
-    kv = max(gpu_bytes * cfg.engine.mem_fraction_static - weights, 0.0)
-    return weights, kv
+@dataclass(frozen=True)
+class EngineMemory:
+    """Bytes on one GPU of one SGLang engine."""
+
+    weights: float
+    kv_cache: float
+    kv_bytes_per_token: float
+
+    @property
+    def kv_tokens(self) -> int:
+        return int(self.kv_cache // self.kv_bytes_per_token)
 
 
-def kv_bytes_per_token(hf: dict[str, Any], engine_tp: int) -> float:
+def engine_memory(cfg: Config, hf: dict[str, Any], n_params: int, gpu_bytes: float) -> EngineMemory:
+    """Weights and KV cache per engine GPU under SGLang's --mem-fraction-static."""
+    etp = cfg.engine.engine_tp
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    kv_heads = max(hf.get("num_key_value_heads", heads) // engine_tp, 1)
-    return 2 * hf["num_hidden_layers"] * kv_heads * head_dim * 2
+    kv_heads = max(hf.get("num_key_value_heads", heads) // etp, 1)
+    weights = n_params * 2 / etp
+    kv = gpu_bytes * cfg.engine.mem_fraction_static - weights
+    return EngineMemory(weights, kv, 2 * hf["num_hidden_layers"] * kv_heads * head_dim * 2)
+
+
+def node_layout(cfg: Config, world: int, total_gpus: int, gpus_per_node: int) -> list[str]:
+    """One line per node: trainer ranks with their (pp stage, dp rank), then engine GPUs.
+    Rank order is megatron's default tp-cp-dp-pp (tp fastest)."""
+    p, etp = cfg.parallel, cfg.engine.engine_tp
+    dp = p.dp(world)
+    lines = []
+    for node in range(math.ceil(total_gpus / gpus_per_node)):
+        gpus = range(node * gpus_per_node, min((node + 1) * gpus_per_node, total_gpus))
+        ranks = [g for g in gpus if g < world]
+        parts = []
+        if ranks:
+            stages = sorted({r // (p.tp * p.cp * dp) for r in ranks})
+            dps = sorted({r // (p.tp * p.cp) % dp for r in ranks})
+            parts.append(f"trainer ranks {ranks[0]}-{ranks[-1]} (pp stage {stages}, dp rank {dps})")
+        engine_gpus = [g - world for g in gpus if g >= world]
+        if engine_gpus:
+            engines = sorted({g // etp for g in engine_gpus if g // etp < cfg.engine.num_engines})
+            idle = [g for g in engine_gpus if g // etp >= cfg.engine.num_engines]
+            if engines:
+                parts.append(f"engines {engines[0]}-{engines[-1]} (tp {etp} each)")
+            if idle:
+                parts.append(f"{len(idle)} idle GPU(s)")
+        lines.append(f"  node {node}: " + "; ".join(parts))
+    if p.tp > gpus_per_node or gpus_per_node % p.tp:
+        lines.append(f"  warning: TP groups of {p.tp} cross node boundaries (TP traffic over the network)")
+    return lines
+
+
+def shortfalls(cfg: Config, mem: list[StageMemory], eng: EngineMemory, usable: float, gpu: float,
+               engine_gpus: int) -> list[str]:
+    """What does not fit, each naming the numbers and a fix."""
+    out = []
+    worst = max(mem, key=lambda s: s.total)
+    if worst.total > usable:
+        out.append(f"trainer pipeline stage {worst.stage} needs {worst.total / GIB:.1f} GiB per GPU but "
+                   f"{usable / GIB:.1f} GiB are usable: short by {(worst.total - usable) / GIB:.1f} GiB. "
+                   "Raise parallel.tp / parallel.pp, set parallel.use_distributed_optimizer=true or "
+                   "model.recompute_granularity=full, or lower train.micro_batch_max_tokens")
+    e = cfg.engine
+    if e.num_engines * e.engine_tp > engine_gpus:
+        out.append(f"engine.num_engines={e.num_engines} x engine.engine_tp={e.engine_tp} needs "
+                   f"{e.num_engines * e.engine_tp} GPUs but {engine_gpus} are left after the trainer; "
+                   "add nodes, lower --trainer-gpus or engine.num_engines")
+    seq = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
+    if eng.kv_tokens < seq:
+        have = max(eng.kv_cache, 0.0)
+        need = seq * eng.kv_bytes_per_token - have
+        out.append(f"engine GPU: weights {eng.weights / GIB:.1f} GiB leave {have / GIB:.1f} GiB of KV cache "
+                   f"under mem_fraction_static={e.mem_fraction_static} of {gpu / GIB:.0f} GiB, short by "
+                   f"{need / GIB:.1f} GiB for one {seq}-token sequence; raise engine.engine_tp")
+    return out
+
+
+def report(cfg: Config, hf: dict[str, Any], shape: ModelShape, n_params: int, world: int,
+           total_gpus: int, gpus_per_node: int, gpu: float) -> list[str]:
+    """Print the plan; return the shortfalls (empty = fits)."""
+    p, e = cfg.parallel, cfg.engine
+    dp = p.dp(world)
+    mem = [trainer_memory(cfg, hf, shape, dp, s) for s in range(p.pp)]
+    eng = engine_memory(cfg, hf, n_params, gpu)
+    print(f"model: {cfg.model.path}  parameters: {n_params / 1e9:.2f}B ({n_params:,}; "
+          f"Megatron GPTModel on the meta device: {shape.total:,})")
+    print(f"cluster: {total_gpus // gpus_per_node} nodes x {gpus_per_node} GPUs of {gpu / GIB:.0f} GiB; "
+          f"trainer {world} GPUs (tp={p.tp} pp={p.pp} cp={p.cp} dp={dp}), "
+          f"engines {e.num_engines} x tp {e.engine_tp} on {total_gpus - world} GPUs")
+    print("layout:", *node_layout(cfg, world, total_gpus, gpus_per_node), sep="\n")
+    for s in mem:
+        print(f"trainer GPU, pp stage {s.stage} (GiB): " + ", ".join(
+            f"{k} {getattr(s, k) / GIB:.1f}" for k in
+            ("params", "grads", "optimizer", "fp8_weights", "activations", "logits")) + f"; total {s.total / GIB:.1f}")
+    seq = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
+    print(f"engine GPU (GiB): weights {eng.weights / GIB:.1f}, KV cache {max(eng.kv_cache, 0) / GIB:.1f} = "
+          f"{eng.kv_tokens:,} tokens ({eng.kv_bytes_per_token / 1024:.0f} KiB/token), "
+          f"{eng.kv_tokens // seq} concurrent {seq}-token sequences")
+    sync = n_params * 2
+    print(f"weight sync: {sync / 1e9:.1f} GB bf16 per sync in {math.ceil(sync / e.weight_sync_bucket_bytes)} "
+          f"buckets of <= {e.weight_sync_bucket_bytes / GIB:.2f} GiB, broadcast to {e.num_engines} engines")
+    return shortfalls(cfg, mem, eng, gpu * (1 - RESERVED_FRACTION), gpu, total_gpus - world)
 
 
 def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_gib: float, trainer_gpus: int | None) -> int:
-    """Print the plan; return the exit status (0 = fits)."""
+    """Validate, print the plan, return the exit status (0 fits, 1 shortfall)."""
     from megatron_qae.model import load_hf_config
 
     hf = load_hf_config(cfg.model.path)
     validate_against_model(cfg, hf)
+    total = nodes * gpus_per_node
+    world = trainer_gpus or total // 2
+    if not 0 < world < total:
+        raise ValueError(f"--trainer-gpus={world} must leave engine GPUs out of {total}; lower it or add nodes")
     n_params = count_parameters(hf)
-    small = reduced(hf)
-    mega, formula = megatron_parameter_count(small), count_parameters(small)
-    if mega != formula:
-        raise AssertionError(f"parameter formula {formula} != megatron's {mega} on the reduced model")
-    gpu = gpu_gib * GIB
-    e, p = cfg.engine, cfg.parallel
-    total_gpus = nodes * gpus_per_node
-    world = total_gpus if e.colocate else (trainer_gpus or total_gpus // 2)
-    dp = p.dp(world)
-    mem = trainer_memory(cfg, hf, n_params, dp)
-    engine_gpus = world if e.colocate else total_gpus - world
-    n_engines = engine_gpus // e.engine_tp
-    w_bytes, kv = engine_memory(cfg, n_params, gpu)
-    kv_tok = kv_bytes_per_token(hf, e.engine_tp)
-    print(f"model: {cfg.model.path}  parameters: {n_params / 1e9:.2f}B "
-          f"(formula checked against megatron on a reduced model: {mega} == {formula})")
-    print(f"cluster: {nodes} nodes x {gpus_per_node} GPUs of {gpu_gib:.0f} GiB; "
-          f"trainer {world} GPUs (tp={p.tp} pp={p.pp} dp={dp}; {world // gpus_per_node or 1} node(s)), "
-          f"{'colocated' if e.colocate else f'{engine_gpus} engine GPUs'}: "
-          f"{n_engines} engines x tp {e.engine_tp}")
-    print("trainer per GPU (GiB): " + ", ".join(f"{k} {getattr(mem, k) / GIB:.1f}" for k in
-          ("params", "grads", "optimizer", "activations", "logits")) + f"; total {mem.total / GIB:.1f}")
-    print(f"engine per GPU (GiB): weights {w_bytes / GIB:.1f}, KV cache {kv / GIB:.1f} "
-          f"= {kv / kv_tok / 1e3:.0f}k tokens ({kv_tok / 1024:.0f} KiB/token)")
-    print(f"weight sync: {n_params * 2 / 1e9:.1f} GB in bf16 per sync to each engine")
-    usable = gpu * (1 - e.mem_fraction_static) if e.colocate else gpu * 0.92
-    if mem.total > usable:
-        print(f"DOES NOT FIT: the trainer needs {mem.total / GIB:.1f} GiB per GPU but "
-              f"{usable / GIB:.1f} GiB are usable: short by {(mem.total - usable) / GIB:.1f} GiB. "
-              "Raise parallel.tp / parallel.pp, enable parallel.use_distributed_optimizer or "
-              "model.recompute_granularity=full, or lower train.micro_batch_max_tokens.")
-        return 1
-    print("fits")
-    return 0
+    shape = megatron_shape(hf)
+    if shape.total != n_params:
+        raise AssertionError(f"config.json arithmetic gives {n_params} parameters, megatron's model {shape.total}")
+    short = report(cfg, hf, shape, n_params, world, total, gpus_per_node, gpu_gib * GIB)
+    for s in short:
+        print(f"DOES NOT FIT: {s}")
+    if not short:
+        print("fits")
+    return 1 if short else 0
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--config", required=True, help="YAML under configs/")
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0)
     ap.add_argument("--trainer-gpus", type=int, default=None,
-                    help="disaggregated: GPUs of the trainer (default: half; the rest run engines)")
-    ap.add_argument("overrides", nargs="*")
+                    help="GPUs of the trainer (default: half); the rest run engines")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     a = ap.parse_args(argv)
-    cfg = load_config(a.config, a.overrides)
-    sys.exit(plan(cfg, a.nodes, a.gpus_per_node, a.gpu_memory_gib, a.trainer_gpus))
+    try:
+        cfg = load_config(a.config, a.overrides)
+        status = plan(cfg, a.nodes, a.gpus_per_node, a.gpu_memory_gib, a.trainer_gpus)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        status = 2
+    finally:
+        from megatron_qae import parallel
+
+        parallel.destroy()
+    sys.exit(status)
 
 
 if __name__ == "__main__":
