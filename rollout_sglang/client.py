@@ -112,6 +112,13 @@ class SGLangClient:
             "serialized_named_tensors": serialized_named_tensors, "load_format": load_format,
             "flush_cache": flush_cache, "weight_version": weight_version})
 
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        """The first `truncate_size` values of parameter `name` (HF name), flattened."""
+        return self._checked("/get_weights_by_name", {"name": name, "truncate_size": truncate_size})
+
+    def get_server_info(self) -> dict:
+        return self._request("GET", "/get_server_info")
+
     def get_weight_version(self) -> str:
         out = self._request("GET", "/get_weight_version")
         return str(out["weight_version"] if isinstance(out, dict) else out)

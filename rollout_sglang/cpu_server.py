@@ -5,9 +5,10 @@ sampling with temperature / top-p / top-k / stop tokens and a KV cache), receive
 from the trainer exactly as SGLang does (/init_weights_update_group joins a standalone
 torch.distributed group, gloo here instead of NCCL; /update_weights_from_distributed receives
 tensors by broadcast from rank 0 and loads them by HF name), and implements pause / continue,
-memory release / resume, flush_cache, health and weight version. What it does not: paged
-attention, continuous batching or any GPU feature: it exists so the trainer's client and
-weight-sync path run for real on a CPU-only machine.
+memory release / resume, flush_cache, health, weight version and get_weights_by_name;
+/update_weights_from_tensor takes SGLang's payload (tensors by shared-memory handle). What it
+does not: paged attention, continuous batching or any GPU feature: it exists so the trainer's
+client and weight-sync path run for real on a CPU-only machine.
 
     python -m rollout_sglang.cpu_server --model-path DIR --host 127.0.0.1 --port 30000
 """
@@ -27,6 +28,7 @@ from fastapi import Body, FastAPI
 from fastapi.responses import JSONResponse
 
 from rollout_sglang.sampling import generate_batch
+from rollout_sglang.tensor_payload import deserialize_named_tensors
 from rollout_sglang.weight_group import init_weight_group
 
 log = logging.getLogger("cpu_server")
@@ -54,6 +56,7 @@ class ServerState:
         self.weight_version = "0"
         self.groups: dict[str, dist.ProcessGroup] = {}
         self.released: dict[str, torch.Size] | None = None
+        self.release_count = 0
 
     def params(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.model.named_parameters())
@@ -89,7 +92,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/get_server_info")
     def server_info() -> dict:
-        return {"model_path": state.model_path, "tp_size": 1, "backend": "cpu", "version": "cpu"}
+        return {"model_path": state.model_path, "tp_size": 1, "backend": "cpu", "version": "cpu",
+                "memory_release_count": state.release_count, "weights_released": state.released is not None}
 
     @app.get("/get_weight_version")
     def weight_version() -> dict:
@@ -140,13 +144,26 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/update_weights_from_tensor")
     def update_tensor(req: dict[str, Any] = Body(...)) -> Any:
-        import base64
-        import io
-
-        named = []
-        for blob in req["serialized_named_tensors"]:
-            named.extend(torch.load(io.BytesIO(base64.b64decode(blob)), weights_only=True))
+        # One entry per engine TP rank, as in SGLang; this server is TP rank 0 of 1.
+        entries = req.get("serialized_named_tensors") or []
+        if req.get("load_format") not in (None, "direct"):
+            return _fail(f"load_format={req.get('load_format')!r} is not supported by the CPU server; "
+                         "send a list of (name, tensor) pairs with load_format=None")
+        if not entries:
+            return _fail("serialized_named_tensors is empty; send one entry per engine TP rank")
+        try:
+            named = deserialize_named_tensors(entries[0])
+        except ValueError as exc:
+            return _fail(str(exc))
         return _apply_update(state, named, req.get("weight_version"))
+
+    @app.post("/get_weights_by_name")
+    def weights_by_name(req: dict[str, Any] = Body(...)) -> Any:
+        with state.lock:
+            param = state.params().get(req.get("name", ""))
+            if param is None:
+                return _fail(f"unknown parameter {req.get('name')!r}")
+            return param.detach().flatten()[: int(req.get("truncate_size", 100))].tolist()
 
     @app.post("/pause_generation")
     def pause(req: dict[str, Any] = Body(default={})) -> dict:
@@ -163,16 +180,24 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/release_memory_occupation")
     def release(req: dict[str, Any] = Body(default={})) -> dict:
+        # Tags as SGLang's: "weights" frees the parameters ("kv_cache" holds nothing here,
+        # the cache lives only inside one /generate call).
+        tags = (req or {}).get("tags") or ["weights", "kv_cache"]
         with state.lock:
-            state.released = {n: p.shape for n, p in state.params().items()}
-            for p in state.params().values():
-                p.data = torch.empty(0)
+            if "weights" in tags and state.released is None:
+                state.released = {n: p.shape for n, p in state.params().items()}
+                for p in state.params().values():
+                    p.data = torch.empty(0)
+            state.release_count += 1
         return {"success": True}
 
     @app.post("/resume_memory_occupation")
     def resume_memory(req: dict[str, Any] = Body(default={})) -> dict:
+        tags = (req or {}).get("tags") or ["weights", "kv_cache"]
         with state.lock:
-            if state.released is not None:
+            if "weights" in tags and state.released is not None:
+                # Like SGLang without a CPU backup: memory is back, its content is not; the
+                # trainer pushes the weights next.
                 for n, p in state.params().items():
                     p.data = torch.zeros(state.released[n])
                 state.released = None

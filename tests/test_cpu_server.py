@@ -1,13 +1,19 @@
 """The CPU rollout server: greedy output equals transformers' generate, log-probs equal an
-independent recomputation, stop / length / n handling, pause / release endpoints, bad updates."""
+independent recomputation, stop / length / n handling, pause / release endpoints, SGLang's
+tensor update by shared memory, bad updates refused."""
 
 from __future__ import annotations
+
+import base64
+import os
+import pickle
 
 import pytest
 import torch
 
 from benchmarks.server import CpuServer, write_model_dir
 from rollout_sglang.client import EngineError, SGLangClient
+from rollout_sglang.tensor_payload import pack_bucket, serialize_named_tensors
 from tests import tiny
 
 
@@ -62,13 +68,43 @@ def test_stop_tokens_and_n_samples(served):
     assert len(many) == 4 and all(len(o.output_ids) == 3 for o in many)
 
 
-def test_release_resume_and_bad_weight_update(served):
-    client, _ = served
-    client.release_memory_occupation()
+def test_release_then_colocated_update_by_shared_memory(served):
+    client, model = served
+    client.release_memory_occupation(["weights", "kv_cache"])
+    assert client.get_server_info()["weights_released"]
     with pytest.raises(EngineError, match="released"):
         client.generate([[1, 2]], {"max_new_tokens": 1})
-    client.resume_memory_occupation()
-    assert len(client.generate([[1, 2]], {"max_new_tokens": 1})[0].output_ids) == 1
+    client.resume_memory_occupation(["weights"])
+    # SGLang's update_weights_from_tensor payload from this (unrelated) process: tensors pass
+    # as shared-memory handles, one entry per engine TP rank.
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    new = {n: p * 1.5 + 0.01 for n, p in original.items()}
+    text = serialize_named_tensors(pack_bucket(list(new.items())))
+    client.update_weights_from_tensor([text], weight_version="9")
+    client.resume_memory_occupation(["kv_cache"])
+    assert client.get_weight_version() == "9"
+    name = "model.layers.1.mlp.gate_proj.weight"
+    assert client.get_weights_by_name(name, 50) == new[name].flatten()[:50].tolist()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(new[n])
+    out = client.generate([[4, 6, 8]], {"temperature": 0.0, "max_new_tokens": 4, "ignore_eos": True})[0]
+    assert max(abs(a - b) for a, b in zip(out.output_logprobs, _logprobs(model, [4, 6, 8], out.output_ids))) < 1e-5
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(original[n])
+    client.update_weights_from_tensor([serialize_named_tensors(list(original.items()))], weight_version="0")
+    assert client.get_weights_by_name(name, 50) == original[name].flatten()[:50].tolist()
+
+
+def test_bad_weight_updates_are_refused_by_name(served):
+    client, _ = served
+    with pytest.raises(EngineError, match="refused posix.system"):
+        client.update_weights_from_tensor([base64.b64encode(pickle.dumps([("x", os.system)])).decode()])
+    with pytest.raises(EngineError, match="shape"):
+        client.update_weights_from_tensor([serialize_named_tensors([("model.norm.weight", torch.ones(3))])])
+    with pytest.raises(EngineError, match="load_format='flattened_bucket' is not supported"):
+        client.update_weights_from_tensor(["x"], load_format="flattened_bucket")
     with pytest.raises(EngineError, match="no weight group"):
         client.update_weights_from_distributed(["model.norm.weight"], ["float32"], [[32]], "missing")
     client.pause_generation()

@@ -1,0 +1,100 @@
+"""The payload of SGLang's `/update_weights_from_tensor`: named tensors passed by handle.
+
+What it does: turns a list of (HF name, tensor) into the string SGLang's
+`MultiprocessingSerializer.serialize(obj, output_str=True)` produces (base64 of a
+`multiprocessing` ForkingPickler dump, in which torch replaces each tensor by a handle to its
+memory: a CUDA IPC handle on GPU, a shared-memory file on CPU), and back, with an unpickler
+that only rebuilds torch objects. The request carries one such string per engine TP rank.
+On GPU, when SGLang is importable, its own serializer is used (it also rewrites CUDA device
+indices to UUIDs so the engine finds the trainer's GPU under its own CUDA_VISIBLE_DEVICES).
+What it does not: copy tensor data (only handles travel; the sender keeps the tensors alive
+until the engine has loaded them) or send anything over HTTP (the client does).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import pickle
+from multiprocessing.reduction import ForkingPickler
+
+import torch
+import torch.multiprocessing
+
+NamedTensors = list[tuple[str, torch.Tensor]]
+
+
+def _sglang_serializer():
+    try:
+        from sglang.srt.utils import MultiprocessingSerializer
+    except Exception:  # noqa: BLE001 - sglang is a GPU-only extra; absent (or broken) on CPU
+        return None
+    return MultiprocessingSerializer
+
+
+def serialize_named_tensors(named: NamedTensors) -> str:
+    """base64 text of `named` with tensors by handle (SGLang's wire format, load_format=None)."""
+    if any(not t.is_cuda for _, t in named):
+        # Unrelated processes cannot receive file descriptors; shared-memory files by name
+        # they can. Process-wide, but only changes how CPU tensors are shared.
+        torch.multiprocessing.set_sharing_strategy("file_system")
+    sglang = _sglang_serializer()
+    if sglang is not None and all(t.is_cuda for _, t in named):
+        return sglang.serialize(named, output_str=True)
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(named)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class _TorchOnlyUnpickler(pickle.Unpickler):
+    """Rebuilds tensors, storages, sizes and dtypes; refuses every other global, so a
+    payload cannot name a function to run."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (
+            (module == "torch" and (name in ("Tensor", "Size")
+                                    or isinstance(getattr(torch, name, None), torch.dtype)))
+            or (module == "torch.multiprocessing.reductions" and name.startswith("rebuild_"))
+            or (module == "torch._utils" and name.startswith("_rebuild_"))
+            or (module == "torch.storage" and name in ("UntypedStorage", "TypedStorage"))
+        )
+        if not allowed:
+            raise pickle.UnpicklingError(
+                f"refused {module}.{name} in a weight payload: only torch tensors are accepted")
+        return super().find_class(module, name)
+
+
+def deserialize_named_tensors(text: str) -> NamedTensors:
+    """Inverse of `serialize_named_tensors`; raises ValueError on anything but [(str, Tensor)]."""
+    try:
+        named = _TorchOnlyUnpickler(io.BytesIO(base64.b64decode(text, validate=True))).load()
+    except (pickle.UnpicklingError, ValueError, EOFError, RuntimeError) as exc:
+        raise ValueError(f"serialized_named_tensors entry is not a weight payload: {exc}") from None
+    if not isinstance(named, list) or not all(
+            isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+            and isinstance(item[1], torch.Tensor) for item in named):
+        raise ValueError("serialized_named_tensors entry must decode to a list of (name, tensor) "
+                         "pairs (load_format=None)")
+    return named
+
+
+def pack_bucket(named: NamedTensors, device: torch.device | None = None) -> NamedTensors:
+    """The same tensors as views into one fresh contiguous buffer per dtype.
+
+    One buffer means one memory handle per dtype instead of one per tensor, and the copies
+    keep the payload independent of the live parameters while the engine reads it.
+    """
+    out: dict[str, torch.Tensor] = {}
+    by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in named:
+        by_dtype.setdefault(t.dtype, []).append((name, t))
+    for dtype, items in by_dtype.items():
+        total = sum(t.numel() for _, t in items)
+        flat = torch.empty(total, dtype=dtype, device=device or items[0][1].device)
+        offset = 0
+        for name, t in items:
+            view = flat[offset: offset + t.numel()].view(t.shape)
+            view.copy_(t)
+            out[name] = view
+            offset += t.numel()
+    return [(name, out[name]) for name, _ in named]
