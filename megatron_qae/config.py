@@ -70,9 +70,6 @@ class Config:
                   "or set reward.overlong_buffer_enable=false")
         if self.engine.backend == "cpu" and self.engine.engine_tp != 1:
             _fail("engine.engine_tp", self.engine.engine_tp, "the CPU rollout server runs tp=1; set 1")
-        if self.engine.colocate:
-            _fail("engine.colocate", True, "colocated engines (memory release + update_weights_from_tensor) "
-                  "are not wired into the loop yet; run engines on their own GPUs (colocate=false)")
         if self.model.fp8 and self.model.params_dtype != "bfloat16":
             _fail("model.fp8", self.model.fp8, "FP8 training needs model.params_dtype=bfloat16")
 

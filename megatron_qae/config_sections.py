@@ -291,7 +291,9 @@ class EngineConfig:
     engine_tp: int = 1
     """Tensor-parallel size of each engine (GPUs per engine)."""
     colocate: bool = False
-    """Engines share GPUs with the trainer (memory released / resumed around training)."""
+    """Engines share the trainer's GPUs: one engine TP rank per trainer rank (num_engines x
+    engine_tp = trainer world size), memory released during training, weights passed by
+    handle (update_weights_from_tensor)."""
     mem_fraction_static: float = 0.8
     """SGLang --mem-fraction-static (weights + KV cache share of GPU memory)."""
     sglang_args: dict[str, Any] = field(default_factory=dict)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_qae import checkpoint, parallel, weights
 from megatron_qae.advantage import compute_group_advantages
+from megatron_qae.colocated_sync import ColocatedSync, engine_placements
 from megatron_qae.batching import empty_micro_batch, rank_micro_batches, response_tokens, split_by_tokens
 from megatron_qae.config import Config, save_config, to_dict, validate_against_model
 from megatron_qae.loss import LossConfig
@@ -28,6 +29,7 @@ from megatron_qae.policy import Policy, build_policy
 from megatron_qae.rollout import Rollout
 from megatron_qae.train_step import compute_logprobs, logprob_gap, train_step
 from megatron_qae.weight_sync import push_weights
+from rollout_sglang.client import EngineError
 from rollout_sglang.types import RolloutBatch, Sample
 
 log = logging.getLogger(__name__)
@@ -55,31 +57,35 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
         save_config(cfg, run_dir)
     total_steps = cfg.run.num_rollout_steps * cfg.rollout.steps_per_rollout
     policy = build_policy(cfg, hf, groups, total_steps)
-    rollout = Rollout.start(cfg, env.master_address) if is_driver else None
+    colocated, placements = None, None
+    if cfg.engine.colocate:
+        placements = engine_placements(cfg.engine.num_engines, cfg.engine.engine_tp)
+        colocated = ColocatedSync(cfg.engine.num_engines, cfg.engine.engine_tp, cfg.engine.request_timeout_s)
+    rollout = Rollout.start(cfg, env.master_address, placements) if is_driver else None
     start, _ = _restore(cfg, policy, rollout)
     try:
-        return _train_loop(cfg, policy, rollout, start, run_dir, is_driver)
+        return _train_loop(cfg, policy, rollout, colocated, start, run_dir, is_driver)
     finally:
         if rollout is not None:
             rollout.shutdown()
 
 
-def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, start: int, run_dir: Path,
-                is_driver: bool) -> list[dict[str, float]]:
+def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, colocated: ColocatedSync | None,
+                start: int, run_dir: Path, is_driver: bool) -> list[dict[str, float]]:
     sink = MetricsSink(run_dir, enabled=is_driver, tensorboard=cfg.run.log_tensorboard,
                        wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
     sink.truncate_after(start)
     stop = checkpoint.install_sigterm_save()
     history: list[dict[str, float]] = []
-    _sync(policy, rollout, version=start, cfg=cfg)  # engines start from the trainer's weights
+    _sync(policy, rollout, colocated, version=start, cfg=cfg)  # engines start from the trainer's weights
     progress = _progress(cfg, start, is_driver)
     for step in range(start + 1, cfg.run.num_rollout_steps + 1):
         t0 = time.perf_counter()
         batch = _broadcast(rollout.generate(step - 1) if is_driver else None)   # rollout + reward
-        samples = batch.samples
-        advantages, adv_metrics = _advantages(cfg, policy, samples)             # advantage
+        _release_engines(rollout, colocated)                                    # colocated: free GPUs
+        advantages, adv_metrics = _advantages(cfg, policy, batch.samples)       # advantage
         train_metrics = _train(cfg, policy, batch, advantages, step)            # train
-        sync_metrics = _sync(policy, rollout, version=step, cfg=cfg)             # weight sync
+        sync_metrics = _sync(policy, rollout, colocated, version=step, cfg=cfg)  # weight sync
         metrics = {**batch.metrics, **adv_metrics, **train_metrics, **sync_metrics,
                    "time/step_s": time.perf_counter() - t0, "train/policy_version": float(step)}
         if cfg.run.eval_interval_steps and step % cfg.run.eval_interval_steps == 0 and is_driver:
@@ -173,15 +179,47 @@ def _train(cfg: Config, policy: Policy, batch: RolloutBatch, advantages: list[fl
             "train/tokens_per_s": float(trained) / elapsed, "train/optimizer_steps": float(len(plans))}
 
 
-def _sync(policy: Policy, rollout: Rollout | None, version: int, cfg: Config) -> dict:
-    """Push weights at `version` to every engine (engines restarted since get them too)."""
-    link = rollout.prepare_sync() if rollout is not None else None
-    times = push_weights(policy, link, version, cfg.engine.weight_sync_bucket_bytes)
+def _release_engines(rollout: Rollout | None, colocated: ColocatedSync | None) -> None:
+    """Colocated: the engines free their GPU memory (weights, KV cache) before training."""
+    if colocated is None:
+        return
+    if rollout is not None:
+        rollout.release_memory()
+    dist.barrier()  # no rank allocates activations before its engine has let go
+
+
+def _sync(policy: Policy, rollout: Rollout | None, colocated: ColocatedSync | None, version: int,
+          cfg: Config) -> dict:
+    """Push weights at `version` to every engine. Engines restarted since the last sync get
+    them too; when an engine fails during the push it is restarted and the push repeated."""
+    e = cfg.engine
+    for attempt in range(1, e.max_restarts + 2):
+        if colocated is None:
+            link = rollout.prepare_sync() if rollout is not None else None
+            times = push_weights(policy, link, version, e.weight_sync_bucket_bytes)
+            ok = link is None or link.failed is None
+        else:
+            urls = _broadcast(rollout.prepare_colocated() if rollout is not None else None)
+            if rollout is not None:
+                rollout.resume_memory(["weights"])
+            times, ok = colocated.push(policy, urls, version, e.weight_sync_bucket_bytes)
+        failed = torch.tensor([0.0 if ok else 1.0])
+        dist.all_reduce(failed)
+        if failed.item() == 0:
+            break
+        log.warning("weight sync %d did not reach every engine (attempt %d); restarting and retrying",
+                    version, attempt)
+    else:
+        raise EngineError(f"weight sync of version {version} failed {e.max_restarts + 1} times; "
+                          "see the engine logs under <run_dir>/engine_logs/ (engine.max_restarts)")
     if rollout is None:
         return {}
+    if colocated is not None:
+        rollout.resume_memory(["kv_cache"])
     rollout.mark_synced(version)
     versions = rollout.engine_versions()
-    return {**times.metrics(), "sync/engine_version_min": float(min(versions)),
+    return {**times.metrics(), "sync/attempts": float(attempt),
+            "sync/engine_version_min": float(min(versions)),
             "sync/engine_version_max": float(max(versions))}
 
 

@@ -18,7 +18,8 @@ import ray
 from megatron_qae import cpu_compat
 from megatron_qae.weight_sync import EngineLink, connect_engines, disconnect
 from rollout_sglang.manager import RolloutManager
-from rollout_sglang.types import RolloutBatch
+from rollout_sglang.client import SGLangClient
+from rollout_sglang.types import EnginePlacement, RolloutBatch
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class Rollout:
         self._endpoints: list[tuple[str, int]] = []
 
     @classmethod
-    def start(cls, cfg, master_address: str) -> Rollout:
+    def start(cls, cfg, master_address: str, placements: list[EnginePlacement] | None = None) -> Rollout:
+        """Join or start Ray and the rollout manager; `placements` pins colocated engines."""
         if not ray.is_initialized():
             if cfg.ray.address:
                 ray.init(address=cfg.ray.address, log_to_driver=False)
@@ -50,7 +52,7 @@ class Rollout:
                          _temp_dir=tempfile.mkdtemp(prefix="qae-ray-"))
         actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4)
         log_dir = str(Path(cfg.run.run_dir) / "engine_logs")
-        manager = actor.remote(cfg, cfg.model.path, log_dir)
+        manager = actor.remote(cfg, cfg.model.path, log_dir, placements)
         ray.get(manager.ready.remote())
         return cls(cfg, manager, master_address)
 
@@ -61,26 +63,43 @@ class Rollout:
         return ray.get(self.manager.evaluate.remote(n_samples))
 
     def prepare_sync(self) -> EngineLink:
-        """The weight link to every live engine, re-formed when engines were restarted."""
+        """The weight link to every live engine, re-formed when engines were restarted or the
+        last push failed."""
         restarted = ray.get(self.manager.restart_dead_engines.remote())
         endpoints = ray.get(self.manager.engine_endpoints.remote())
-        if self.link is None or restarted or endpoints != self._endpoints:
+        if self.link is None or restarted or self.link.failed or endpoints != self._endpoints:
             if self.link is not None:
                 disconnect(self.link)
             backend = "gloo" if not cpu_compat.cuda_available() else "nccl"
             self.link = connect_engines(endpoints, self.master_address, _free_port(), backend,
                                         self.cfg.engine.request_timeout_s)
-            self._endpoints = endpoints
             if restarted:
                 log.warning("re-formed the weight group after restarting %s", restarted)
+        self._endpoints = endpoints
         return self.link
+
+    def prepare_colocated(self) -> list[str]:
+        """Colocated: the URL of every engine in engine order, dead ones restarted first."""
+        restarted = ray.get(self.manager.restart_dead_engines.remote())
+        if restarted:
+            log.warning("restarted colocated engines %s; they get the weights now", restarted)
+        self._endpoints = ray.get(self.manager.engine_endpoints.remote())
+        return [u for u, _ in self._endpoints]
+
+    def release_memory(self) -> None:
+        """Colocated: engines free weights and KV cache while the trainer trains."""
+        ray.get(self.manager.release_memory.remote(["weights", "kv_cache"]))
+
+    def resume_memory(self, tags: list[str]) -> None:
+        ray.get(self.manager.resume_memory.remote(tags))
 
     def mark_synced(self, version: int) -> None:
         ray.get(self.manager.mark_synced.remote([u for u, _ in self._endpoints], version))
 
     def engine_versions(self) -> list[int]:
         """The weight version each engine reports over its own HTTP API."""
-        return [int(c.get_weight_version()) for c in self.link.clients] if self.link else []
+        return [int(SGLangClient(u, timeout_s=self.cfg.engine.request_timeout_s).get_weight_version())
+                for u, _ in self._endpoints]
 
     def state_dict(self) -> dict:
         return ray.get(self.manager.state_dict.remote())

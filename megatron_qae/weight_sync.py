@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron_qae import qwen2_mapping as qm
 from megatron_qae.policy import Policy
 from megatron_qae.weights import iter_full_params
-from rollout_sglang.client import SGLangClient
+from rollout_sglang.client import EngineError, SGLangClient
 from rollout_sglang.weight_group import destroy_weight_group, init_weight_group
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class EngineLink:
     group: dist.ProcessGroup
     group_name: str
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8))
+    failed: str | None = None
+    """Why the last push did not reach every engine (the group must then be re-formed)."""
 
 
 def connect_engines(
@@ -96,6 +98,11 @@ def disconnect(link: EngineLink) -> None:
 
 def _send_bucket(link: EngineLink, bucket: list[tuple[str, torch.Tensor]], version: int,
                  times: SyncTimes, flush: bool) -> None:
+    """Broadcast one bucket while the engines receive it; a dead engine (gloo raises at once)
+    or a refused request sets `link.failed` instead of raising, so the trainer ranks still
+    finish the push's collectives and the loop can restart the engine and push again."""
+    if link.failed:
+        return
     names = [n for n, _ in bucket]
     dtypes = [_DTYPE_NAMES[t.dtype] for _, t in bucket]
     shapes = [list(t.shape) for _, t in bucket]
@@ -105,23 +112,36 @@ def _send_bucket(link: EngineLink, bucket: list[tuple[str, torch.Tensor]], versi
         for c in link.clients
     ]
     start = time.perf_counter()
-    for _, tensor in bucket:
-        dist.broadcast(tensor.contiguous(), src=0, group=link.group)
+    try:
+        for _, tensor in bucket:
+            dist.broadcast(tensor.contiguous(), src=0, group=link.group)
+    except RuntimeError as exc:
+        link.failed = f"broadcast to the engines failed: {exc}"
     sent = time.perf_counter()
-    for f in futures:
-        f.result()
+    # After a failed broadcast the live engines wait for tensors that will not come; they are
+    # released (with an error) when the loop destroys this group, so do not wait for them.
+    for c, f in zip(link.clients, futures if not link.failed else []):
+        try:
+            f.result()
+        except EngineError as exc:
+            link.failed = link.failed or f"engine {c.base_url}: {exc}"
+    if link.failed:
+        log.warning("weight sync incomplete: %s", link.failed)
     times.transfer_s += sent - start
     times.engine_load_s += time.perf_counter() - sent
     times.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
 
 
-def _stage_tensors(policy: Policy):
-    """(global megatron name, full tensor) of the whole model, arriving on global rank 0.
+def stage_tensors(policy: Policy, all_replicas: bool = False):
+    """(global megatron name, full tensor) of the whole model, on every rank of DP replica 0
+    (of every replica with `all_replicas`); collective over those ranks.
 
     Stage by stage: the stage's TP ranks all-gather, then its TP rank 0 broadcasts each tensor
-    in the PP group of DP replica 0.
+    in its PP group.
     """
     groups = policy.groups
+    if groups.dp_rank != 0 and not all_replicas:
+        return
     for stage in range(groups.dims.pp):
         mine = groups.pp_rank == stage
         tensors = iter_full_params(policy.chunks, groups.tp) if mine else iter(())
@@ -148,8 +168,9 @@ def push_weights(policy: Policy, link: EngineLink | None, version: int,
                  bucket_bytes: int, dtype: torch.dtype | None = None) -> SyncTimes:
     """Send every weight to the engines as HF Qwen2 tensors; collective over DP replica 0.
 
-    `link` is only used (and only needed) on global rank 0. `dtype` casts on the way out
-    (bf16 engines from an fp32 trainer); None keeps the trainer's dtype.
+    `link` is only used (and only needed) on global rank 0; after the call `link.failed` says
+    whether every engine got everything. `dtype` casts on the way out (bf16 engines from an
+    fp32 trainer); None keeps the trainer's dtype.
     """
     times = SyncTimes()
     if policy.groups.dp_rank != 0:
@@ -158,7 +179,7 @@ def push_weights(policy: Policy, link: EngineLink | None, version: int,
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     start = time.perf_counter()
-    for name, full in _stage_tensors(policy):
+    for name, full in stage_tensors(policy):
         if not is_sender:
             continue
         for hf_name, tensor in qm.megatron_to_hf(name, full, policy.hf_config):

@@ -3,7 +3,8 @@
 What it does: starts `python -m sglang.launch_server` (GPU) or `python -m
 rollout_sglang.cpu_server` (CPU; the same HTTP API) on a free port, waits for /health, reports
 its URL and process id, tells whether the process is alive, restarts it after a crash, and
-stops it by terminating the process group it started (never by name). Server output goes to a
+stops it by terminating the process group it started (never by name). A colocated engine is
+given its trainer ranks' GPUs (by UUID) and SGLang's memory saver. Server output goes to a
 log file. What it does not: generate or push weights (the client does, over HTTP).
 """
 
@@ -33,8 +34,9 @@ def _free_port(host: str, start: int) -> int:
 
 
 def server_command(backend: str, model_path: str, host: str, port: int, tp_size: int,
-                   mem_fraction_static: float, extra_args: dict[str, Any], seed: int) -> list[str]:
-    """The command line of one server process."""
+                   mem_fraction_static: float, extra_args: dict[str, Any], seed: int,
+                   colocated: bool = False) -> list[str]:
+    """The command line of one server process (colocated SGLang can release its memory)."""
     if backend == "cpu":
         cmd = [sys.executable, "-m", "rollout_sglang.cpu_server", "--model-path", model_path,
                "--host", host, "--port", str(port), "--tp-size", str(tp_size), "--random-seed", str(seed)]
@@ -43,6 +45,8 @@ def server_command(backend: str, model_path: str, host: str, port: int, tp_size:
                "--host", host, "--port", str(port), "--tp-size", str(tp_size),
                "--mem-fraction-static", str(mem_fraction_static), "--random-seed", str(seed),
                "--skip-tokenizer-init"]
+        if colocated:
+            cmd.append("--enable-memory-saver")
     else:
         raise ValueError(f"engine.backend={backend!r}: use 'cpu' or 'sglang'")
     for key, value in extra_args.items():
@@ -60,13 +64,15 @@ class RolloutEngine:
     def __init__(self, model_path: str, backend: str = "cpu", host: str = "127.0.0.1",
                  port: int = 30000, tp_size: int = 1, mem_fraction_static: float = 0.8,
                  extra_args: dict[str, Any] | None = None, startup_timeout_s: float = 300.0,
-                 request_timeout_s: float = 600.0, log_dir: str = ".", seed: int = 0) -> None:
+                 request_timeout_s: float = 600.0, log_dir: str = ".", seed: int = 0,
+                 devices: tuple[str, ...] = (), colocated: bool = False) -> None:
         self.model_path, self.backend, self.host = model_path, backend, host
         self.port_base, self.tp_size = port, tp_size
         self.mem_fraction_static = mem_fraction_static
         self.extra_args = dict(extra_args or {})
         self.startup_timeout_s, self.request_timeout_s = startup_timeout_s, request_timeout_s
         self.log_dir, self.seed = Path(log_dir), seed
+        self.devices, self.colocated = tuple(devices), colocated
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self._start()
@@ -74,10 +80,12 @@ class RolloutEngine:
     def _start(self) -> None:
         self.port = _free_port(self.host, self.port_base)
         cmd = server_command(self.backend, self.model_path, self.host, self.port, self.tp_size,
-                             self.mem_fraction_static, self.extra_args, self.seed)
+                             self.mem_fraction_static, self.extra_args, self.seed, self.colocated)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"engine_{self.port}.log", "ab")
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        if self.devices:  # colocated: exactly the GPUs of the trainer ranks it shares
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.devices)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         self._wait_healthy(cmd)

@@ -22,7 +22,7 @@ from rollout_sglang.client import EngineError, SGLangClient
 from rollout_sglang.data import PromptCursor, load_prompts
 from rollout_sglang.engine import RolloutEngine
 from rollout_sglang.rewards import apply_overlong_penalty, load_reward_fn, make_pool, score_batch
-from rollout_sglang.types import Group, Prompt, RolloutBatch, Sample
+from rollout_sglang.types import EnginePlacement, Group, Prompt, RolloutBatch, Sample
 
 log = logging.getLogger(__name__)
 _ROWS_PER_REQUEST = 64
@@ -48,20 +48,42 @@ def select_groups(groups: list[Group], dynamic: bool) -> tuple[list[Group], dict
     return kept, {"all_correct": correct, "all_wrong": len(dropped) - correct}
 
 
+def _engine_actor(e, place: EnginePlacement | None):
+    """The Ray actor class of one engine: its own GPUs, or pinned to its trainer ranks' node."""
+    actor = ray.remote(RolloutEngine)
+    if place is None:
+        return actor.options(num_cpus=0, num_gpus=e.engine_tp if e.backend == "sglang" else 0)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = {n["NodeManagerHostname"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    if place.hostname not in nodes:
+        raise EngineError(f"colocated engine: trainer node {place.hostname!r} is not in the Ray cluster "
+                          f"({sorted(nodes)}); start a Ray node on every trainer node")
+    # The trainer (torchrun) already holds these GPUs outside Ray's accounting: ask Ray for none.
+    return actor.options(num_cpus=0, num_gpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        nodes[place.hostname], soft=False))
+
+
 class RolloutManager:
     """Owns the engines and the prompt stream of one run."""
 
-    def __init__(self, cfg, model_path: str, log_dir: str) -> None:
+    def __init__(self, cfg, model_path: str, log_dir: str,
+                 placements: list[EnginePlacement] | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.cfg = cfg
         e = cfg.engine
-        actor = ray.remote(RolloutEngine).options(num_cpus=0, num_gpus=e.engine_tp if e.backend == "sglang" else 0)
-        handles = [actor.remote(model_path, e.backend, e.host, e.port_base + 100 * i, e.engine_tp,
-                                e.mem_fraction_static, dict(e.sglang_args), e.startup_timeout_s,
-                                e.request_timeout_s, log_dir, cfg.run.seed + i)
-                   for i in range(e.num_engines)]
+        if placements is not None and len(placements) != e.num_engines:
+            raise ValueError(f"{len(placements)} colocated placements for engine.num_engines={e.num_engines}")
+        handles = []
+        for i in range(e.num_engines):
+            place = placements[i] if placements is not None else None
+            handles.append(_engine_actor(e, place).remote(
+                model_path, e.backend, e.host, e.port_base + 100 * i, e.engine_tp,
+                e.mem_fraction_static, dict(e.sglang_args), e.startup_timeout_s, e.request_timeout_s,
+                log_dir, cfg.run.seed + i, place.devices if place else (), place is not None))
         self.engines = [_Engine(h, ray.get(h.url.remote()), e.engine_tp) for h in handles]
+        self.requests_retried = 0
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.reward_fn = load_reward_fn(cfg.reward.name)
         # math-verify needs a main thread; actor methods run on worker threads, so use processes.
@@ -130,6 +152,7 @@ class RolloutManager:
                 log.warning("engine %s failed (%s); retrying the request elsewhere", en.url, exc)
                 en.dead = True
                 tried += 1
+                self.requests_retried += 1
 
     def _generate_groups(self, prompts: list[Prompt], n: int, params: dict, version: int) -> list[Group]:
         per = max(1, _ROWS_PER_REQUEST // n)
@@ -192,6 +215,10 @@ class RolloutManager:
         groups = kept[: r.prompts_per_step]
         metrics = self._metrics(groups, generated, dropped, batches, gen_s)
         metrics["rollout/groups_discarded_extra"] = float(len(kept) - len(groups))
+        metrics["rollout/groups"] = float(len(groups))
+        metrics["rollout/samples"] = float(sum(len(g.samples) for g in groups))
+        metrics["rollout/requests_retried_total"] = float(self.requests_retried)
+        metrics["rollout/engine_restarts_total"] = float(sum(en.restarts for en in self.engines))
         return RolloutBatch(groups, policy_version, metrics)
 
     def _metrics(self, groups, generated, dropped, batches, gen_s) -> dict[str, float]:
@@ -244,6 +271,25 @@ class RolloutManager:
     def resume(self) -> None:
         for en in self.engines:
             SGLangClient(en.url).continue_generation()
+
+    def release_memory(self, tags: list[str]) -> None:
+        """Colocated: engines free `tags` ("weights", "kv_cache") of GPU memory for training."""
+        self._each_live(lambda c: c.release_memory_occupation(tags))
+
+    def resume_memory(self, tags: list[str]) -> None:
+        self._each_live(lambda c: c.resume_memory_occupation(tags))
+
+    def _each_live(self, call) -> None:
+        """`call(client)` on every live engine at once; a failure marks that engine dead (it is
+        restarted, with current weights, at the next weight sync)."""
+        live = [en for en in self.engines if not en.dead]
+        clients = [SGLangClient(en.url, timeout_s=self.cfg.engine.request_timeout_s) for en in live]
+        for en, f in zip(live, [self.threads.submit(call, c) for c in clients]):
+            try:
+                f.result()
+            except EngineError as exc:
+                log.warning("engine %s failed (%s); it will be restarted", en.url, exc)
+                en.dead = True
 
     def shutdown(self) -> None:
         ray.get([en.actor.stop.remote() for en in self.engines])

@@ -78,3 +78,13 @@ class RolloutBatch:
     @property
     def samples(self) -> list[Sample]:
         return [s for g in self.groups for s in g.samples]
+
+
+@dataclass(frozen=True)
+class EnginePlacement:
+    """Where a colocated engine must run: on the node and devices of its trainer ranks."""
+
+    hostname: str
+    """Host name of the trainer ranks' node (matched against Ray's node list)."""
+    devices: tuple[str, ...] = ()
+    """CUDA device UUIDs ("GPU-...") of those ranks, one per engine TP rank; empty on CPU."""

@@ -103,7 +103,6 @@ def test_the_32b_recipe_is_dapo_plus_qae():
     (["engine.num_engines=0"], "engine.num_engines=0"),
     (["engine.mem_fraction_static=1.0"], "engine.mem_fraction_static=1.0: must be in \\(0, 1\\)"),
     (["engine.engine_tp=2"], "engine.engine_tp=2: the CPU rollout server runs tp=1"),
-    (["engine.colocate=true"], "engine.colocate=True"),
     # reward (and the cross-field check against the rollout length)
     (["reward.overlong_buffer_tokens=30000"], "reward.overlong_buffer_tokens=30000: must be < rollout.max_response_tokens=20480"),
     (["reward.num_workers=0"], "reward.num_workers=0"),

@@ -4,7 +4,6 @@ of DAPO + QAE on the demo task; then resume determinism against the uninterrupte
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ def _train(run_dir: Path, nproc: int, overrides: list[str], timeout_s: float = 4
            f"--master_port={tiny.free_port()}", "-m", "megatron_qae.train",
            "--config", "configs/test_tiny.yaml", f"run.run_dir={run_dir}", f"model.path={model_dir}",
            f"data.train_path={train_path}", f"data.val_path={val_path}", *overrides]
-    proc = subprocess.run(cmd, cwd=tiny.ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    proc = tiny.run_logged(cmd, env, timeout_s)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 

@@ -1,5 +1,7 @@
 """After a weight sync, the CPU rollout server's log-probs of its own samples equal the Megatron
-policy's recomputed log-probs (TP=1, TP=2, PP=2); a wrong gate/up mapping must fail this."""
+policy's recomputed log-probs: over the weight group (TP=1, TP=2, PP=2) and colocated by
+shared-memory handles (TP=2, one engine per rank); a wrong gate/up mapping must fail this; an
+engine killed before a push makes the push report it without raising or hanging."""
 
 from __future__ import annotations
 
@@ -8,33 +10,81 @@ import json
 import pytest
 
 from benchmarks.server import CpuServer, write_model_dir
+from megatron_qae.colocated_sync import _check_layout
 from tests import tiny
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "sync_worker.py"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    # The server starts from other weights (seed 0); the trainer pushes seed-7 weights.
-    model_dir = write_model_dir(tmp_path_factory.mktemp("srv") / "model", tiny.tiny_hf_config(), seed=0)
-    with CpuServer(model_dir) as url:
-        yield url
+def model_dir(tmp_path_factory):
+    # The servers start from other weights (seed 0); the trainer pushes seed-7 weights.
+    return write_model_dir(tmp_path_factory.mktemp("srv") / "model", tiny.tiny_hf_config(), seed=0)
 
 
-def _run(server, tmp_path, nproc: int, args: list[str]) -> dict:
+@pytest.fixture(scope="module")
+def servers(model_dir):
+    with CpuServer(model_dir) as a, CpuServer(model_dir) as b:
+        yield [a, b]
+
+
+def _run(tmp_path, nproc: int, urls: list[str], args: list[str]) -> dict:
     out = tmp_path / "out.json"
-    tiny.torchrun(WORKER, nproc, [*args, "--url", server, "--out", str(out)])
+    tiny.torchrun(WORKER, nproc, [*args, "--urls", ",".join(urls), "--out", str(out)])
     return json.loads(out.read_text())
 
 
+def _max_gap(engine: dict) -> float:
+    assert len(engine["rollout"]) == len(engine["trainer"]) > 0
+    return max(abs(a - b) for a, b in zip(engine["rollout"], engine["trainer"]))
+
+
 @pytest.mark.parametrize("nproc,args", [(1, []), (2, ["--tp", "2"]), (2, ["--pp", "2"])])
-def test_engine_logprobs_equal_trainer_logprobs_after_sync(server, tmp_path, nproc, args):
-    res = _run(server, tmp_path, nproc, args)
-    assert len(res["rollout"]) == len(res["trainer"]) > 0
-    assert max(abs(a - b) for a, b in zip(res["rollout"], res["trainer"])) < 1e-4
-    assert res["engine_version"] == "3"
+def test_engine_logprobs_equal_trainer_logprobs_after_sync(servers, tmp_path, nproc, args):
+    res = _run(tmp_path, nproc, servers[:1], args)
+    (engine,) = res["engines"].values()
+    assert _max_gap(engine) < 1e-4
+    assert engine["engine_version"] == "3"
 
 
-def test_wrong_mapping_is_caught(server, tmp_path):
-    res = _run(server, tmp_path, 1, ["--corrupt"])
-    assert max(abs(a - b) for a, b in zip(res["rollout"], res["trainer"])) > 1e-2
+def test_colocated_sync_by_handle_reaches_every_engine(servers, tmp_path):
+    res = _run(tmp_path, 2, servers, ["--tp", "2", "--mode", "colocated"])
+    assert res["report"]["ok"] == [True, True]
+    assert len(res["engines"]) == 2
+    for engine in res["engines"].values():
+        assert _max_gap(engine) < 1e-4 and engine["engine_version"] == "3"
+
+
+def test_wrong_mapping_is_caught(servers, tmp_path):
+    res = _run(tmp_path, 1, servers[:1], ["--corrupt"])
+    (engine,) = res["engines"].values()
+    assert _max_gap(engine) > 1e-2
+
+
+def test_engine_killed_before_a_push_is_reported_and_the_rest_sync(model_dir, tmp_path):
+    with CpuServer(model_dir) as live, CpuServer(model_dir) as doomed_url:
+        doomed = [s for s in (live, doomed_url)]
+        pid = _server_pid(doomed_url)
+        res = _run(tmp_path, 2, doomed, ["--tp", "2", "--kill-pid", str(pid)])
+    assert "broadcast to the engines failed" in res["report"]["failed"]
+    assert res["report"]["live"] == [live] and res["report"]["second_failed"] is None
+    assert _max_gap(res["engines"][live]) < 1e-4
+
+
+def _server_pid(url: str) -> int:
+    import psutil
+
+    port = int(url.rsplit(":", 1)[1])
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "rollout_sglang.cpu_server" in cmd and str(port) in cmd:
+            return proc.pid
+    raise AssertionError(f"no cpu_server process on port {port}")
+
+
+def test_colocated_layout_errors_name_the_fix():
+    with pytest.raises(ValueError, match="set engine.num_engines=4"):
+        _check_layout(4, 2, 1)
+    with pytest.raises(ValueError, match="engine.engine_tp=3 must divide the trainer world size 4"):
+        _check_layout(4, 1, 3)
+    _check_layout(4, 2, 2)

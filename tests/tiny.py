@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -94,13 +95,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_logged(cmd: list[str], env: dict, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run `cmd` with stdout / stderr in temp files, not pipes: helpers the job leaves behind
+    (torch_shm_manager lives as long as a server still maps the job's shared memory) inherit
+    the job's output and would keep a pipe open past its exit."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.run(cmd, env=env, stdout=out, stderr=err, text=True, timeout=timeout_s,
+                              cwd=ROOT, start_new_session=True)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
 def torchrun(script: Path, nproc: int, args: list[str], timeout_s: float = 300) -> subprocess.CompletedProcess:
     """Run `script` under torchrun with `nproc` gloo ranks; raise with its output on failure."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", str(script), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
-                          start_new_session=True)
+    proc = run_logged(cmd, env, timeout_s)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc

@@ -23,7 +23,7 @@ def _fields(cls: ast.ClassDef) -> list[tuple[str, str, str, str]]:
             doc = ""
             nxt = body[i + 1] if i + 1 < len(body) else None
             if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                doc = str(nxt.value.value).strip()
+                doc = " ".join(str(nxt.value.value).split())
             default = ast.unparse(node.value) if node.value is not None else ""
             rows.append((node.target.id, ast.unparse(node.annotation), default, doc))
     return rows

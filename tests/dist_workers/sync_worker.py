@@ -1,14 +1,21 @@
-"""torchrun worker: push the trainer's weights to a CPU rollout server, sample from it, and
+"""torchrun worker: push the trainer's weights to CPU rollout servers, sample from each, and
 recompute the sampled tokens' log-probs with the Megatron policy.
 
-Rank 0 starts the server (a subprocess speaking SGLang's HTTP API), all ranks join the weight
-push; rank 0 writes {rollout log-probs, trainer log-probs, engine weight version}.
+The test starts the servers (subprocesses speaking SGLang's HTTP API) and passes their URLs.
+`--mode distributed`: rank 0 broadcasts over a weight group with every server;
+`--mode colocated`: rank r sends its own tensors by shared-memory handle to server r.
+`--kill-pid P` (distributed): server P is killed after the group is formed; the push must
+report the failure without raising, and a group re-formed with the live servers must work.
 `--corrupt` swaps gate/up in the HF mapping on the way out: the comparison must then fail.
+Writes {url: {rollout, trainer, engine_version}} plus the sync report.
 """
 
 import argparse
 import json
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -17,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_qae import parallel, qwen2_mapping, weight_sync, weights  # noqa: E402
 from megatron_qae.batching import build_micro_batch  # noqa: E402
+from megatron_qae.colocated_sync import ColocatedSync  # noqa: E402
 from megatron_qae.policy import build_policy  # noqa: E402
 from megatron_qae.train_step import compute_logprobs  # noqa: E402
 from rollout_sglang.client import SGLangClient  # noqa: E402
@@ -37,11 +45,45 @@ def corrupt_mapping() -> None:
     weight_sync.qm.megatron_to_hf = swapped
 
 
+def _push(a, policy) -> dict:
+    """Push version 3 as `a.mode` says; returns what the test checks about the push itself."""
+    urls = a.urls.split(",")
+    if a.mode == "colocated":
+        sync = ColocatedSync(len(urls), 1, 60.0)
+        times, ok = sync.push(policy, urls, version=3, bucket_bytes=4096)
+        oks = [None] * dist.get_world_size()
+        dist.all_gather_object(oks, ok)
+        return {"ok": oks, "bytes": times.bytes, "live": urls}
+    link, report = None, {"live": urls}
+    if dist.get_rank() == 0:
+        link = weight_sync.connect_engines([(u, 1) for u in urls], "127.0.0.1", tiny.free_port(), "gloo", 60.0)
+        if a.kill_pid:
+            os.kill(a.kill_pid, signal.SIGKILL)
+            time.sleep(0.5)
+    weight_sync.push_weights(policy, link, version=3, bucket_bytes=4096)
+    if a.kill_pid:
+        if dist.get_rank() == 0:
+            report["failed"] = link.failed
+            weight_sync.disconnect(link)
+            live = [u for u in urls if SGLangClient(u, timeout_s=5.0).health()]
+            report["live"] = live
+            link = weight_sync.connect_engines([(u, 1) for u in live], "127.0.0.1", tiny.free_port(), "gloo", 60.0)
+        weight_sync.push_weights(policy, link, version=3, bucket_bytes=4096)
+    if link is not None:
+        report["second_failed"] = link.failed
+        weight_sync.disconnect(link)
+    holder = [report]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--url", required=True)
+    ap.add_argument("--urls", required=True)
+    ap.add_argument("--mode", choices=["distributed", "colocated"], default="distributed")
+    ap.add_argument("--kill-pid", type=int, default=0)
     ap.add_argument("--corrupt", action="store_true")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -52,29 +94,27 @@ def main() -> None:
     policy = build_policy(tiny.run_config(a.tp, a.pp), hf, groups, total_steps=1)
     weights.load_hf_state(policy.chunks, tiny.tiny_hf_model(hf, seed=7).state_dict(), hf,
                           groups.tp_rank, a.tp)
-    link = None
+    report = _push(a, policy)
+    samples = [None]
     if dist.get_rank() == 0:
-        link = weight_sync.connect_engines([(a.url, 1)], "127.0.0.1", tiny.free_port(), "gloo", 60.0)
-    times = weight_sync.push_weights(policy, link, version=3, bucket_bytes=4096)
-    sample = [None]
-    if dist.get_rank() == 0:
-        client = SGLangClient(a.url, timeout_s=60.0)
-        prompt = [5, 9, 11, 3]
-        out = client.generate([prompt], {"temperature": 1.0, "max_new_tokens": 12}, return_logprob=True)[0]
-        sample = [(prompt, out.output_ids, out.output_logprobs, client.get_weight_version())]
-    dist.broadcast_object_list(sample, src=0)
-    prompt, ids, rollout_lp, version = sample[0]
-    s = Sample(0, tuple(prompt), tuple(ids), tuple(rollout_lp), "stop", 0.0, 0.0, 3)
-    mb = build_micro_batch([s], [0], [0.0])
-    compute_logprobs(policy, [mb])
+        prompt, found = [5, 9, 11, 3], {}
+        for url in report["live"]:
+            client = SGLangClient(url, timeout_s=60.0)
+            out = client.generate([prompt], {"temperature": 1.0, "max_new_tokens": 12}, return_logprob=True)[0]
+            found[url] = (prompt, out.output_ids, out.output_logprobs, client.get_weight_version())
+        samples = [found]
+    dist.broadcast_object_list(samples, src=0)
+    results = {}
+    for url, (prompt, ids, rollout_lp, version) in samples[0].items():
+        mb = build_micro_batch([Sample(0, tuple(prompt), tuple(ids), tuple(rollout_lp), "stop", 0.0, 0.0, 3)],
+                               [0], [0.0])
+        compute_logprobs(policy, [mb])
+        if groups.is_last_stage:
+            mask = mb.loss_mask[0].bool()
+            results[url] = {"rollout": rollout_lp, "trainer": mb.old_logprobs[0][mask].tolist(),
+                            "engine_version": version}
     if groups.is_last_stage and groups.tp_rank == 0 and groups.dp_rank == 0:
-        mask = mb.loss_mask[0].bool()
-        Path(a.out).write_text(json.dumps({
-            "rollout": rollout_lp, "trainer": mb.old_logprobs[0][mask].tolist(),
-            "engine_version": version, "sync": times.metrics() if link else {},
-        }))
-    if link is not None:
-        weight_sync.disconnect(link)
+        Path(a.out).write_text(json.dumps({"engines": results, "report": report}))
     parallel.destroy()
 
 

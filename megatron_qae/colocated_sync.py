@@ -1,0 +1,120 @@
+"""Colocated weight sync: engines share the trainer's devices and read its tensors in place.
+
+What it does: every trainer rank hosts one engine TP rank (engine e on trainer ranks
+[e*engine_tp, (e+1)*engine_tp), the same node and GPUs). `engine_placements` tells the
+rollout manager where each engine must run. `ColocatedSync.push` gathers the full HF tensors
+on every rank (TP all-gather, PP broadcast, all DP replicas), packs each bucket into one
+buffer per dtype, and sends SGLang's `/update_weights_from_tensor` with one serialized entry
+per engine TP rank: only memory handles travel (CUDA IPC on GPU, shared memory on CPU), no
+copy through a process group. An engine that fails a request is reported, not raised, so
+every rank finishes the collective and the loop can restart the engine and push again.
+What it does not: release / resume engine memory (the loop asks the rollout manager) or
+start engines.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_qae import qwen2_mapping as qm
+from megatron_qae.policy import Policy
+from megatron_qae.weight_sync import SyncTimes, stage_tensors
+from rollout_sglang.client import EngineError, SGLangClient
+from rollout_sglang.tensor_payload import pack_bucket, serialize_named_tensors
+from rollout_sglang.types import EnginePlacement
+
+
+def _check_layout(world: int, num_engines: int, engine_tp: int) -> None:
+    if num_engines * engine_tp != world:
+        raise ValueError(
+            f"engine.num_engines={num_engines} x engine.engine_tp={engine_tp} = "
+            f"{num_engines * engine_tp} but colocated engines need one engine TP rank per trainer "
+            f"rank ({world}); set engine.num_engines={world // engine_tp}"
+            if world % engine_tp == 0 else
+            f"engine.engine_tp={engine_tp} must divide the trainer world size {world} when colocated")
+
+
+def engine_placements(num_engines: int, engine_tp: int) -> list[EnginePlacement]:
+    """Node and device of each engine, from its trainer ranks (collective over all ranks)."""
+    world = dist.get_world_size()
+    _check_layout(world, num_engines, engine_tp)
+    device = ""
+    if torch.cuda.is_available():
+        device = f"GPU-{torch.cuda.get_device_properties(torch.cuda.current_device()).uuid}"
+    ranks: list = [None] * world
+    dist.all_gather_object(ranks, (socket.gethostname(), device))
+    out = []
+    for e in range(num_engines):
+        mine = ranks[e * engine_tp: (e + 1) * engine_tp]
+        hosts = {h for h, _ in mine}
+        if len(hosts) != 1:
+            raise ValueError(f"colocated engine {e} would span nodes {sorted(hosts)}: engine.engine_tp="
+                             f"{engine_tp} must divide the trainer ranks per node")
+        out.append(EnginePlacement(hosts.pop(), tuple(d for _, d in mine if d)))
+    return out
+
+
+class ColocatedSync:
+    """One trainer rank's side of colocated weight sync (create on every rank, same order)."""
+
+    def __init__(self, num_engines: int, engine_tp: int, timeout_s: float) -> None:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        _check_layout(world, num_engines, engine_tp)
+        self.engine_tp, self.timeout_s = engine_tp, timeout_s
+        self.engine_index = rank // engine_tp
+        self.first_rank = self.engine_index * engine_tp
+        self.is_poster = rank == self.first_rank
+        self.group = None
+        for e in range(num_engines):  # every rank creates every group (new_group is collective)
+            g = dist.new_group(list(range(e * engine_tp, (e + 1) * engine_tp)))
+            if e == self.engine_index:
+                self.group = g
+
+    def push(self, policy: Policy, urls: list[str], version: int, bucket_bytes: int,
+             dtype: torch.dtype | None = None) -> tuple[SyncTimes, bool]:
+        """Send every weight to this rank's engine; (times, this rank's engine accepted all)."""
+        client = SGLangClient(urls[self.engine_index], timeout_s=self.timeout_s) if self.is_poster else None
+        times, state = SyncTimes(), {"ok": True}
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size, start = 0, time.perf_counter()
+        for name, full in stage_tensors(policy, all_replicas=True):
+            for hf_name, tensor in qm.megatron_to_hf(name, full, policy.hf_config):
+                tensor = tensor.to(dtype) if dtype is not None else tensor
+                bucket.append((hf_name, tensor))
+                size += tensor.numel() * tensor.element_size()
+            if size >= bucket_bytes:
+                times.gather_s += time.perf_counter() - start
+                self._send(client, bucket, version, times, state, flush=False)
+                bucket, size, start = [], 0, time.perf_counter()
+        times.gather_s += time.perf_counter() - start
+        if bucket:
+            self._send(client, bucket, version, times, state, flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the freed blocks back before the engine resumes its cache
+        return times, state["ok"]
+
+    def _send(self, client: SGLangClient | None, bucket, version: int, times: SyncTimes,
+              state: dict, flush: bool) -> None:
+        t0 = time.perf_counter()
+        packed = pack_bucket(bucket)
+        text = serialize_named_tensors(packed)
+        texts = [text]
+        if self.engine_tp > 1:
+            texts = [None] * self.engine_tp if self.is_poster else None
+            dist.gather_object(text, texts, dst=self.first_rank, group=self.group)
+        t1 = time.perf_counter()
+        if client is not None and state["ok"]:
+            try:
+                client.update_weights_from_tensor(texts, flush_cache=flush, weight_version=str(version))
+            except EngineError:
+                state["ok"] = False  # keep going: the other ranks are in this collective too
+        if self.engine_tp > 1:
+            dist.barrier(group=self.group)  # the engine has read every rank's buffer: free them
+        times.transfer_s += t1 - t0
+        times.engine_load_s += time.perf_counter() - t1
+        times.bytes += sum(t.numel() * t.element_size() for _, t in packed)
+        del packed
