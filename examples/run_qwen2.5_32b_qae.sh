@@ -16,7 +16,9 @@
 #   EXTRA_ARGS      extra key=value overrides appended to the training command
 #
 # Trainer nodes run torchrun; engine nodes only join the Ray cluster: the rollout manager (a Ray
-# actor started by trainer rank 0) places SGLang engines on their GPUs. The script stops the Ray
+# actor started by trainer rank 0) places SGLang engines on their GPUs. Colocated engines
+# (TRAINER_NODES=NNODES, EXTRA_ARGS="engine.colocate=true engine.num_engines=..."): every node
+# trains, and each engine is pinned to the node and GPUs of its trainer ranks. The script stops the Ray
 # processes it started (ray stop on this node) when training ends; it never kills by name.
 set -euo pipefail
 
@@ -34,8 +36,9 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 
 if [ "$NODE_RANK" -eq 0 ]; then
+  # shellcheck disable=SC2086  # EXTRA_ARGS is a list of key=value words
   python -m megatron_qae.plan --config "$CONFIG" --nodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" \
-    --trainer-gpus "$((TRAINER_NODES * GPUS_PER_NODE))" model.path="$MODEL_DIR"
+    --trainer-gpus "$((TRAINER_NODES * GPUS_PER_NODE))" model.path="$MODEL_DIR" $EXTRA_ARGS
   # The trainer's GPUs are used by torchrun, not by Ray: advertise only engine nodes' GPUs.
   ray start --head --port "$RAY_PORT" --num-gpus 0 --disable-usage-stats
 else

@@ -28,7 +28,7 @@ from rollout_sglang.tensor_payload import pack_bucket, serialize_named_tensors
 from rollout_sglang.types import EnginePlacement
 
 
-def _check_layout(world: int, num_engines: int, engine_tp: int) -> None:
+def check_colocated_layout(world: int, num_engines: int, engine_tp: int) -> None:
     if num_engines * engine_tp != world:
         raise ValueError(
             f"engine.num_engines={num_engines} x engine.engine_tp={engine_tp} = "
@@ -41,7 +41,7 @@ def _check_layout(world: int, num_engines: int, engine_tp: int) -> None:
 def engine_placements(num_engines: int, engine_tp: int) -> list[EnginePlacement]:
     """Node and device of each engine, from its trainer ranks (collective over all ranks)."""
     world = dist.get_world_size()
-    _check_layout(world, num_engines, engine_tp)
+    check_colocated_layout(world, num_engines, engine_tp)
     device = ""
     if torch.cuda.is_available():
         device = f"GPU-{torch.cuda.get_device_properties(torch.cuda.current_device()).uuid}"
@@ -63,7 +63,7 @@ class ColocatedSync:
 
     def __init__(self, num_engines: int, engine_tp: int, timeout_s: float) -> None:
         world, rank = dist.get_world_size(), dist.get_rank()
-        _check_layout(world, num_engines, engine_tp)
+        check_colocated_layout(world, num_engines, engine_tp)
         self.engine_tp, self.timeout_s = engine_tp, timeout_s
         self.engine_index = rank // engine_tp
         self.first_rank = self.engine_index * engine_tp

@@ -29,6 +29,9 @@ Logits (last stage): t * vocab/tp * 12 bytes (bf16 logits, fp32 copy, fp32 softm
   buffers, allocator fragmentation).
 Engine GPU (SGLang): weights = params*2/engine_tp; KV cache = GPU*mem_fraction_static - weights;
   KV bytes/token = 2 (K, V) * layers * max(kv_heads/engine_tp, 1) * head_dim * 2.
+Colocated (engine.colocate): engines run on the trainer's GPUs; while they generate, the
+  trainer's params + grads + optimizer (+ FP8 copies) stay and SGLang takes
+  GPU*mem_fraction_static; while the trainer trains, the engines have released theirs.
 """
 
 from __future__ import annotations
@@ -216,7 +219,9 @@ def node_layout(cfg: Config, world: int, total_gpus: int, gpus_per_node: int) ->
             stages = sorted({r // (p.tp * p.cp * dp) for r in ranks})
             dps = sorted({r // (p.tp * p.cp) % dp for r in ranks})
             parts.append(f"trainer ranks {ranks[0]}-{ranks[-1]} (pp stage {stages}, dp rank {dps})")
-        engine_gpus = [g - world for g in gpus if g >= world]
+            if cfg.engine.colocate:
+                parts.append(f"colocated engines {ranks[0] // etp}-{ranks[-1] // etp} (tp {etp} each)")
+        engine_gpus = [] if cfg.engine.colocate else [g - world for g in gpus if g >= world]
         if engine_gpus:
             engines = sorted({g // etp for g in engine_gpus if g // etp < cfg.engine.num_engines})
             idle = [g for g in engine_gpus if g // etp >= cfg.engine.num_engines]
@@ -233,7 +238,7 @@ def node_layout(cfg: Config, world: int, total_gpus: int, gpus_per_node: int) ->
 def shortfalls(cfg: Config, mem: list[StageMemory], eng: EngineMemory, usable: float, gpu: float,
                engine_gpus: int) -> list[str]:
     """What does not fit, each naming the numbers and a fix."""
-    out = []
+    out = _colocated_shortfall(cfg, mem, usable, gpu) if cfg.engine.colocate else []
     worst = max(mem, key=lambda s: s.total)
     if worst.total > usable:
         out.append(f"trainer pipeline stage {worst.stage} needs {worst.total / GIB:.1f} GiB per GPU but "
@@ -241,7 +246,7 @@ def shortfalls(cfg: Config, mem: list[StageMemory], eng: EngineMemory, usable: f
                    "Raise parallel.tp / parallel.pp, set parallel.use_distributed_optimizer=true or "
                    "model.recompute_granularity=full, or lower train.micro_batch_max_tokens")
     e = cfg.engine
-    if e.num_engines * e.engine_tp > engine_gpus:
+    if not e.colocate and e.num_engines * e.engine_tp > engine_gpus:
         out.append(f"engine.num_engines={e.num_engines} x engine.engine_tp={e.engine_tp} needs "
                    f"{e.num_engines * e.engine_tp} GPUs but {engine_gpus} are left after the trainer; "
                    "add nodes, lower --trainer-gpus or engine.num_engines")
@@ -255,6 +260,26 @@ def shortfalls(cfg: Config, mem: list[StageMemory], eng: EngineMemory, usable: f
     return out
 
 
+def resident_bytes(s: StageMemory) -> float:
+    """Trainer bytes that stay on the GPU while colocated engines generate."""
+    return s.params + s.grads + s.optimizer + s.fp8_weights
+
+
+def _colocated_shortfall(cfg: Config, mem: list[StageMemory], usable: float, gpu: float) -> list[str]:
+    """Colocated: during rollout the trainer's state stays while SGLang takes
+    mem_fraction_static of the GPU; during training the engine has released its memory."""
+    resident = max(resident_bytes(s) for s in mem)
+    engine = gpu * cfg.engine.mem_fraction_static
+    if resident + engine <= usable:
+        return []
+    room = (usable - resident) / gpu
+    fix = (f"lower engine.mem_fraction_static to {room:.2f} or less" if room > 0 else
+           "the trainer state alone leaves no room: raise parallel.tp / parallel.pp")
+    return [f"colocated rollout: trainer state {resident / GIB:.1f} GiB + engine {engine / GIB:.1f} GiB "
+            f"(mem_fraction_static={cfg.engine.mem_fraction_static}) exceed the {usable / GIB:.1f} GiB usable "
+            f"by {(resident + engine - usable) / GIB:.1f} GiB; {fix}"]
+
+
 def report(cfg: Config, hf: dict[str, Any], shape: ModelShape, n_params: int, world: int,
            total_gpus: int, gpus_per_node: int, gpu: float) -> list[str]:
     """Print the plan; return the shortfalls (empty = fits)."""
@@ -264,9 +289,11 @@ def report(cfg: Config, hf: dict[str, Any], shape: ModelShape, n_params: int, wo
     eng = engine_memory(cfg, hf, n_params, gpu)
     print(f"model: {cfg.model.path}  parameters: {n_params / 1e9:.2f}B ({n_params:,}; "
           f"Megatron GPTModel on the meta device: {shape.total:,})")
+    engine_gpus = world if e.colocate else total_gpus - world
     print(f"cluster: {total_gpus // gpus_per_node} nodes x {gpus_per_node} GPUs of {gpu / GIB:.0f} GiB; "
           f"trainer {world} GPUs (tp={p.tp} pp={p.pp} cp={p.cp} dp={dp}), "
-          f"engines {e.num_engines} x tp {e.engine_tp} on {total_gpus - world} GPUs")
+          f"engines {e.num_engines} x tp {e.engine_tp} on {engine_gpus} GPUs"
+          + (" (colocated with the trainer)" if e.colocate else ""))
     print("layout:", *node_layout(cfg, world, total_gpus, gpus_per_node), sep="\n")
     for s in mem:
         print(f"trainer GPU, pp stage {s.stage} (GiB): " + ", ".join(
@@ -278,20 +305,32 @@ def report(cfg: Config, hf: dict[str, Any], shape: ModelShape, n_params: int, wo
           f"{eng.kv_tokens // seq} concurrent {seq}-token sequences")
     sync = n_params * 2
     print(f"weight sync: {sync / 1e9:.1f} GB bf16 per sync in {math.ceil(sync / e.weight_sync_bucket_bytes)} "
-          f"buckets of <= {e.weight_sync_bucket_bytes / GIB:.2f} GiB, broadcast to {e.num_engines} engines")
-    return shortfalls(cfg, mem, eng, gpu * (1 - RESERVED_FRACTION), gpu, total_gpus - world)
+          f"buckets of <= {e.weight_sync_bucket_bytes / GIB:.2f} GiB, "
+          + (f"by memory handle to {e.num_engines} colocated engines" if e.colocate
+             else f"broadcast to {e.num_engines} engines"))
+    if e.colocate:
+        print(f"colocated: trainer state {max(resident_bytes(s) for s in mem) / GIB:.1f} GiB stays during "
+              f"rollout; engines release their {gpu * e.mem_fraction_static / GIB:.1f} GiB during training")
+    return shortfalls(cfg, mem, eng, gpu * (1 - RESERVED_FRACTION), gpu, engine_gpus)
 
 
 def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_gib: float, trainer_gpus: int | None) -> int:
     """Validate, print the plan, return the exit status (0 fits, 1 shortfall)."""
+    from megatron_qae.colocated_sync import check_colocated_layout
     from megatron_qae.model import load_hf_config
 
     hf = load_hf_config(cfg.model.path)
     validate_against_model(cfg, hf)
     total = nodes * gpus_per_node
-    world = trainer_gpus or total // 2
-    if not 0 < world < total:
-        raise ValueError(f"--trainer-gpus={world} must leave engine GPUs out of {total}; lower it or add nodes")
+    if cfg.engine.colocate:
+        world = trainer_gpus or total
+        if not 0 < world <= total:
+            raise ValueError(f"--trainer-gpus={world} must be in 1..{total} (the GPUs of {nodes} nodes)")
+        check_colocated_layout(world, cfg.engine.num_engines, cfg.engine.engine_tp)
+    else:
+        world = trainer_gpus or total // 2
+        if not 0 < world < total:
+            raise ValueError(f"--trainer-gpus={world} must leave engine GPUs out of {total}; lower it or add nodes")
     n_params = count_parameters(hf)
     shape = megatron_shape(hf)
     if shape.total != n_params:

@@ -126,3 +126,23 @@ def test_engine_shortfalls_and_config_errors():
     assert r.returncode == 1 and "engine.num_engines=9 x engine.engine_tp=4 needs 36 GPUs but 32 are left" in r.stdout
     r = _plan("--config", "configs/qwen2.5_32b_qae.yaml", "--nodes", "8", "--trainer-gpus", "24")
     assert r.returncode == 2 and "world size 24 is not divisible by tp*pp*cp = 16" in r.stderr
+
+
+def test_colocated_layout_counts_the_resident_trainer_state():
+    args = ["--config", "configs/qwen2.5_7b_qae.yaml", "--nodes", "1", "--trainer-gpus", "8",
+            "engine.colocate=true", "engine.num_engines=4"]
+    r = _plan(*args, "engine.mem_fraction_static=0.5")
+    assert r.returncode == 0 and "colocated engines 0-3 (tp 2 each)" in r.stdout, r.stdout + r.stderr[-2000:]
+    cfg = load_config("configs/qwen2.5_7b_qae.yaml", ["engine.colocate=true", "engine.num_engines=4"])
+    shape = _shape(HF["qwen2.5-7b"])
+    n = stage_parameters(shape, 4, 1, 0)
+    resident = 2 * n + 4 * n + 12 * n / 2 + 2 * n  # bf16 params, fp32 grads, Adam over dp=2, FP8 copies
+    m = trainer_memory(cfg, HF["qwen2.5-7b"], shape, dp=2, stage=0)
+    assert m.params + m.grads + m.optimizer + m.fp8_weights == resident
+    r = _plan(*args)  # mem_fraction_static 0.8 of 80 GiB on top of the trainer state
+    over = resident / GIB + 0.8 * 80 - 0.92 * 80
+    room = (0.92 * 80 - resident / GIB) / 80
+    assert r.returncode == 1, r.stdout
+    assert f"by {over:.1f} GiB; lower engine.mem_fraction_static to {room:.2f}" in r.stdout
+    r = _plan(*args[:-1], "engine.num_engines=3")
+    assert r.returncode == 2 and "set engine.num_engines=4" in r.stderr

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from benchmarks.server import CpuServer, write_model_dir
-from megatron_qae.colocated_sync import _check_layout
+from megatron_qae.colocated_sync import check_colocated_layout
 from tests import tiny
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "sync_worker.py"
@@ -84,7 +84,7 @@ def _server_pid(url: str) -> int:
 
 def test_colocated_layout_errors_name_the_fix():
     with pytest.raises(ValueError, match="set engine.num_engines=4"):
-        _check_layout(4, 2, 1)
+        check_colocated_layout(4, 2, 1)
     with pytest.raises(ValueError, match="engine.engine_tp=3 must divide the trainer world size 4"):
-        _check_layout(4, 1, 3)
-    _check_layout(4, 2, 2)
+        check_colocated_layout(4, 1, 3)
+    check_colocated_layout(4, 2, 2)
