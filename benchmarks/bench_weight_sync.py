@@ -1,9 +1,11 @@
-"""Full weight sync through the project's path vs a plain copy of the same bytes.
+"""Full weight sync through the project's paths vs a plain copy of the same bytes.
 
-The trainer gathers its weights, maps them to HF names and broadcasts them in buckets over
-the weight-update group to a rollout server (our CPU server on CPU; on a GPU machine the same
-path to a CUDA server), which loads them. Baseline: one plain tensor copy of the same number
-of bytes on the same machine. Prints GB/s of both and the ratio.
+Broadcast: the trainer gathers its weights, maps them to HF names and broadcasts them in
+buckets over the weight-update group to a rollout server (our CPU server on CPU; on a GPU
+machine the same path to a CUDA server), which loads them. Colocated: the same tensors packed
+per bucket and passed by memory handle (`/update_weights_from_tensor`). Baseline: one plain
+tensor copy of the same number of bytes on the same machine. Prints GB/s of each and the
+ratios.
 
     python -m benchmarks.bench_weight_sync [--hidden 512 --layers 8]
 """
@@ -19,6 +21,7 @@ import torch
 from benchmarks.common import bench_hf_config, single_process_world, timed
 from benchmarks.server import CpuServer, write_model_dir
 from megatron_qae import parallel, weight_sync, weights
+from megatron_qae.colocated_sync import ColocatedSync
 from megatron_qae.policy import build_policy
 from tests.tiny import free_port, run_config
 
@@ -43,6 +46,12 @@ def main() -> None:
 
         t_sync = timed(sync, repeats=2)
         weight_sync.disconnect(link)
+        colocated = ColocatedSync(1, 1, 300.0)
+
+        def push_by_handle() -> None:
+            last["h"] = colocated.push(policy, [url], 2, a.bucket_mb << 20)[0]
+
+        t_handle = timed(push_by_handle, repeats=2)
     src = torch.empty(total // 4, dtype=torch.float32).normal_()
     dst = torch.empty_like(src)
     t_copy = timed(lambda: dst.copy_(src), repeats=5)
@@ -51,8 +60,14 @@ def main() -> None:
     print(f"weight sync: {t_sync:.3f} s = {total / t_sync / 1e9:.3f} GB/s "
           f"(gather {phases['sync/gather_s']:.3f} s, transfer {phases['sync/transfer_s']:.3f} s, "
           f"engine load {phases['sync/engine_load_s']:.3f} s)")
+    handle = last["h"].metrics()
+    print(f"colocated sync by handle: {t_handle:.3f} s = {total / t_handle / 1e9:.3f} GB/s "
+          f"(gather {handle['sync/gather_s']:.3f} s, pack + serialize {handle['sync/transfer_s']:.3f} s, "
+          f"engine load {handle['sync/engine_load_s']:.3f} s)")
     print(f"plain copy of the same bytes: {t_copy:.4f} s = {total / t_copy / 1e9:.2f} GB/s")
     print(f"ratio (sync GB/s / copy GB/s): {t_copy / t_sync:.4f}")
+    print(f"ratio (colocated GB/s / copy GB/s): {t_copy / t_handle:.4f}")
+    print(f"ratio (colocated GB/s / broadcast GB/s): {t_sync / t_handle:.2f}")
     parallel.destroy()
 
 

@@ -69,6 +69,7 @@ class ColocatedSync:
         self.first_rank = self.engine_index * engine_tp
         self.is_poster = rank == self.first_rank
         self.group = None
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}  # reused shared-memory buckets (CPU)
         for e in range(num_engines):  # every rank creates every group (new_group is collective)
             g = dist.new_group(list(range(e * engine_tp, (e + 1) * engine_tp)))
             if e == self.engine_index:
@@ -100,7 +101,7 @@ class ColocatedSync:
     def _send(self, client: SGLangClient | None, bucket, version: int, times: SyncTimes,
               state: dict, flush: bool) -> None:
         t0 = time.perf_counter()
-        packed = pack_bucket(bucket)
+        packed = pack_bucket(bucket, self.buffers)
         text = serialize_named_tensors(packed)
         texts = [text]
         if self.engine_tp > 1:

@@ -11,6 +11,8 @@ import pytest
 
 from benchmarks.server import CpuServer, write_model_dir
 from megatron_qae.colocated_sync import check_colocated_layout
+from rollout_sglang.client import SGLangClient
+from rollout_sglang.tensor_payload import serialize_named_tensors
 from tests import tiny
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "sync_worker.py"
@@ -23,9 +25,23 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def servers(model_dir):
+def started(model_dir):
     with CpuServer(model_dir) as a, CpuServer(model_dir) as b:
         yield [a, b]
+
+
+@pytest.fixture
+def servers(started, model_dir):
+    """The module's servers, put back to their start weights (seed 0) and version 0, so no
+    test can pass on what an earlier one pushed."""
+    from transformers import Qwen2ForCausalLM
+
+    state = list(Qwen2ForCausalLM.from_pretrained(model_dir).state_dict().items())
+    for url in started:
+        client = SGLangClient(url, timeout_s=60.0)
+        client.update_weights_from_tensor([serialize_named_tensors(state)], weight_version="0")
+        assert client.get_weight_version() == "0"
+    return started
 
 
 def _run(tmp_path, nproc: int, urls: list[str], args: list[str]) -> dict:
@@ -47,10 +63,12 @@ def test_engine_logprobs_equal_trainer_logprobs_after_sync(servers, tmp_path, np
     assert engine["engine_version"] == "3"
 
 
-def test_colocated_sync_by_handle_reaches_every_engine(servers, tmp_path):
-    res = _run(tmp_path, 2, servers, ["--tp", "2", "--mode", "colocated"])
+@pytest.mark.parametrize("engine_tp", [1, 2])
+def test_colocated_sync_by_handle_reaches_every_engine(servers, tmp_path, engine_tp):
+    urls = servers[: 2 // engine_tp]
+    res = _run(tmp_path, 2, urls, ["--tp", "2", "--mode", "colocated", "--engine-tp", str(engine_tp)])
     assert res["report"]["ok"] == [True, True]
-    assert len(res["engines"]) == 2
+    assert len(res["engines"]) == len(urls)
     for engine in res["engines"].values():
         assert _max_gap(engine) < 1e-4 and engine["engine_version"] == "3"
 

@@ -3,7 +3,9 @@ recompute the sampled tokens' log-probs with the Megatron policy.
 
 The test starts the servers (subprocesses speaking SGLang's HTTP API) and passes their URLs.
 `--mode distributed`: rank 0 broadcasts over a weight group with every server;
-`--mode colocated`: rank r sends its own tensors by shared-memory handle to server r.
+`--mode colocated`: rank r sends its own tensors by shared-memory handle to server
+r // engine_tp (with `--engine-tp 2` both ranks' entries are gathered into one request; the
+CPU server, TP rank 0 of 1, loads entry 0).
 `--kill-pid P` (distributed): server P is killed after the group is formed; the push must
 report the failure without raising, and a group re-formed with the live servers must work.
 `--corrupt` swaps gate/up in the HF mapping on the way out: the comparison must then fail.
@@ -49,7 +51,7 @@ def _push(a, policy) -> dict:
     """Push version 3 as `a.mode` says; returns what the test checks about the push itself."""
     urls = a.urls.split(",")
     if a.mode == "colocated":
-        sync = ColocatedSync(len(urls), 1, 60.0)
+        sync = ColocatedSync(len(urls), a.engine_tp, 60.0)
         times, ok = sync.push(policy, urls, version=3, bucket_bytes=4096)
         oks = [None] * dist.get_world_size()
         dist.all_gather_object(oks, ok)
@@ -83,6 +85,7 @@ def main() -> None:
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--urls", required=True)
     ap.add_argument("--mode", choices=["distributed", "colocated"], default="distributed")
+    ap.add_argument("--engine-tp", type=int, default=1)
     ap.add_argument("--kill-pid", type=int, default=0)
     ap.add_argument("--corrupt", action="store_true")
     ap.add_argument("--out", required=True)
