@@ -99,3 +99,43 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path):
                  "--out", str(tmp_path / "o3"))
     assert r.returncode != 0 and "not a complete checkpoint" in r.stderr
     assert not (tmp_path / "o3").exists()
+
+
+def test_fp8_export_through_modelopt_matches_an_independent_quantization(tmp_path):
+    from transformers import AutoConfig, Qwen2ForCausalLM
+
+    from rollout_sglang import demo_task
+
+    src = demo_task.write_demo_model_dir(tmp_path / "hf")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(AutoConfig.from_pretrained(src)).save_pretrained(src)
+    train, _ = demo_task.write_demo_data(tmp_path / "data")
+    assert _convert("hf-to-mcore", "--hf-dir", str(src), "--out", str(tmp_path / "mc")).returncode == 0
+    ckpt = str(tmp_path / "mc" / "checkpoints" / "step_0")
+    r = _convert("mcore-to-hf", "--ckpt", ckpt, "--hf-config-dir", str(src), "--out", str(tmp_path / "nocal"), "--fp8")
+    assert r.returncode != 0 and "--fp8 needs --calib-data" in r.stderr and not (tmp_path / "nocal").exists()
+    r = _convert("mcore-to-hf", "--ckpt", ckpt, "--hf-config-dir", str(src), "--out", str(tmp_path / "bf16"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _convert("mcore-to-hf", "--ckpt", ckpt, "--hf-config-dir", str(src), "--out", str(tmp_path / "fp8"),
+                 "--fp8", "--calib-data", str(train), "--calib-samples", "16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    q = json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]
+    assert q["quant_algo"] == "FP8"
+    ref, fp8 = _tensors(tmp_path / "bf16"), _tensors(tmp_path / "fp8")
+    linear = [k for k in ref if k.endswith("_proj.weight")]
+    assert len(linear) == 7 * 2  # q k v o gate up down, 2 layers
+    for k in linear:
+        w, stem = ref[k].float(), k[: -len(".weight")]
+        assert fp8[k].dtype == torch.float8_e4m3fn
+        scale = fp8[f"{stem}.weight_scale"].float()
+        # Per-tensor E4M3 scaling, computed here independently: scale = amax / 448, and each
+        # element within E4M3's rounding (3 mantissa bits: half a unit, 2^-4 relative, or half
+        # the smallest subnormal step).
+        assert torch.isclose(scale, w.abs().max() / 448, rtol=1e-6)
+        err = (fp8[k].float() * scale - w).abs()
+        assert (err <= w.abs() * 2 ** -4 + scale * 2 ** -10).all(), k
+        assert float(fp8[f"{stem}.input_scale"]) > 0
+    for k in ref.keys() - set(linear):  # embeddings, norms, biases, lm_head stay bf16, unchanged
+        assert torch.equal(fp8[k], ref[k]), k
+    assert (tmp_path / "fp8" / "tokenizer.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fp8")]  # temp dirs cleaned

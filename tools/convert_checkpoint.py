@@ -2,7 +2,7 @@
 
     python -m tools.convert_checkpoint hf-to-mcore --hf-dir HF --out CKPT
     python -m tools.convert_checkpoint mcore-to-hf --ckpt CKPT/step_N --hf-config-dir HF --out OUT \
-        [--dtype bfloat16] [--max-shard-bytes 5000000000] [--fp8]
+        [--dtype bfloat16] [--max-shard-bytes 5000000000] [--fp8 --calib-data PROMPTS]
 
 What it does: HF -> Megatron reads the safetensors shards tensor by tensor and writes a model
 dist checkpoint (torch_dist) that training loads in any layout (`model.path` + the checkpoint
@@ -10,8 +10,8 @@ as the run directory's first step, or `load_checkpoint`). Megatron -> HF loads t
 (saved under any tp/pp/dp), maps tensor by tensor with the same pure Qwen2 mapping weight sync
 uses, and writes size-bounded safetensors shards, the index, config.json and the tokenizer
 files. Output goes to a temporary directory renamed at the end, so a failure leaves nothing
-half-written. What it does not: optimizer state (HF has none), or FP8 export without
-nvidia-modelopt.
+half-written. `--fp8` quantizes the exported model to FP8 with nvidia-modelopt, calibrating
+activation scales on prompts of a data file. What it does not: optimizer state (HF has none).
 """
 
 from __future__ import annotations
@@ -177,13 +177,54 @@ def mcore_to_hf(ckpt: Path, hf_config_dir: Path, out: Path, dtype: str, max_shar
     return out
 
 
-def export_fp8(hf_dir: Path) -> None:
+def calibration_ids(data_path: Path, hf_config_dir: Path, num_samples: int, max_tokens: int) -> list[list[int]]:
+    """Token ids of the first `num_samples` prompts of a training data file (chat template
+    applied, the same reader the rollout uses), each cut to `max_tokens`."""
+    from transformers import AutoTokenizer
+
+    from rollout_sglang.data import load_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_config_dir)
+    prompts = load_prompts(data_path, tokenizer)[:num_samples]
+    return [list(p.prompt_ids[:max_tokens]) for p in prompts]
+
+
+def export_fp8(hf_dir: Path, out: Path, calib: list[list[int]], device: str) -> Path:
+    """FP8 (E4M3) export of the HF model in `hf_dir` with nvidia-modelopt: per-tensor weight
+    scales and static per-tensor input scales calibrated on `calib`, in modelopt's HF format
+    (`quantization_config` in config.json) that SGLang and vLLM load. Written atomically.
+
+    The whole model is loaded (modelopt quantizes modules in place): size the machine for it.
+    """
     try:
-        import modelopt.torch.quantization  # noqa: F401
+        import modelopt.torch.quantization as mtq
+        from modelopt.torch.export import export_hf_checkpoint
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available here"
-        raise SystemExit(f"--fp8 needs nvidia-modelopt on a CUDA machine ({exc}); install megatron-qae[gpu]") from exc
-    raise SystemExit("--fp8: run modelopt's FP8 export on the written HF directory "
-                     f"{hf_dir} on a GPU machine (not implemented in this tool yet)")
+        raise SystemExit(f"--fp8 needs nvidia-modelopt ({exc}); pip install 'megatron-qae[fp8]'") from exc
+    from transformers import Qwen2ForCausalLM
+
+    if out.exists():
+        raise FileExistsError(f"--out {out} exists; choose a new directory")
+    model = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).to(device).eval()
+
+    def calibrate(m) -> None:
+        with torch.no_grad():
+            for ids in calib:
+                m(torch.tensor([ids], device=device))
+
+    mtq.quantize(model, mtq.FP8_DEFAULT_CFG, forward_loop=calibrate)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        export_hf_checkpoint(model, export_dir=tmp)
+        for f in TOKENIZER_FILES:
+            if (hf_dir / f).is_file() and not (tmp / f).exists():
+                shutil.copy2(hf_dir / f, tmp / f)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -198,14 +239,29 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
     b.add_argument("--max-shard-bytes", type=int, default=5_000_000_000)
-    b.add_argument("--fp8", action="store_true")
+    b.add_argument("--fp8", action="store_true",
+                   help="write an FP8 (E4M3) model through nvidia-modelopt instead (needs --calib-data)")
+    b.add_argument("--calib-data", type=Path, help="--fp8: parquet / jsonl prompts (training schema)")
+    b.add_argument("--calib-samples", type=int, default=128)
+    b.add_argument("--calib-max-tokens", type=int, default=2048)
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="--fp8: device for calibration")
     args = ap.parse_args(argv)
     if args.cmd == "hf-to-mcore":
         print(hf_to_mcore(args.hf_dir, args.out))
-    else:
-        if args.fp8:
-            export_fp8(args.out)
+    elif not args.fp8:
         print(mcore_to_hf(args.ckpt, args.hf_config_dir, args.out, args.dtype, args.max_shard_bytes))
+    else:
+        if args.calib_data is None or not args.calib_data.is_file():
+            raise SystemExit(f"--fp8 needs --calib-data: a parquet / jsonl of prompts for the activation "
+                             f"scales (got {args.calib_data})")
+        if args.out.exists():
+            raise SystemExit(f"--out {args.out} exists; choose a new directory")
+        calib = calibration_ids(args.calib_data, args.hf_config_dir, args.calib_samples, args.calib_max_tokens)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{args.out.name}.bf16-", dir=args.out.parent) as tmp:
+            bf16 = mcore_to_hf(args.ckpt, args.hf_config_dir, Path(tmp) / "hf", "bfloat16", args.max_shard_bytes)
+            print(export_fp8(bf16, args.out, calib, args.device))
 
 
 if __name__ == "__main__":
