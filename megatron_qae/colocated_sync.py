@@ -20,9 +20,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_qae import qwen2_mapping as qm
 from megatron_qae.policy import Policy
-from megatron_qae.weight_sync import SyncTimes, stage_tensors
+from megatron_qae.weight_sync import SyncTimes, hf_buckets
 from rollout_sglang.client import EngineError, SGLangClient
 from rollout_sglang.tensor_payload import pack_bucket, serialize_named_tensors
 from rollout_sglang.types import EnginePlacement
@@ -80,20 +79,8 @@ class ColocatedSync:
         """Send every weight to this rank's engine; (times, this rank's engine accepted all)."""
         client = SGLangClient(urls[self.engine_index], timeout_s=self.timeout_s) if self.is_poster else None
         times, state = SyncTimes(), {"ok": True}
-        bucket: list[tuple[str, torch.Tensor]] = []
-        size, start = 0, time.perf_counter()
-        for name, full in stage_tensors(policy, all_replicas=True):
-            for hf_name, tensor in qm.megatron_to_hf(name, full, policy.hf_config):
-                tensor = tensor.to(dtype) if dtype is not None else tensor
-                bucket.append((hf_name, tensor))
-                size += tensor.numel() * tensor.element_size()
-            if size >= bucket_bytes:
-                times.gather_s += time.perf_counter() - start
-                self._send(client, bucket, version, times, state, flush=False)
-                bucket, size, start = [], 0, time.perf_counter()
-        times.gather_s += time.perf_counter() - start
-        if bucket:
-            self._send(client, bucket, version, times, state, flush=True)
+        for bucket, last in hf_buckets(policy, bucket_bytes, times, dtype, all_replicas=True):
+            self._send(client, bucket, version, times, state, flush=last)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the freed blocks back before the engine resumes its cache
         return times, state["ok"]

@@ -176,22 +176,35 @@ def push_weights(policy: Policy, link: EngineLink | None, version: int,
     if policy.groups.dp_rank != 0:
         return times
     is_sender = dist.get_rank() == 0
+    for bucket, last in hf_buckets(policy, bucket_bytes, times, dtype, map_here=is_sender):
+        _send_bucket(link, bucket, version, times, flush=last)
+    return times
+
+
+def hf_buckets(policy: Policy, bucket_bytes: int, times: SyncTimes, dtype: torch.dtype | None = None,
+               all_replicas: bool = False, map_here: bool = True):
+    """(bucket of (HF name, tensor), is the last bucket) in model order, each bucket just over
+    `bucket_bytes` at most one tensor group; the time spent gathering and mapping goes to
+    `times.gather_s`. Collective like `stage_tensors`; ranks with `map_here=False` take part in
+    the gathers and get nothing."""
+    ready: list[tuple[str, torch.Tensor]] | None = None
     bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    start = time.perf_counter()
-    for name, full in stage_tensors(policy):
-        if not is_sender:
+    size, start = 0, time.perf_counter()
+    for name, full in stage_tensors(policy, all_replicas):
+        if not map_here:
             continue
         for hf_name, tensor in qm.megatron_to_hf(name, full, policy.hf_config):
             tensor = tensor.to(dtype) if dtype is not None else tensor
             bucket.append((hf_name, tensor))
             size += tensor.numel() * tensor.element_size()
         if size >= bucket_bytes:
-            times.gather_s += time.perf_counter() - start
-            _send_bucket(link, bucket, version, times, flush=False)
-            bucket, size, start = [], 0, time.perf_counter()
-    if is_sender:
-        times.gather_s += time.perf_counter() - start
-        if bucket:
-            _send_bucket(link, bucket, version, times, flush=True)
-    return times
+            if ready is not None:  # one bucket of look-ahead, so the last one is known as such
+                times.gather_s += time.perf_counter() - start
+                yield ready, False
+                start = time.perf_counter()
+            ready, bucket, size = bucket, [], 0
+    times.gather_s += time.perf_counter() - start
+    if ready is not None:
+        yield ready, not bucket
+    if bucket:
+        yield bucket, True
