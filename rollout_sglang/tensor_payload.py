@@ -25,10 +25,19 @@ NamedTensors = list[tuple[str, torch.Tensor]]
 
 
 def _sglang_serializer():
+    """SGLang's serializer with its CUDA reductions patch applied (device by UUID, as the
+    engine's deserializer expects), or None without SGLang."""
     try:
         from sglang.srt.utils import MultiprocessingSerializer
     except Exception:  # noqa: BLE001 - sglang is a GPU-only extra; absent (or broken) on CPU
         return None
+    for module in ("sglang.srt.patch_torch", "sglang.srt.utils.patch_torch"):
+        try:
+            patch = __import__(module, fromlist=["monkey_patch_torch_reductions"])
+        except Exception:  # noqa: BLE001 - moved between SGLang releases
+            continue
+        patch.monkey_patch_torch_reductions()
+        break
     return MultiprocessingSerializer
 
 
