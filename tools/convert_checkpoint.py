@@ -17,6 +17,7 @@ activation scales on prompts of a data file. What it does not: optimizer state (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -148,8 +149,7 @@ def mcore_to_hf(ckpt: Path, hf_config_dir: Path, out: Path, dtype: str, max_shar
     parallel.single_process_env()
     policy, hf = _policy(hf_config_dir)
     checkpoint.load_checkpoint(ckpt, policy, model_only=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent if out.parent.exists() else None))
-    try:
+    with _atomic_dir(out) as tmp:
         target = _DTYPES[dtype]
         names = list(weights.global_named_parameters(policy.chunks[0]))
 
@@ -169,12 +169,21 @@ def mcore_to_hf(ckpt: Path, hf_config_dir: Path, out: Path, dtype: str, max_shar
         for f in TOKENIZER_FILES:
             if (hf_config_dir / f).is_file():
                 shutil.copy2(hf_config_dir / f, tmp / f)
-        out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@contextlib.contextmanager
+def _atomic_dir(out: Path):
+    """A temporary directory beside `out`, renamed to `out` when the block succeeds and
+    removed when it fails, so nothing half-written ever stands at `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def calibration_ids(data_path: Path, hf_config_dir: Path, num_samples: int, max_tokens: int) -> list[list[int]]:
@@ -213,17 +222,11 @@ def export_fp8(hf_dir: Path, out: Path, calib: list[list[int]], device: str) -> 
                 m(torch.tensor([ids], device=device))
 
     mtq.quantize(model, mtq.FP8_DEFAULT_CFG, forward_loop=calibrate)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with _atomic_dir(out) as tmp:
         export_hf_checkpoint(model, export_dir=tmp)
         for f in TOKENIZER_FILES:
             if (hf_dir / f).is_file() and not (tmp / f).exists():
                 shutil.copy2(hf_dir / f, tmp / f)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
