@@ -27,6 +27,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  #
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 
 from megatron_qae.parallel import ParallelDims  # noqa: E402
+from megatron_qae.qwen2_mapping import attention_dims  # noqa: E402
 
 _QWEN2_ARCHS = {"Qwen2ForCausalLM"}
 _REQUIRED_KEYS = (
@@ -116,13 +117,13 @@ def build_transformer_config(
     if sequence_parallel and not transformer_engine_available():
         raise ValueError("parallel.sequence_parallel=true needs Transformer Engine; set it false")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[params_dtype]
-    heads = hf["num_attention_heads"]
+    heads, kv_heads, head_dim = attention_dims(hf)
     kwargs: dict[str, Any] = dict(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
         num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads", heads),
-        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        num_query_groups=kv_heads,
+        kv_channels=head_dim,
         ffn_hidden_size=hf["intermediate_size"],
         normalization="RMSNorm",
         layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_qae.config import Config, load_config, validate_against_model
+from megatron_qae.qwen2_mapping import attention_dims
 
 GIB = 1024**3
 RESERVED_FRACTION = 0.08
@@ -51,9 +52,8 @@ RESERVED_FRACTION = 0.08
 def count_parameters(hf: dict[str, Any]) -> int:
     """Parameters of a Qwen2 model from its config.json arithmetic."""
     h, layers, ffn, vocab = hf["hidden_size"], hf["num_hidden_layers"], hf["intermediate_size"], hf["vocab_size"]
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or h // heads
-    q_dim, kv_dim = heads * head_dim, hf.get("num_key_value_heads", heads) * head_dim
+    heads, kv_heads, head_dim = attention_dims(hf)
+    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
     attn = h * q_dim + q_dim + 2 * (h * kv_dim + kv_dim) + q_dim * h  # q, k, v with bias; o without
     per_layer = attn + 3 * h * ffn + 2 * h  # SwiGLU gate/up/down; two RMSNorm weights
     embed = vocab * h * (1 if hf.get("tie_word_embeddings", False) else 2)
@@ -128,9 +128,9 @@ def stage_parameters(shape: ModelShape, tp: int, pp: int, stage: int) -> float:
 
 def layer_activation_bytes_per_token(hf: dict[str, Any], tp: int, sp: int) -> float:
     """Bytes one decoder layer keeps for backward per token (the `a` of the module docstring)."""
-    h, ffn, heads = hf["hidden_size"], hf["intermediate_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or h // heads
-    q, kv = heads * head_dim, hf.get("num_key_value_heads", heads) * head_dim
+    h, ffn = hf["hidden_size"], hf["intermediate_size"]
+    heads, kv_heads, head_dim = attention_dims(hf)
+    q, kv = heads * head_dim, kv_heads * head_dim
     return 2 * (4 * h / sp + (2 * q + 2 * kv) / tp + 3 * ffn / tp)
 
 
@@ -164,8 +164,13 @@ class StageMemory:
     logits: float
 
     @property
+    def resident(self) -> float:
+        """Bytes that stay between steps (what colocated engines share the GPU with)."""
+        return self.params + self.grads + self.optimizer + self.fp8_weights
+
+    @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.fp8_weights + self.activations + self.logits
+        return self.resident + self.activations + self.logits
 
 
 def trainer_memory(cfg: Config, hf: dict[str, Any], shape: ModelShape, dp: int, stage: int) -> StageMemory:
@@ -197,12 +202,10 @@ class EngineMemory:
 def engine_memory(cfg: Config, hf: dict[str, Any], n_params: int, gpu_bytes: float) -> EngineMemory:
     """Weights and KV cache per engine GPU under SGLang's --mem-fraction-static."""
     etp = cfg.engine.engine_tp
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    kv_heads = max(hf.get("num_key_value_heads", heads) // etp, 1)
+    _, kv_heads, head_dim = attention_dims(hf)
     weights = n_params * 2 / etp
     kv = gpu_bytes * cfg.engine.mem_fraction_static - weights
-    return EngineMemory(weights, kv, 2 * hf["num_hidden_layers"] * kv_heads * head_dim * 2)
+    return EngineMemory(weights, kv, 2 * hf["num_hidden_layers"] * max(kv_heads // etp, 1) * head_dim * 2)
 
 
 def node_layout(cfg: Config, world: int, total_gpus: int, gpus_per_node: int) -> list[str]:
@@ -260,15 +263,10 @@ def shortfalls(cfg: Config, mem: list[StageMemory], eng: EngineMemory, usable: f
     return out
 
 
-def resident_bytes(s: StageMemory) -> float:
-    """Trainer bytes that stay on the GPU while colocated engines generate."""
-    return s.params + s.grads + s.optimizer + s.fp8_weights
-
-
 def _colocated_shortfall(cfg: Config, mem: list[StageMemory], usable: float, gpu: float) -> list[str]:
     """Colocated: during rollout the trainer's state stays while SGLang takes
     mem_fraction_static of the GPU; during training the engine has released its memory."""
-    resident = max(resident_bytes(s) for s in mem)
+    resident = max(s.resident for s in mem)
     engine = gpu * cfg.engine.mem_fraction_static
     if resident + engine <= usable:
         return []
@@ -309,7 +307,7 @@ def report(cfg: Config, hf: dict[str, Any], shape: ModelShape, n_params: int, wo
           + (f"by memory handle to {e.num_engines} colocated engines" if e.colocate
              else f"broadcast to {e.num_engines} engines"))
     if e.colocate:
-        print(f"colocated: trainer state {max(resident_bytes(s) for s in mem) / GIB:.1f} GiB stays during "
+        print(f"colocated: trainer state {max(s.resident for s in mem) / GIB:.1f} GiB stays during "
               f"rollout; engines release their {gpu * e.mem_fraction_static / GIB:.1f} GiB during training")
     return shortfalls(cfg, mem, eng, gpu * (1 - RESERVED_FRACTION), gpu, engine_gpus)
 

@@ -66,7 +66,8 @@ def _split(name: str) -> tuple[int | None, str]:
     return (int(match.group(1)), match.group(2)) if match else (None, name)
 
 
-def _dims(hf: Mapping[str, Any]) -> tuple[int, int, int]:
+def attention_dims(hf: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(attention heads, key/value heads, head dim) of a Qwen2 config.json."""
     heads = hf["num_attention_heads"]
     groups = hf.get("num_key_value_heads", heads)
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
@@ -89,7 +90,7 @@ def megatron_to_hf(name: str, tensor: torch.Tensor, hf: Mapping[str, Any]) -> li
         return [(prefix + "mlp.gate_proj.weight", gate), (prefix + "mlp.up_proj.weight", up)]
     if rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = rest.rsplit(".", 1)[1]
-        heads, groups, head_dim = _dims(hf)
+        heads, groups, head_dim = attention_dims(hf)
         per_group = heads // groups
         grouped = tensor.reshape(groups, (per_group + 2) * head_dim, *tensor.shape[1:])
         q, k, v = grouped.split([per_group * head_dim, head_dim, head_dim], dim=1)
@@ -130,7 +131,7 @@ def hf_to_megatron(name: str, hf_state: Mapping[str, torch.Tensor], hf: Mapping[
         raise KeyError(f"no Qwen2 mapping for megatron tensor {name!r}")
     parts = [_get(hf_state, s) for s in sources]
     if rest.startswith("self_attention.linear_qkv"):
-        heads, groups, head_dim = _dims(hf)
+        heads, groups, head_dim = attention_dims(hf)
         q, k, v = parts
         trailing = q.shape[1:]
         q = q.reshape(groups, (heads // groups) * head_dim, *trailing)
