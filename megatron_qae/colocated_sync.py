@@ -105,4 +105,3 @@ class ColocatedSync:
         times.transfer_s += t1 - t0
         times.engine_load_s += time.perf_counter() - t1
         times.bytes += sum(t.numel() * t.element_size() for _, t in packed)
-        del packed

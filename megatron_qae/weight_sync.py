@@ -173,8 +173,6 @@ def push_weights(policy: Policy, link: EngineLink | None, version: int,
     fp32 trainer); None keeps the trainer's dtype.
     """
     times = SyncTimes()
-    if policy.groups.dp_rank != 0:
-        return times
     is_sender = dist.get_rank() == 0
     for bucket, last in hf_buckets(policy, bucket_bytes, times, dtype, map_here=is_sender):
         _send_bucket(link, bucket, version, times, flush=last)

@@ -265,12 +265,10 @@ class RolloutManager:
         self.next_group_id = int(state["next_group_id"])
 
     def pause(self) -> None:
-        for en in self.engines:
-            SGLangClient(en.url).pause_generation()
+        self._each_live(lambda c: c.pause_generation())
 
     def resume(self) -> None:
-        for en in self.engines:
-            SGLangClient(en.url).continue_generation()
+        self._each_live(lambda c: c.continue_generation())
 
     def release_memory(self, tags: list[str]) -> None:
         """Colocated: engines free `tags` ("weights", "kv_cache") of GPU memory for training."""

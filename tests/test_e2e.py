@@ -69,14 +69,6 @@ def test_colocated_engines_get_weights_by_handle_each_step(tmp_path):
         assert r["sync/bytes"] > 0 and r["sync/attempts"] == 1
 
 
-def _server_pids(model_dir: Path) -> list[int]:
-    import psutil
-
-    return sorted(p.pid for p in psutil.process_iter(["cmdline"])
-                  if "rollout_sglang.cpu_server" in (p.info["cmdline"] or [])
-                  and str(model_dir) in (p.info["cmdline"] or []))
-
-
 def test_engine_killed_mid_run_comes_back_with_current_weights(tmp_path):
     run_dir = tmp_path / "run"
     n, prompts = 8, 8
@@ -87,7 +79,7 @@ def test_engine_killed_mid_run_comes_back_with_current_weights(tmp_path):
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and not killed:
             if (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip():
-                pids = _server_pids(tmp_path / "model")
+                pids = tiny.cpu_server_pids(str(tmp_path / "model"))
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
             time.sleep(0.02)
@@ -109,7 +101,7 @@ def test_engine_killed_mid_run_comes_back_with_current_weights(tmp_path):
         assert r["rollout/groups"] == prompts and r["rollout/samples"] == prompts * n
         assert r["sync/engine_version_min"] == r["sync/engine_version_max"] == r["step"]
         assert r["train/logprob_gap_rollout"] < 1e-4
-    assert len(_server_pids(tmp_path / "model")) == 0  # the run stopped its engines
+    assert len(tiny.cpu_server_pids(str(tmp_path / "model"))) == 0  # the run stopped its engines
 
 
 def test_resume_after_step_k_repeats_the_uninterrupted_run(tmp_path):

@@ -80,24 +80,12 @@ def test_wrong_mapping_is_caught(servers, tmp_path):
 
 
 def test_engine_killed_before_a_push_is_reported_and_the_rest_sync(model_dir, tmp_path):
-    with CpuServer(model_dir) as live, CpuServer(model_dir) as doomed_url:
-        doomed = [s for s in (live, doomed_url)]
-        pid = _server_pid(doomed_url)
-        res = _run(tmp_path, 2, doomed, ["--tp", "2", "--kill-pid", str(pid)])
+    with CpuServer(model_dir) as live, CpuServer(model_dir) as doomed:
+        (pid,) = tiny.cpu_server_pids(doomed.rsplit(":", 1)[1])
+        res = _run(tmp_path, 2, [live, doomed], ["--tp", "2", "--kill-pid", str(pid)])
     assert "broadcast to the engines failed" in res["report"]["failed"]
     assert res["report"]["live"] == [live] and res["report"]["second_failed"] is None
     assert _max_gap(res["engines"][live]) < 1e-4
-
-
-def _server_pid(url: str) -> int:
-    import psutil
-
-    port = int(url.rsplit(":", 1)[1])
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if "rollout_sglang.cpu_server" in cmd and str(port) in cmd:
-            return proc.pid
-    raise AssertionError(f"no cpu_server process on port {port}")
 
 
 def test_colocated_layout_errors_name_the_fix():

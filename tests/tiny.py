@@ -116,3 +116,13 @@ def torchrun(script: Path, nproc: int, args: list[str], timeout_s: float = 300) 
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def cpu_server_pids(arg: str) -> list[int]:
+    """Process ids of running CPU rollout servers whose command line has `arg` as one argument
+    (a port, a model directory)."""
+    import psutil
+
+    return sorted(p.pid for p in psutil.process_iter(["cmdline"])
+                  if "rollout_sglang.cpu_server" in (p.info["cmdline"] or [])
+                  and arg in (p.info["cmdline"] or []))
