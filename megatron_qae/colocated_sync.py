@@ -14,6 +14,7 @@ start engines.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 
@@ -25,6 +26,8 @@ from megatron_qae.weight_sync import SyncTimes, hf_buckets
 from rollout_sglang.client import EngineError, SGLangClient
 from rollout_sglang.tensor_payload import pack_bucket, serialize_named_tensors
 from rollout_sglang.types import EnginePlacement
+
+log = logging.getLogger(__name__)
 
 
 def check_colocated_layout(world: int, num_engines: int, engine_tp: int) -> None:
@@ -98,7 +101,8 @@ class ColocatedSync:
         if client is not None and state["ok"]:
             try:
                 client.update_weights_from_tensor(texts, flush_cache=flush, weight_version=str(version))
-            except EngineError:
+            except EngineError as exc:
+                log.warning("colocated weight sync to %s failed: %s", client.base_url, exc)
                 state["ok"] = False  # keep going: the other ranks are in this collective too
         if self.engine_tp > 1:
             dist.barrier(group=self.group)  # the engine has read every rank's buffer: free them

@@ -199,9 +199,8 @@ def _sync(policy: Policy, rollout: Rollout | None, colocated: ColocatedSync | No
             times = push_weights(policy, link, version, e.weight_sync_bucket_bytes)
             ok = link is None or link.failed is None
         else:
+            # The broadcast is the barrier: no rank sends before rank 0 has the engines ready.
             urls = _broadcast(rollout.prepare_colocated() if rollout is not None else None)
-            if rollout is not None:
-                rollout.resume_memory(["weights"])
             times, ok = colocated.push(policy, urls, version, e.weight_sync_bucket_bytes)
         failed = torch.tensor([0.0 if ok else 1.0])
         dist.all_reduce(failed)

@@ -79,11 +79,13 @@ class Rollout:
         return self.link
 
     def prepare_colocated(self) -> list[str]:
-        """Colocated: the URL of every engine in engine order, dead ones restarted first."""
+        """Colocated: the URL of every engine in engine order, dead ones restarted first and
+        every engine's weight memory back, ready to load (before any rank sends to it)."""
         restarted = ray.get(self.manager.restart_dead_engines.remote())
         if restarted:
             log.warning("restarted colocated engines %s; they get the weights now", restarted)
         self._endpoints = ray.get(self.manager.engine_endpoints.remote())
+        self.resume_memory(["weights"])
         return [u for u, _ in self._endpoints]
 
     def release_memory(self) -> None:
