@@ -10,16 +10,30 @@
 #   GPUS_PER_NODE   default 8
 #   MASTER_PORT     torchrun rendezvous port, default 29500
 #   RAY_PORT        Ray head port, default 6379
+#   RAY_WAIT_S      how long a worker node waits for the Ray head, default 600
 #   DATA_DIR        directory with dapo-math-17k.parquet and aime-2024.parquet, default ./data
 #   RUN_DIR         run directory (checkpoints, metrics), default runs/qwen2.5-32b-qae
 #   CONFIG          default configs/qwen2.5_32b_qae.yaml
 #   EXTRA_ARGS      extra key=value overrides appended to the training command
 #
-# Trainer nodes run torchrun; engine nodes only join the Ray cluster: the rollout manager (a Ray
-# actor started by trainer rank 0) places SGLang engines on their GPUs. Colocated engines
-# (TRAINER_NODES=NNODES, EXTRA_ARGS="engine.colocate=true engine.num_engines=..."): every node
-# trains, and each engine is pinned to the node and GPUs of its trainer ranks. The script stops the Ray
-# processes it started (ray stop on this node) when training ends; it never kills by name.
+# Ray token authentication is always on here (RAY_AUTH_MODE=token): every node needs the same
+# token, in RAY_AUTH_TOKEN or in the file RAY_AUTH_TOKEN_PATH names (make one with
+# `ray get-auth-token --generate` and share it the way you share other secrets).
+#
+# Networking: set NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME to the interface the nodes reach each
+# other on (e.g. eth0) when a node has several, and NCCL_IB_HCA to the InfiniBand adapters to
+# use (e.g. mlx5); NCCL picks them itself otherwise. CUDA_DEVICE_MAX_CONNECTIONS=1 is set below:
+# Megatron's tensor-parallel communication overlap with sequence parallel relies on kernels
+# being issued in order on one hardware queue.
+#
+# Order of start-up: node 0 starts the Ray head, then runs the dry-run planner (so a layout that
+# does not fit stops the run before any GPU is touched); every other node waits until the head
+# answers before joining. Trainer nodes run torchrun; engine nodes only join the Ray cluster: the
+# rollout manager (a Ray actor started by trainer rank 0) places SGLang engines on their GPUs.
+# Colocated engines (TRAINER_NODES=NNODES, EXTRA_ARGS="engine.colocate=true engine.num_engines=..."):
+# every node trains, and each engine is pinned to the node and GPUs of its trainer ranks. The
+# script stops the Ray processes it started (ray stop on this node) when it ends; it never kills
+# by name.
 set -euo pipefail
 
 : "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}" "${MODEL_DIR:?set MODEL_DIR}"
@@ -27,29 +41,52 @@ GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 TRAINER_NODES="${TRAINER_NODES:-$((NNODES / 2))}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 RAY_PORT="${RAY_PORT:-6379}"
+RAY_WAIT_S="${RAY_WAIT_S:-600}"
 DATA_DIR="${DATA_DIR:-data}"
 RUN_DIR="${RUN_DIR:-runs/qwen2.5-32b-qae}"
 CONFIG="${CONFIG:-configs/qwen2.5_32b_qae.yaml}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 
-cd "$(dirname "$0")/.."
+if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+  echo "error: Ray token authentication is required for multi-node runs: set RAY_AUTH_TOKEN (or" \
+       "RAY_AUTH_TOKEN_PATH) to the same token on every node; make one with" \
+       "'ray get-auth-token --generate'" >&2
+  exit 2
+fi
+export RAY_AUTH_MODE=token
+export CUDA_DEVICE_MAX_CONNECTIONS=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+cd "$(dirname "$0")/.."
+
+wait_for_ray_head() {
+  local deadline=$((SECONDS + RAY_WAIT_S))
+  until ray health-check --address "$MASTER_ADDR:$RAY_PORT" >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "error: the Ray head at $MASTER_ADDR:$RAY_PORT did not answer within ${RAY_WAIT_S}s;" \
+           "check that node 0 started and that MASTER_ADDR / RAY_PORT are right (or raise RAY_WAIT_S)" >&2
+      exit 1
+    fi
+    sleep 5
+  done
+}
 
 if [ "$NODE_RANK" -eq 0 ]; then
+  # The trainer's GPUs are used by torchrun, not by Ray: advertise only engine nodes' GPUs.
+  ray start --head --port "$RAY_PORT" --num-gpus 0 --disable-usage-stats
+  trap 'ray stop' EXIT
   # shellcheck disable=SC2086  # EXTRA_ARGS is a list of key=value words
   python -m megatron_qae.plan --config "$CONFIG" --nodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" \
     --trainer-gpus "$((TRAINER_NODES * GPUS_PER_NODE))" model.path="$MODEL_DIR" $EXTRA_ARGS
-  # The trainer's GPUs are used by torchrun, not by Ray: advertise only engine nodes' GPUs.
-  ray start --head --port "$RAY_PORT" --num-gpus 0 --disable-usage-stats
 else
+  wait_for_ray_head
   if [ "$NODE_RANK" -lt "$TRAINER_NODES" ]; then
     ray start --address "$MASTER_ADDR:$RAY_PORT" --num-gpus 0 --disable-usage-stats
+    trap 'ray stop' EXIT
   else
     ray start --address "$MASTER_ADDR:$RAY_PORT" --num-gpus "$GPUS_PER_NODE" --disable-usage-stats --block
     exit 0
   fi
 fi
-trap 'ray stop' EXIT
 
 # shellcheck disable=SC2086  # EXTRA_ARGS is a list of key=value words
 torchrun --nnodes "$TRAINER_NODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \

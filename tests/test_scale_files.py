@@ -4,6 +4,7 @@ tested in test_plan.py."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import tomllib
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests import tiny
 
@@ -24,6 +26,45 @@ def test_launch_script_parses_and_is_shellcheck_clean():
         pytest.skip("shellcheck not installed")
     r = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
+
+
+def _pip_resolve(requirements: list[str], report, constraints=None) -> dict[str, dict]:
+    """pip's own resolver, dry run (no install, no GPU): name -> metadata of what it would install."""
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
+           "--report", str(report), *requirements]
+    if constraints is not None:
+        cmd += ["-c", str(constraints)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"pip cannot resolve {requirements}:\n{r.stderr[-3000:]}"
+    return {canonicalize_name(i["metadata"]["name"]): i["metadata"] for i in json.loads(report.read_text())["install"]}
+
+
+@pytest.mark.slow
+def test_docker_image_pins_resolve_with_sglang_and_megatron_metadata(tmp_path):
+    """The image is SGLang's own, and its pins resolve with sglang's and megatron-core's metadata:
+    torch and transformers stay what the pinned sglang requires."""
+    text = (tiny.ROOT / "Dockerfile").read_text()
+    base = re.search(r"^FROM lmsysorg/sglang:v(\S+)\s*$", text, re.M)
+    assert base, "the image must be based on SGLang's own image (lmsysorg/sglang:vX.Y.Z)"
+    sglang_version = base.group(1)
+    project = tomllib.loads((tiny.ROOT / "pyproject.toml").read_text())["project"]
+    gpu = {Requirement(r).name.lower(): Requirement(r) for r in project["optional-dependencies"]["gpu"]}
+    assert sglang_version in gpu["sglang"].specifier
+    pins = re.findall(r'"([A-Za-z0-9_.-]+(?:\[[^\]]*\])?)==([0-9][^"]*)"', text)
+    plain = [f"{n}=={v}" for n, v in pins if not n.startswith("transformer-engine")]
+    te_version = {v for n, v in pins if n.startswith("transformer-engine")}
+    assert len(te_version) == 1, pins
+    first = _pip_resolve([f"sglang=={sglang_version}", *plain, *project["dependencies"]], tmp_path / "a.json")
+    sglang_pins = {canonicalize_name(Requirement(d).name): Requirement(d) for d in first["sglang"]["requires_dist"]}
+    for name in ("torch", "transformers"):
+        assert first[name]["version"] in sglang_pins[name].specifier, (name, first[name]["version"])
+    cuda = [re.match(r"nvidia-cudnn-cu(\d+)", d) for d in first["torch"].get("requires_dist", [])]
+    major = next(m.group(1) for m in cuda if m)
+    constraints = tmp_path / "resolved.txt"
+    constraints.write_text("".join(f"{n}=={m['version']}\n" for n, m in first.items()))
+    second = _pip_resolve([f"transformer-engine[core-cu{major}]=={te_version.pop()}"], tmp_path / "b.json",
+                          constraints)
+    assert f"transformer-engine-cu{major}" in second
 
 
 def test_dockerfile_pins_agree_with_pyproject():
@@ -41,3 +82,50 @@ def test_config_docs_are_current():
     r = subprocess.run([sys.executable, "-m", "tools.gen_config_docs", "--check"], cwd=tiny.ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _run_launch(tmp_path, node_rank: int, env_extra: dict[str, str], health_ok_after: int = 0):
+    """Run the launch script with `ray`, `python` and `torchrun` replaced by logging stand-ins
+    (the script is the unit under test; the commands it drives are not run)."""
+    bindir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bindir.mkdir(exist_ok=True)
+    counter = tmp_path / "health_calls"
+    stub = ('#!/usr/bin/env bash\necho "$(basename "$0") $* | RAY_AUTH_MODE=${RAY_AUTH_MODE:-}'
+            ' CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-}" >> ' + str(log) + '\n')
+    ray_stub = stub + (f'if [ "$1" = health-check ]; then n=$(cat {counter} 2>/dev/null || echo 0); '
+                       f'echo $((n + 1)) > {counter}; [ "$n" -ge {health_ok_after} ]; fi\n')
+    for name, text in {"ray": ray_stub, "python": stub, "torchrun": stub}.items():
+        (bindir / name).write_text(text)
+        (bindir / name).chmod(0o755)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "NNODES": "4", "NODE_RANK": str(node_rank),
+           "MASTER_ADDR": "node0", "MODEL_DIR": "/models/q", "TRAINER_NODES": "2", **env_extra}
+    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines() if log.exists() else []
+    return r, calls
+
+
+def test_launch_script_refuses_without_ray_token(tmp_path):
+    r, calls = _run_launch(tmp_path, 0, {})
+    assert r.returncode == 2 and "RAY_AUTH_TOKEN" in r.stderr
+    assert calls == []
+
+
+def test_launch_script_head_starts_before_planner_and_workers_wait(tmp_path):
+    r, calls = _run_launch(tmp_path, 0, {"RAY_AUTH_TOKEN": "t"})
+    assert r.returncode == 0, r.stderr
+    kinds = [c.split(" |")[0].split()[:3] for c in calls]
+    assert kinds[0][:3] == ["ray", "start", "--head"]
+    assert kinds[1][:3] == ["python", "-m", "megatron_qae.plan"]
+    assert kinds[2][0] == "torchrun" and kinds[-1][:2] == ["ray", "stop"]
+    torchrun = calls[2]
+    assert "RAY_AUTH_MODE=token" in torchrun and "CUDA_DEVICE_MAX_CONNECTIONS=1" in torchrun
+
+    worker_dir = tmp_path / "worker"
+    worker_dir.mkdir()
+    r, calls = _run_launch(worker_dir, 1, {"RAY_AUTH_TOKEN": "t", "RAY_WAIT_S": "60"}, health_ok_after=1)
+    assert r.returncode == 0, r.stderr
+    kinds = [c.split(" |")[0].split()[:2] for c in calls]
+    # The head did not answer at the first probe: the worker waits, then joins, then trains.
+    assert kinds[:3] == [["ray", "health-check"], ["ray", "health-check"], ["ray", "start"]]
+    assert not any(k[0] == "python" for k in kinds), "only node 0 runs the planner"
+    assert kinds[3][0] == "torchrun"
