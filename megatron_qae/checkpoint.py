@@ -4,7 +4,9 @@ What it does: saves model, optimizer (distributed optimizer in the fully reshard
 so a checkpoint loads into any (tp, pp, dp) layout), LR schedule, RNG states and the loop's own
 state into `<run_dir>/checkpoints/tmp.step_<k>.<id>`, renames it to `step_<k>` once complete,
 then points `latest` at it (written last, atomically); keeps the newest N. A run killed during
-a save leaves the previous checkpoint intact and loadable. SIGTERM sets a flag the loop checks
+a save leaves the previous checkpoint intact and loadable. The completion marker holds a sha256
+digest and size of every file; a resume verifies them and falls back to the newest intact
+checkpoint, with a warning, when one is damaged (or refuses, in the strict mode). SIGTERM sets a flag the loop checks
 (it saves and exits; nothing runs inside the handler). What it does not: convert to HF
 (tools/convert_checkpoint.py).
 """
@@ -25,6 +27,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from torch.distributed.checkpoint.api import CheckpointException
+
+from megatron_qae.checkpoint_verify import CheckpointDamaged, file_digests, table_from_json, table_to_json, verify
 
 from megatron_qae.policy import Policy
 from megatron_qae.weights import unwrap
@@ -73,10 +78,12 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: Policy, loop_state: 
     state["loop"] = loop_state
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
+    digests = table_to_json(file_digests(tmp, exclude=_DONE))
     final = root / f"step_{step}"
     if dist.get_rank() == 0:
         (tmp / _DONE).write_text(json.dumps({"step": step, "with_optimizer": with_optimizer,
-                                             "model_path": loop_state.get("model_path")}))
+                                             "model_path": loop_state.get("model_path"),
+                                             "files": digests}))
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -130,24 +137,76 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def load_checkpoint(path: str | Path, policy: Policy, model_only: bool = False) -> dict[str, Any]:
-    """Load a checkpoint into the policy (any layout); returns the loop state.
+def resume_candidates(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints to resume from, best first: `latest`'s target, then newest to oldest."""
+    root = _ckpt_root(run_dir)
+    steps = list(reversed(_steps(root))) if root.is_dir() else []
+    first = latest_checkpoint(run_dir)
+    return ([first] if first is not None else []) + [p for p in steps if p != first]
 
-    Model-only checkpoints (from HF conversion), or `model_only=True`, leave the optimizer,
-    LR schedule and RNG as they are."""
+
+def load_latest(run_dir: str | Path, policy: Policy, on_damaged: str) -> tuple[Path, dict[str, Any]] | None:
+    """Collective. Load the newest intact checkpoint of the run; None when there is none at all.
+
+    A damaged one is skipped with a warning naming the file and the reason
+    (`on_damaged="fallback"`) or stops the run (`"fail"`); all damaged is always an error."""
+    damaged: list[CheckpointDamaged] = []
+    for path in resume_candidates(run_dir):
+        try:
+            return path, load_checkpoint(path, policy)
+        except CheckpointDamaged as exc:
+            if on_damaged == "fail":
+                raise RuntimeError(f"{exc}. run.resume_from_damaged=fail: not resuming. Set "
+                                   "run.resume_from_damaged=fallback to resume from the newest intact "
+                                   f"checkpoint, or move {path} out of {path.parent}") from exc
+            log.warning("%s; falling back to an older checkpoint", exc)
+            damaged.append(exc)
+    if damaged:
+        raise RuntimeError(f"no intact checkpoint under {_ckpt_root(run_dir)}: "
+                           + " | ".join(str(d) for d in damaged)
+                           + ". Move the damaged step_* directories away to start this run from scratch")
+    return None
+
+
+def _read_marker(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / _DONE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointDamaged(path, [f"{_DONE}: unreadable ({exc})"]) from exc
+
+
+def _verify(path: Path, marker: dict[str, Any]) -> None:
+    if "files" not in marker:
+        log.warning("%s has no file digests (saved by an older version): loading it unverified", path)
+        return
+    problems = verify(path, table_from_json(marker["files"]))
+    if problems:
+        raise CheckpointDamaged(path, problems)
+
+
+def load_checkpoint(path: str | Path, policy: Policy, model_only: bool = False) -> dict[str, Any]:
+    """Collective. Load a checkpoint into the policy (any layout); returns the loop state.
+
+    Every file is verified against the digests written at save first (CheckpointDamaged names
+    the file and the reason). Model-only checkpoints (from HF conversion), or
+    `model_only=True`, leave the optimizer, LR schedule and RNG as they are."""
     path = Path(path)
     if not _complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_DONE}); "
                                 "point at a step_<k> directory written by save_checkpoint")
-    model_only = model_only or not json.loads((path / _DONE).read_text()).get("with_optimizer", True)
+    marker = _read_marker(path)
+    _verify(path, marker)
+    model_only = model_only or not marker.get("with_optimizer", True)
     added_steps = [] if model_only else _init_optimizer_state(policy.optimizer)
     template = _sharded_state(policy, is_loading=True, with_optimizer=not model_only)
     template.update(scheduler=None, rng=None, loop=None)
     try:
         loaded = dist_checkpointing.load(template, str(path))
-    except Exception as exc:  # noqa: BLE001 - re-raised with the path and the likely cause
-        raise ValueError(f"cannot load checkpoint {path}: {exc}. Was it saved for the same model "
-                         "(model.path's config.json)? Is it truncated?") from exc
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        if "files" not in marker:  # unverified: damage is the likely cause
+            raise CheckpointDamaged(path, [f"the loader failed: {type(exc).__name__}: {exc}"]) from exc
+        raise ValueError(f"cannot load checkpoint {path} (its files are intact): {exc}. Was it saved "
+                         "for the same model (model.path's config.json)?") from exc
     chunks = policy.chunks
     for i, chunk in enumerate(chunks):
         unwrap(chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])

@@ -58,6 +58,8 @@ class RunConfig:
     """Weights & Biases project to log to (None = off; needs `pip install wandb`)."""
     progress_bar: bool = True
     """Show a tqdm progress bar with the key metrics on rank 0."""
+    resume_from_damaged: str = "fallback"
+    """A damaged latest checkpoint (digest mismatch, missing or truncated file): 'fallback' resumes from the newest intact one with a warning; 'fail' stops."""
 
     def __post_init__(self) -> None:
         _positive("run.num_rollout_steps", self.num_rollout_steps)
@@ -65,6 +67,7 @@ class RunConfig:
         _positive("run.keep_last_checkpoints", self.keep_last_checkpoints)
         _positive("run.eval_interval_steps", self.eval_interval_steps, strict=False)
         _positive("run.eval_n_samples", self.eval_n_samples)
+        _one_of("run.resume_from_damaged", self.resume_from_damaged, ("fallback", "fail"))
 
 
 @dataclass(frozen=True)

@@ -62,8 +62,8 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
         placements = engine_placements(cfg.engine.num_engines, cfg.engine.engine_tp)
         colocated = ColocatedSync(cfg.engine.num_engines, cfg.engine.engine_tp, cfg.engine.request_timeout_s)
     rollout = Rollout.start(cfg, env.master_address, placements) if is_driver else None
-    start, _ = _restore(cfg, policy, rollout)
-    try:
+    try:  # whatever fails from here on (a damaged checkpoint included) tears the engines down
+        start, _ = _restore(cfg, policy, rollout)
         return _train_loop(cfg, policy, rollout, colocated, start, run_dir, is_driver)
     finally:
         if rollout is not None:
@@ -109,9 +109,9 @@ def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, colocated:
 
 def _restore(cfg: Config, policy: Policy, rollout: Rollout | None) -> tuple[int, dict]:
     """Resume from the run directory's latest checkpoint, else load HF weights if any."""
-    path = checkpoint.latest_checkpoint(cfg.run.run_dir)
-    if path is not None:
-        state = checkpoint.load_checkpoint(path, policy)
+    found = checkpoint.load_latest(cfg.run.run_dir, policy, cfg.run.resume_from_damaged)
+    if found is not None:
+        path, state = found
         if rollout is not None and state.get("rollout") is not None:
             rollout.load_state_dict(state["rollout"])
         log.info("resumed from %s (step %d)", path, state["step"])

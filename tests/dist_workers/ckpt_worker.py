@@ -3,8 +3,10 @@
 --mode save: one RL step under the given layout, save step 1, write the full params; then
   (with --kill-during-save) start saving step 2 and SIGKILL itself after the files are written
   but before the rename, as a crash mid-save would.
---mode load: load the latest checkpoint under the given layout, write the full params and the
-  loss of one more step on the same batch.
+  With --save-step2, step 2 is saved normally after its loss is taken (two checkpoints).
+--mode load: resume as the loop does (the newest intact checkpoint, --on-damaged decides what a
+  damaged one does) under the given layout, write the full params and the loss of one more step
+  on the same batch.
 """
 
 import argparse
@@ -40,6 +42,8 @@ def main() -> None:
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--dist-opt", action="store_true")
     ap.add_argument("--kill-during-save", action="store_true")
+    ap.add_argument("--save-step2", action="store_true")
+    ap.add_argument("--on-damaged", choices=["fallback", "fail"], default="fallback")
     ap.add_argument("--run-dir", required=True)
     a = ap.parse_args()
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, a.pp))
@@ -53,6 +57,8 @@ def main() -> None:
         checkpoint.save_checkpoint(out, 1, policy, {"step": 1, "cursor": [3, 4]})
         params = {k: v.clone() for k, v in weights.iter_full_params(policy.chunks, groups.tp)}
         loss2 = step(policy, groups, 2)
+        if a.save_step2:
+            checkpoint.save_checkpoint(out, 2, policy, {"step": 2, "cursor": [5, 6]})
         loss3 = step(policy, groups, 3)  # depends on the Adam state carried over from step 2
         if dist.get_rank() == 0:
             torch.save({"params": params, "loss2": loss2, "loss3": loss3}, out / f"saved.pp{groups.pp_rank}.pt")
@@ -67,8 +73,7 @@ def main() -> None:
             os.replace = crash
             checkpoint.save_checkpoint(out, 2, policy, {"step": 2})
     else:
-        path = checkpoint.latest_checkpoint(out)
-        state = checkpoint.load_checkpoint(path, policy)
+        path, state = checkpoint.load_latest(out, policy, a.on_damaged)
         params = {k: v.clone() for k, v in weights.iter_full_params(policy.chunks, groups.tp)}
         loss2 = step(policy, groups, 2)
         loss3 = step(policy, groups, 3)
