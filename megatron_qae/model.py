@@ -1,8 +1,8 @@
-"""Build the Megatron-Core policy from a Hugging Face Qwen2 `config.json`.
+"""Build the Megatron-Core policy from a Hugging Face Qwen2 / Qwen3 `config.json`.
 
-What it does: reads and checks an HF Qwen2 / Qwen2.5 config, derives megatron-core's
-TransformerConfig from it (RMSNorm, SwiGLU, GQA, qkv bias, RoPE base, tied or untied
-embeddings), picks the layer spec (local on CPU, Transformer Engine on GPU when importable)
+What it does: reads and checks an HF Qwen2 / Qwen2.5 / Qwen3 (dense) config, derives
+megatron-core's TransformerConfig from it (RMSNorm, SwiGLU, GQA, qkv bias or per-head q/k
+RMSNorm, explicit head dim, RoPE base, tied or untied embeddings), picks the layer spec (local on CPU, Transformer Engine on GPU when importable)
 and builds one GPTModel chunk per virtual pipeline stage. What it does not: wrap the model in
 DDP, build the optimizer (train_step.py), or load weights (qwen2_mapping.py / checkpoint.py).
 """
@@ -27,9 +27,9 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  #
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 
 from megatron_qae.parallel import ParallelDims  # noqa: E402
-from megatron_qae.qwen2_mapping import attention_dims  # noqa: E402
+from megatron_qae.qwen2_mapping import attention_dims, has_qk_norm, has_qkv_bias  # noqa: E402
 
-_QWEN2_ARCHS = {"Qwen2ForCausalLM"}
+_ARCHS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _REQUIRED_KEYS = (
     "hidden_size",
     "num_hidden_layers",
@@ -51,23 +51,25 @@ def transformer_engine_available() -> bool:
 
 
 def load_hf_config(model_dir: str | Path) -> dict[str, Any]:
-    """Read `<model_dir>/config.json` and check it describes a Qwen2-architecture model."""
+    """Read `<model_dir>/config.json` and check it describes a Qwen2 / Qwen3 dense model."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"model.path={str(model_dir)!r} has no config.json; point model.path at a Hugging "
-            "Face Qwen2/Qwen2.5 model directory"
+            "Face Qwen2 / Qwen2.5 / Qwen3 model directory"
         )
     hf = json.loads(path.read_text())
     archs = set(hf.get("architectures") or [])
-    if hf.get("model_type") != "qwen2" or (archs and not archs & _QWEN2_ARCHS):
+    arch = _ARCHS.get(hf.get("model_type"))
+    if arch is None or (archs and arch not in archs):
         raise ValueError(
-            f"{path}: model_type={hf.get('model_type')!r}, architectures={sorted(archs)}; only "
-            "Qwen2ForCausalLM (model_type 'qwen2', the Qwen2 / Qwen2.5 family) is supported"
+            f"{path}: model_type={hf.get('model_type')!r}, architectures={sorted(archs)}; supported: "
+            "Qwen2ForCausalLM (model_type 'qwen2': Qwen2 / Qwen2.5) and Qwen3ForCausalLM "
+            "(model_type 'qwen3': dense Qwen3)"
         )
     missing = [k for k in _REQUIRED_KEYS if k not in hf]
     if missing:
-        raise ValueError(f"{path} lacks {missing}; is this a complete Qwen2 config.json?")
+        raise ValueError(f"{path} lacks {missing}; is this a complete {arch} config.json?")
     return hf
 
 
@@ -104,7 +106,7 @@ def build_transformer_config(
     recompute_num_layers: int | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> TransformerConfig:
-    """TransformerConfig of a Qwen2 model under the given layout."""
+    """TransformerConfig of a Qwen2 / Qwen3 model under the given layout."""
     check_layout(hf, dims)
     on_gpu = cpu_compat.cuda_available()
     if fp8 and not (on_gpu and transformer_engine_available()):
@@ -130,7 +132,8 @@ def build_transformer_config(
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=True,
+        add_qkv_bias=has_qkv_bias(hf),
+        qk_layernorm=has_qk_norm(hf),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=hf.get("initializer_range", 0.02),
@@ -184,8 +187,8 @@ def layer_spec(config: TransformerConfig, transformer_impl: str = "auto"):
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
 
 
 def build_model_chunks(

@@ -43,18 +43,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_qae.config import Config, load_config, validate_against_model
-from megatron_qae.qwen2_mapping import attention_dims
+from megatron_qae.qwen2_mapping import attention_dims, has_qk_norm, has_qkv_bias
 
 GIB = 1024**3
 RESERVED_FRACTION = 0.08
 
 
 def count_parameters(hf: dict[str, Any]) -> int:
-    """Parameters of a Qwen2 model from its config.json arithmetic."""
+    """Parameters of a Qwen2 / Qwen3 model from its config.json arithmetic."""
     h, layers, ffn, vocab = hf["hidden_size"], hf["num_hidden_layers"], hf["intermediate_size"], hf["vocab_size"]
     heads, kv_heads, head_dim = attention_dims(hf)
     q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
-    attn = h * q_dim + q_dim + 2 * (h * kv_dim + kv_dim) + q_dim * h  # q, k, v with bias; o without
+    attn = h * q_dim + 2 * h * kv_dim + q_dim * h  # q, k, v, o weights
+    attn += (q_dim + 2 * kv_dim) * has_qkv_bias(hf) + 2 * head_dim * has_qk_norm(hf)  # Qwen2 bias; Qwen3 q/k norms
     per_layer = attn + 3 * h * ffn + 2 * h  # SwiGLU gate/up/down; two RMSNorm weights
     embed = vocab * h * (1 if hf.get("tie_word_embeddings", False) else 2)
     return layers * per_layer + embed + h
@@ -88,14 +89,13 @@ def megatron_shape(hf: dict[str, Any]) -> ModelShape:
     from megatron_qae import model as model_lib, parallel
 
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     parallel.single_process_env()
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, 1))
     config = model_lib.build_transformer_config(hf, groups.dims)
     tied = bool(hf.get("tie_word_embeddings", False))
     with torch.device("meta"):
-        gpt = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        gpt = GPTModel(config=config, transformer_layer_spec=model_lib.layer_spec(config, "local"),
                        vocab_size=hf["vocab_size"], max_sequence_length=hf.get("max_position_embeddings", 4096),
                        share_embeddings_and_output_weights=tied, position_embedding_type="rope")
     parts = {"embedding": 0, "sharded": 0, "replicated": 0, "final_norm": 0, "output": 0}

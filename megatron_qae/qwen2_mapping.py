@@ -1,8 +1,11 @@
-"""The one Megatron-Core <-> Hugging Face Qwen2 weight mapping (pure tensor functions).
+"""The one Megatron-Core <-> Hugging Face weight mapping of the Qwen2 and Qwen3 dense families
+(pure tensor functions).
 
 What it does: renames and re-lays-out tensors between megatron's GPTModel (local or
 Transformer Engine spec, global layer numbering, TP=1 "full" tensors) and transformers'
-Qwen2ForCausalLM, and splits / merges tensor-parallel shards. Weight sync and
+Qwen2ForCausalLM / Qwen3ForCausalLM, and splits / merges tensor-parallel shards. The two
+families differ only in attention: Qwen2 has a qkv bias; Qwen3 has none, and RMSNorms over
+each query and key head (megatron's q_layernorm / k_layernorm, replicated under TP). Weight sync and
 tools/convert_checkpoint both use it. What it does not: communicate, read files or know
 about pipeline stages beyond the global layer index in a name.
 
@@ -30,6 +33,10 @@ _LAYER_SIMPLE = {
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+_QK_NORMS = {
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
 }
 _TOP = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
@@ -67,11 +74,22 @@ def _split(name: str) -> tuple[int | None, str]:
 
 
 def attention_dims(hf: Mapping[str, Any]) -> tuple[int, int, int]:
-    """(attention heads, key/value heads, head dim) of a Qwen2 config.json."""
+    """(attention heads, key/value heads, head dim) of a Qwen2 / Qwen3 config.json (Qwen3
+    states head_dim, which need not be hidden_size / heads)."""
     heads = hf["num_attention_heads"]
     groups = hf.get("num_key_value_heads", heads)
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     return heads, groups, head_dim
+
+
+def has_qkv_bias(hf: Mapping[str, Any]) -> bool:
+    """Qwen2 always has a q/k/v bias (its config has no switch); Qwen3 says so in attention_bias."""
+    return bool(hf.get("attention_bias", hf.get("model_type") == "qwen2"))
+
+
+def has_qk_norm(hf: Mapping[str, Any]) -> bool:
+    """Per-head RMSNorm of queries and keys: Qwen3's, not Qwen2's."""
+    return hf.get("model_type") == "qwen3"
 
 
 def megatron_to_hf(name: str, tensor: torch.Tensor, hf: Mapping[str, Any]) -> list[tuple[str, torch.Tensor]]:
@@ -85,6 +103,8 @@ def megatron_to_hf(name: str, tensor: torch.Tensor, hf: Mapping[str, Any]) -> li
     prefix = f"model.layers.{layer}."
     if rest in _LAYER_SIMPLE:
         return [(prefix + _LAYER_SIMPLE[rest], tensor)]
+    if rest in _QK_NORMS and has_qk_norm(hf):
+        return [(prefix + _QK_NORMS[rest], tensor)]
     if rest == "mlp.linear_fc1.weight":
         gate, up = tensor.chunk(2, dim=0)
         return [(prefix + "mlp.gate_proj.weight", gate), (prefix + "mlp.up_proj.weight", up)]
@@ -100,18 +120,20 @@ def megatron_to_hf(name: str, tensor: torch.Tensor, hf: Mapping[str, Any]) -> li
             (prefix + f"self_attn.k_proj.{kind}", flat(k)),
             (prefix + f"self_attn.v_proj.{kind}", flat(v)),
         ]
-    raise KeyError(f"no Qwen2 mapping for megatron tensor {name!r}")
+    raise KeyError(f"no {hf.get('model_type')} mapping for megatron tensor {name!r}")
 
 
-def hf_names_of_layer(layer: int) -> dict[str, list[str]]:
-    """Megatron layer-local name -> the HF names it is built from."""
+def hf_names_of_layer(layer: int, hf: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Megatron layer-local name -> the HF names it is built from, for this model's family."""
     p = f"model.layers.{layer}."
-    out = {rest: [p + hf] for rest, hf in _LAYER_SIMPLE.items()}
+    out = {rest: [p + name] for rest, name in _LAYER_SIMPLE.items()}
     out["mlp.linear_fc1.weight"] = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
-    for kind in ("weight", "bias"):
+    for kind in ("weight", "bias") if has_qkv_bias(hf) else ("weight",):
         out[f"self_attention.linear_qkv.{kind}"] = [
             p + f"self_attn.{x}_proj.{kind}" for x in ("q", "k", "v")
         ]
+    if has_qk_norm(hf):
+        out.update({rest: [p + name] for rest, name in _QK_NORMS.items()})
     return out
 
 
@@ -126,9 +148,9 @@ def hf_to_megatron(name: str, hf_state: Mapping[str, torch.Tensor], hf: Mapping[
         if hf_name == "lm_head.weight" and hf_name not in hf_state:
             hf_name = "model.embed_tokens.weight"  # tied checkpoints omit lm_head
         return _get(hf_state, hf_name)
-    sources = hf_names_of_layer(layer).get(rest)
+    sources = hf_names_of_layer(layer, hf).get(rest)
     if sources is None:
-        raise KeyError(f"no Qwen2 mapping for megatron tensor {name!r}")
+        raise KeyError(f"no {hf.get('model_type')} mapping for megatron tensor {name!r}")
     parts = [_get(hf_state, s) for s in sources]
     if rest.startswith("self_attention.linear_qkv"):
         heads, groups, head_dim = attention_dims(hf)
@@ -143,7 +165,7 @@ def hf_to_megatron(name: str, hf_state: Mapping[str, torch.Tensor], hf: Mapping[
 
 def _get(hf_state: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     if name not in hf_state:
-        raise KeyError(f"HF checkpoint lacks tensor {name!r}; is it a complete Qwen2 checkpoint?")
+        raise KeyError(f"HF checkpoint lacks tensor {name!r}; is it a complete Qwen2 / Qwen3 checkpoint?")
     return hf_state[name]
 
 
@@ -182,10 +204,10 @@ def with_global_layer(name: str, layer_offset: int) -> str:
 
 
 def megatron_names(hf: Mapping[str, Any]) -> Iterator[str]:
-    """Every canonical full-model megatron weight name of a Qwen2 config, in layer order."""
+    """Every canonical full-model megatron weight name of a Qwen2 / Qwen3 config, in layer order."""
     yield "embedding.word_embeddings.weight"
     for layer in range(hf["num_hidden_layers"]):
-        for rest in hf_names_of_layer(layer):
+        for rest in hf_names_of_layer(layer, hf):
             yield f"decoder.layers.{layer}.{rest}"
     yield "decoder.final_layernorm.weight"
     if not hf.get("tie_word_embeddings", False):

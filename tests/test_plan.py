@@ -23,7 +23,8 @@ from megatron_qae.plan import (
 )
 from tests import tiny
 
-HF = {name: load_hf_config(tiny.ROOT / "configs" / "hf" / name) for name in ("qwen2.5-32b", "qwen2.5-7b", "qwen2.5-1.5b")}
+HF = {name: load_hf_config(tiny.ROOT / "configs" / "hf" / name)
+      for name in ("qwen2.5-32b", "qwen2.5-7b", "qwen2.5-1.5b", "qwen3-8b-base", "qwen3-14b-base")}
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:
@@ -31,14 +32,17 @@ def _plan(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_parameter_formula_matches_transformers(tied):
-    hf = tiny.tiny_hf_config(tied=tied, layers=3)
+def test_parameter_formula_matches_transformers(tied, family):
+    make = tiny.tiny_qwen3_config if family == "qwen3" else tiny.tiny_hf_config
+    hf = make(tied=tied, layers=3)
     model = tiny.tiny_hf_model(hf)
     assert count_parameters(hf) == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name,published", [("qwen2.5-32b", 32.76), ("qwen2.5-7b", 7.62), ("qwen2.5-1.5b", 1.54)])
+@pytest.mark.parametrize("name,published", [("qwen2.5-32b", 32.76), ("qwen2.5-7b", 7.62), ("qwen2.5-1.5b", 1.54),
+                                            ("qwen3-8b-base", 8.19), ("qwen3-14b-base", 14.77)])
 def test_shipped_hf_configs_have_the_published_sizes(name, published):
     # The model cards round to two decimals (billions).
     assert round(count_parameters(HF[name]) / 1e9, 2) == published
@@ -98,7 +102,8 @@ def test_engine_memory_by_hand():
 
 
 @pytest.mark.parametrize("config,nodes,trainer_gpus,params", [
-    ("qwen2.5_32b_qae", 8, 32, "32.76B"), ("qwen2.5_7b_qae", 1, 4, "7.62B"), ("qwen2.5_1.5b_qae", 1, 4, "1.54B")])
+    ("qwen2.5_32b_qae", 8, 32, "32.76B"), ("qwen2.5_7b_qae", 1, 4, "7.62B"), ("qwen2.5_1.5b_qae", 1, 4, "1.54B"),
+    ("qwen3_8b_base_qae", 1, 4, "8.19B"), ("qwen3_14b_base_qae", 2, 8, "14.77B")])
 def test_shipped_configs_pass_the_dry_run(config, nodes, trainer_gpus, params):
     r = _plan("--config", f"configs/{config}.yaml", "--nodes", str(nodes), "--trainer-gpus", str(trainer_gpus))
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]

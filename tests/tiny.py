@@ -38,12 +38,23 @@ def tiny_hf_config(tied: bool = False, layers: int = 2, vocab: int = 64) -> dict
     }
 
 
+def tiny_qwen3_config(tied: bool = False, layers: int = 2, vocab: int = 64) -> dict:
+    """Qwen3 dense: no qkv bias, q/k RMSNorm per head, and a head_dim (16) that is not
+    hidden_size / heads (8), as in the real Qwen3 models."""
+    hf = tiny_hf_config(tied=tied, layers=layers, vocab=vocab)
+    hf.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=16, attention_bias=False)
+    return hf
+
+
 def tiny_hf_model(hf: dict, seed: int = 0):
-    """A transformers Qwen2ForCausalLM with random weights, biases and norms non-trivial."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """A transformers Qwen2ForCausalLM / Qwen3ForCausalLM (by model_type) with random weights,
+    biases and norms non-trivial."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in hf.items() if k != "architectures"}))
+    config = AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items()
+                                                       if k not in ("architectures", "model_type")})
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "bias" in name or "norm" in name:

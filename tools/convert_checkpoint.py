@@ -210,11 +210,11 @@ def export_fp8(hf_dir: Path, out: Path, calib: list[list[int]], device: str) -> 
         from modelopt.torch.export import export_hf_checkpoint
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available here"
         raise SystemExit(f"--fp8 needs nvidia-modelopt ({exc}); pip install 'megatron-qae[fp8]'") from exc
-    from transformers import Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if out.exists():
         raise FileExistsError(f"--out {out} exists; choose a new directory")
-    model = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).to(device).eval()
 
     def calibrate(m) -> None:
         with torch.no_grad():

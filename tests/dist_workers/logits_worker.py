@@ -1,0 +1,53 @@
+"""torchrun worker: Megatron logits of a tiny model loaded from transformers weights.
+
+Builds the megatron GPTModel for the given tensor-parallel degree from the HF config, loads the
+transformers model's weights through the one mapping, runs one forward over a fixed token
+sequence, gathers the vocab-parallel logits and (rank 0) saves them with transformers' own.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron_qae import parallel, weights  # noqa: E402
+from megatron_qae import qwen2_mapping as qm  # noqa: E402
+from megatron_qae.model import build_model_chunks, build_transformer_config, causal_mask  # noqa: E402
+from tests import tiny  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--family", choices=["qwen2", "qwen3"], required=True)
+    ap.add_argument("--tied", action="store_true")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, 1))
+    make = tiny.tiny_qwen3_config if a.family == "qwen3" else tiny.tiny_hf_config
+    hf = make(tied=a.tied)
+    reference = tiny.tiny_hf_model(hf)
+    config = build_transformer_config(hf, groups.dims)
+    chunks = build_model_chunks(hf, config, transformer_impl="local")
+    state = reference.state_dict()
+    weights.load_full_weights(chunks, lambda name: qm.hf_to_megatron(name, state, hf), groups.tp_rank, a.tp)
+    tokens = torch.tensor([[3, 17, 5, 42, 8, 1, 60, 9, 33, 2, 11, 7]])
+    positions = torch.arange(tokens.shape[1])[None]
+    with torch.no_grad():
+        local = chunks[0].eval()(tokens, positions, causal_mask(tokens.shape[1]))
+        shards = [torch.empty_like(local) for _ in range(a.tp)]
+        dist.all_gather(shards, local.contiguous(), group=groups.tp)
+        ours = torch.cat(shards, dim=-1)
+        theirs = reference(tokens).logits
+    names = sorted(n for n, _ in weights.global_named_parameters(chunks[0]))
+    if dist.get_rank() == 0:
+        torch.save({"ours": ours, "theirs": theirs, "names": names}, a.out)
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()
