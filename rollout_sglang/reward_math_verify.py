@@ -16,6 +16,8 @@ paper's runs did (reward_dapo does), or decoding tokens.
 
 from __future__ import annotations
 
+from math_verify import parse, verify
+
 from rollout_sglang.reward_dapo import answer_line, last_boxed_content
 from rollout_sglang.rewards import RewardResult
 
@@ -43,8 +45,6 @@ def as_latex(answer: str) -> str:
 
 def math_verify(response_text: str, ground_truth: str) -> RewardResult:
     """+1 when the final answer is mathematically equivalent to the ground truth, else -1."""
-    from math_verify import parse, verify
-
     answer = final_answer(response_text)
     if answer is None:
         return RewardResult(-1.0, 0.0, None)
