@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import threading
 import time
 import traceback
 from collections import deque
@@ -124,6 +125,7 @@ class RewardScorer:
             raise ValueError(f"reward.num_workers={num_workers}: rewards run in worker processes; set >= 1")
         self.reward_name, self.timeout_s, self.failure_score = reward_name, timeout_s, failure_score
         self.logged_failure = False
+        self.lock = threading.Lock()
         self.workers: list[_Worker] = []
         try:
             for _ in range(num_workers):
@@ -157,6 +159,10 @@ class RewardScorer:
         if not len(texts) == len(answers) == len(labels):
             raise ValueError(f"{len(texts)} texts, {len(answers)} answers, {len(labels)} labels: "
                              "one of each per response")
+        with self.lock:  # the workers' pipes carry one batch at a time (actor methods are threads)
+            return self._score(texts, answers, labels)
+
+    def _score(self, texts: list[str], answers: list[str], labels: list[str]) -> ScoredBatch:
         results: list[RewardResult | None] = [None] * len(texts)
         failures: list[RewardFailure] = []
         todo = deque(range(len(texts)))
@@ -179,7 +185,8 @@ class RewardScorer:
                     results[i] = RewardResult(self.failure_score, 0.0, None)
         failures.sort(key=lambda f: f.index)
         self._log_first(failures, labels)
-        return ScoredBatch([r for r in results if r is not None], failures)
+        assert all(r is not None for r in results), "every response gets a result or a failure"
+        return ScoredBatch(results, failures)
 
     def _collect(self, w: _Worker, answered: bool) -> RewardResult | tuple[str, str]:
         """The worker's result, or (reason, detail); a timed-out or dead worker is replaced."""
@@ -189,6 +196,7 @@ class RewardScorer:
         try:
             kind, payload = w.conn.recv()
         except EOFError:
+            w.process.join(5)
             code = w.process.exitcode
             self._replace(w)
             return "worker died", f"the scoring process exited (code {code}) while scoring this response"
