@@ -18,3 +18,16 @@ def test_a_reward_that_raises_on_one_response_is_counted_and_the_run_finishes(tm
     assert [r["reward/errors"] for r in rows] == [1.0, 0.0]
     assert rows[-1]["eval/reward_errors"] == 0.0
     assert all(r["train/optimizer_steps"] >= 1 for r in rows)
+
+
+def test_a_reward_module_that_does_not_import_stops_the_run_at_start_naming_it(tmp_path):
+    try:
+        _train(tmp_path / "run", 1, ["reward.name=tests.reward_module_that_does_not_import:reward"], timeout_s=300)
+    except AssertionError as exc:
+        out = str(exc)
+    else:
+        raise AssertionError("the run started with a reward module that does not import")
+    assert ("ValueError: reward.name='tests.reward_module_that_does_not_import:reward': module "
+            "'tests.reward_module_that_does_not_import' does not import: ModuleNotFoundError: "
+            "No module named 'a_dependency_that_is_not_installed'") in out
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
