@@ -2,8 +2,8 @@
 
 What it does: `RewardScorer` keeps `num_workers` spawned worker processes, each of which loads
 the reward by its `reward.name` at start and calls it on its main thread (math-verify times
-itself out with signal.alarm, which works only there). Each in-flight response has a
-deadline; a response whose reward raises, passes the deadline (its worker is killed and
+itself out with signal.alarm, which works only there). Responses go out in chunks and come
+back one by one, and the response a worker is on has a deadline; a response whose reward raises, passes the deadline (its worker is killed and
 replaced), kills its worker, or returns something that is not a RewardResult with finite
 numbers gets `failure_score` and accuracy 0, is listed in the returned failures, and the first
 failure of the run is logged once with its traceback and the sample's label (prompt id). A
@@ -23,11 +23,13 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from rollout_sglang.rewards import RewardResult, check_result, load_reward_fn
+from rollout_sglang.rewards import RewardFn, RewardResult, check_result, load_reward_fn
 
 log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 300.0
 """How long a worker may take to start and import the reward module."""
+CHUNK_RESPONSES = 16
+"""Responses handed to a worker at once (one pipe round trip per response would cost ~7x)."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,19 @@ def _plain(result: RewardResult) -> RewardResult:
     return RewardResult(float(result.score), float(result.accuracy), pred)
 
 
+def _call(fn: RewardFn, text: str, answer: str) -> tuple[str, RewardResult | str]:
+    """("ok", result) or (what went wrong, traceback / offending value)."""
+    try:
+        result = fn(text, answer)
+    except Exception:
+        return "raised", traceback.format_exc()
+    problem = check_result(result)
+    return ("ok", _plain(result)) if problem is None else ("invalid result", problem)
+
+
 def _worker_main(conn: Connection, reward_name: str) -> None:
-    """A scoring process: load the reward, then answer (text, answer) jobs until None."""
+    """A scoring process: load the reward, then score chunks of (text, answer) until None,
+    sending each result as soon as it is known (the parent times responses one by one)."""
     _die_with_parent()
     try:
         fn = load_reward_fn(reward_name)
@@ -78,14 +91,22 @@ def _worker_main(conn: Connection, reward_name: str) -> None:
         conn.send(("import_error", str(exc)))
         return
     conn.send(("ready", ""))
-    while (job := conn.recv()) is not None:
-        try:
-            result = fn(*job)
-            problem = check_result(result)
-            message = ("ok", _plain(result)) if problem is None else ("invalid result", problem)
-        except Exception:
-            message = ("raised", traceback.format_exc())
-        conn.send(message)
+    while (chunk := conn.recv()) is not None:
+        for text, answer in chunk:
+            conn.send(_call(fn, text, answer))
+
+
+_WORKER_LOST = ("timed out", "worker died")
+
+
+@dataclass
+class _Assignment:
+    """The responses a worker holds."""
+
+    pending: deque[int]
+    """Indices sent to the worker and not answered yet, in the order it scores them."""
+    deadline: float
+    """time.monotonic() by which the first pending response must be answered."""
 
 
 class _Worker:
@@ -106,6 +127,7 @@ class _Worker:
         try:
             kind, detail = self.conn.recv()
         except EOFError:
+            self.process.join(5)
             kind, detail = "import_error", f"the worker process died at start (exit code {self.process.exitcode})"
         if kind != "ready":
             self.kill()
@@ -143,15 +165,15 @@ class RewardScorer:
         self.workers[self.workers.index(worker)] = fresh
         return fresh
 
-    def _send(self, w: _Worker, job: tuple[str, str]) -> _Worker:
-        """Hand `job` to `w`, replacing it first if it died while idle; the worker that took it."""
+    def _send(self, w: _Worker, chunk: list[tuple[str, str]]) -> _Worker:
+        """Hand `chunk` to `w`, replacing it first if it died while idle; the worker that took it."""
         if not w.process.is_alive():
             w = self._replace(w)
         try:
-            w.conn.send(job)
+            w.conn.send(chunk)
         except OSError:  # died between the check and the send
             w = self._replace(w)
-            w.conn.send(job)
+            w.conn.send(chunk)
         return w
 
     def score(self, texts: list[str], answers: list[str], labels: list[str]) -> ScoredBatch:
@@ -160,36 +182,46 @@ class RewardScorer:
             raise ValueError(f"{len(texts)} texts, {len(answers)} answers, {len(labels)} labels: "
                              "one of each per response")
         with self.lock:  # the workers' pipes carry one batch at a time (actor methods are threads)
-            return self._score(texts, answers, labels)
+            results, failures = self._score(texts, answers)
+        self._log_first(failures, labels)
+        return ScoredBatch(results, failures)
 
-    def _score(self, texts: list[str], answers: list[str], labels: list[str]) -> ScoredBatch:
+    def _score(self, texts: list[str], answers: list[str]) -> tuple[list[RewardResult], list[RewardFailure]]:
         results: list[RewardResult | None] = [None] * len(texts)
         failures: list[RewardFailure] = []
         todo = deque(range(len(texts)))
-        busy: dict[_Worker, tuple[int, float]] = {}  # worker -> (index, deadline)
+        busy: dict[_Worker, _Assignment] = {}
         while todo or busy:
             for w in list(self.workers):
                 if w not in busy and todo:
-                    i = todo.popleft()
-                    w = self._send(w, (texts[i], answers[i]))
-                    busy[w] = (i, time.monotonic() + self.timeout_s)
-            next_deadline = min(d for _, d in busy.values())
+                    size = min(CHUNK_RESPONSES, -(-len(todo) // len(self.workers)))  # balanced tail
+                    chunk = [todo.popleft() for _ in range(size)]
+                    w = self._send(w, [(texts[i], answers[i]) for i in chunk])
+                    busy[w] = _Assignment(deque(chunk), time.monotonic() + self.timeout_s)
+            next_deadline = min(a.deadline for a in busy.values())
             ready = wait([w.conn for w in busy], timeout=max(0.0, next_deadline - time.monotonic()))
-            for w in [w for w in list(busy) if w.conn in ready or busy[w][1] <= time.monotonic()]:
-                i, _ = busy.pop(w)
+            for w, a in list(busy.items()):
+                if w.conn not in ready and a.deadline > time.monotonic():
+                    continue
+                i = a.pending.popleft()
                 outcome = self._collect(w, w.conn in ready)
                 if isinstance(outcome, RewardResult):
                     results[i] = outcome
                 else:
                     failures.append(RewardFailure(i, *outcome))
                     results[i] = RewardResult(self.failure_score, 0.0, None)
+                    if outcome[0] in _WORKER_LOST:  # the rest of its chunk goes to another worker
+                        todo.extendleft(reversed(a.pending))
+                        a.pending.clear()
+                a.deadline = time.monotonic() + self.timeout_s  # the worker's next response starts now
+                if not a.pending:
+                    del busy[w]
         failures.sort(key=lambda f: f.index)
-        self._log_first(failures, labels)
         assert all(r is not None for r in results), "every response gets a result or a failure"
-        return ScoredBatch(results, failures)
+        return results, failures
 
     def _collect(self, w: _Worker, answered: bool) -> RewardResult | tuple[str, str]:
-        """The worker's result, or (reason, detail); a timed-out or dead worker is replaced."""
+        """The worker's next result, or (reason, detail); a timed-out or dead worker is replaced."""
         if not answered:
             self._replace(w)
             return "timed out", f"no result within reward.timeout_s={self.timeout_s} s; the worker was killed"

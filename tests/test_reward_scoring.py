@@ -75,3 +75,12 @@ def test_builtin_rewards_score_the_same_in_workers_as_on_this_thread():
 def test_a_reward_that_cannot_be_loaded_fails_at_start_naming_module_and_error(name, expected):
     with pytest.raises(ValueError, match=expected):
         RewardScorer(name, num_workers=1, timeout_s=5.0, failure_score=FAILURE)
+
+
+def test_reward_config_rejects_a_failure_score_or_timeout_that_cannot_work():
+    from megatron_qae.config_sections import RewardConfig
+
+    with pytest.raises(ValueError, match=r"reward.failure_score=nan: must be a finite number"):
+        RewardConfig(failure_score=float("nan"))
+    with pytest.raises(ValueError, match=r"reward.timeout_s=0: must be > 0"):
+        RewardConfig(timeout_s=0)
