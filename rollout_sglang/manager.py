@@ -76,6 +76,12 @@ class RolloutManager:
         e = cfg.engine
         if placements is not None and len(placements) != e.num_engines:
             raise ValueError(f"{len(placements)} colocated placements for engine.num_engines={e.num_engines}")
+        # Rewards run in processes: math-verify needs a main thread (actor methods run on
+        # worker threads), and a hung reward can only be stopped by killing its process.
+        # First, so a reward module that does not import fails before any engine starts.
+        rw = cfg.reward
+        self.scorer = RewardScorer(rw.name, rw.num_workers, rw.timeout_s, rw.failure_score)
+        self.reward_errors = 0
         handles = []
         for i in range(e.num_engines):
             place = placements[i] if placements is not None else None
@@ -86,11 +92,6 @@ class RolloutManager:
         self.engines = [_Engine(h, ray.get(h.url.remote()), e.engine_tp) for h in handles]
         self.requests_retried = 0
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        # Rewards run in processes: math-verify needs a main thread (actor methods run on
-        # worker threads), and a hung reward can only be stopped by killing its process.
-        rw = cfg.reward
-        self.scorer = RewardScorer(rw.name, rw.num_workers, rw.timeout_s, rw.failure_score)
-        self.reward_errors = 0
         d, r = cfg.data, cfg.rollout
         kw = dict(prompt_key=d.prompt_key, answer_key=d.answer_key,
                   apply_chat_template=d.apply_chat_template, max_prompt_tokens=r.max_prompt_tokens)

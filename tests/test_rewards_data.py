@@ -129,3 +129,14 @@ def test_dapo_math_and_aime_parquet_in_verls_schema_load_through_the_trainer_pat
     assert [e.answer for e in evals] == ["231", "204"] * 3
     # The loaded ground truth is what the reward compares with.
     assert dapo_math("... so m^2 n works out.\nAnswer: 231", evals[0].answer).score == 1.0
+
+
+def test_a_prompt_cell_that_is_not_chat_messages_is_refused_naming_the_row(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "1+1="}], "reward_model": {"ground_truth": "2"}},
+            {"prompt": [{"role": "user", "text": "2+2="}], "reward_model": {"ground_truth": "4"}}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"d.jsonl row 1: the prompt is list .* expected a list of chat messages"):
+        load_prompts(tmp_path / "d.jsonl", demo_task.build_tokenizer())
+    with pytest.raises(KeyError, match=r"no column \['question'\]"):
+        pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "d.parquet")
+        load_prompts(tmp_path / "d.parquet", demo_task.build_tokenizer(), prompt_key="question")
