@@ -91,7 +91,8 @@ def test_exact_agreement_with_verl_strict_box_variant():
     for text, gt in generated_responses(seed=2, n=300):
         if rng.random() < 0.7:  # put a box near the end, sometimes unclosed or nested
             inner = rng.choice([gt, gt, gt, "42", "\\frac{1}{2}", "{4}2", "x^{2}"])
-            text += rng.choice([f"\\boxed{{{inner}}}", f"\\boxed{{{inner}", f"\\boxed{{{inner}}}.\n" + "x" * 150])
+            after = "x" * rng.randrange(0, 130)  # the box lands on both sides of the 100-char window
+            text += rng.choice([f"\\boxed{{{inner}}}", f"\\boxed{{{inner}", f"\\boxed{{{inner}}}.\n" + after])
         index = rng.choice([None, None, [0, 10, 20, 30], [1, 2, 3, 150], [5, 6, 7, 280]])
         cases.append((text, gt, index))
     boxed_right = 0
@@ -107,7 +108,9 @@ def test_exact_agreement_with_verl_strict_box_variant():
 
 
 @pytest.mark.parametrize("raw", [a for _, right, wrong in ANSWERS for a in right + wrong]
-                         + ["\\text{\ns}1", "$1$ and $2$", "1 = 2 = 3", "\\fracab", "\\sqrtab", "²"])
+                         + ["\\text{\ns}1", "$1$ and $2$", "1 = 2 = 3", "\\fracab", "\\sqrtab", "²", "\\frac1\n2",
+                            # Multi-line strings: verl's '.' stops at line breaks, so must ours.
+                            "x $1$ y\nz $2$ w", "\\boxed{1}\n\\boxed{2}}", "\\text{a\nb}", "$1\n$2$"])
 def test_normalization_equals_verls_on_every_spelling(raw):
     assert normalize_answer(raw) == VERL.normalize_final_answer(raw)
 
