@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	echo "setting up $(VENV) with $$py"; \
 	[ -x $(PY) ] || "$$py" -m venv $(VENV); \
 	$(PY) -m pip install -q --upgrade pip && \
-	$(PY) -m pip install -q -e '.[test]' && touch $(STAMP)
+	$(PY) -m pip install -q -e '.[test]' && \
+	$(PY) -m pip install -q --no-deps 'verl==0.9.1' && touch $(STAMP)
 
 setup: $(STAMP)
 

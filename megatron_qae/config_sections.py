@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -328,7 +329,7 @@ class EngineConfig:
 @dataclass(frozen=True)
 class RewardConfig:
     name: str = "dapo_math"
-    """'dapo_math' (math-verify, +1/-1), 'arithmetic' (demo), or 'package.module:function'."""
+    """'dapo_math' (verl's DAPO grading, +1/-1), 'dapo_math_strict_box', 'math_verify', 'arithmetic' (demo), or 'package.module:function' (docs/rewards.md)."""
     overlong_buffer_enable: bool = True
     """DAPO overlong penalty: linear in the last overlong_buffer_tokens before the max length."""
     overlong_buffer_tokens: int = 4096
@@ -337,8 +338,15 @@ class RewardConfig:
     """Penalty at the max length (the penalty grows linearly to -factor)."""
     num_workers: int = 2
     """Processes scoring responses (math-verify needs a main thread, so always processes)."""
+    timeout_s: float = 30.0
+    """Seconds one response's reward may take; past it the worker is killed and the response gets failure_score."""
+    failure_score: float = -1.0
+    """Score (accuracy 0) of a response whose reward raised, timed out, or returned a non-number or NaN; counted in reward/errors."""
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.failure_score):
+            _fail("reward.failure_score", self.failure_score, "must be a finite number, e.g. -1.0")
+        _positive("reward.timeout_s", self.timeout_s)
         _positive("reward.overlong_buffer_tokens", self.overlong_buffer_tokens)
         _positive("reward.overlong_penalty_factor", self.overlong_penalty_factor, strict=False)
         _positive("reward.num_workers", self.num_workers)

@@ -21,7 +21,8 @@ import ray
 from rollout_sglang.client import EngineError, SGLangClient
 from rollout_sglang.data import PromptCursor, load_prompts
 from rollout_sglang.engine import RolloutEngine
-from rollout_sglang.rewards import apply_overlong_penalty, load_reward_fn, make_pool, score_batch
+from rollout_sglang.reward_scoring import RewardScorer
+from rollout_sglang.rewards import apply_overlong_penalty
 from rollout_sglang.types import EnginePlacement, Group, Prompt, RolloutBatch, Sample
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,12 @@ class RolloutManager:
         e = cfg.engine
         if placements is not None and len(placements) != e.num_engines:
             raise ValueError(f"{len(placements)} colocated placements for engine.num_engines={e.num_engines}")
+        # Rewards run in processes: math-verify needs a main thread (actor methods run on
+        # worker threads), and a hung reward can only be stopped by killing its process.
+        # First, so a reward module that does not import fails before any engine starts.
+        rw = cfg.reward
+        self.scorer = RewardScorer(rw.name, rw.num_workers, rw.timeout_s, rw.failure_score)
+        self.reward_errors = 0
         handles = []
         for i in range(e.num_engines):
             place = placements[i] if placements is not None else None
@@ -85,9 +92,6 @@ class RolloutManager:
         self.engines = [_Engine(h, ray.get(h.url.remote()), e.engine_tp) for h in handles]
         self.requests_retried = 0
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.reward_fn = load_reward_fn(cfg.reward.name)
-        # math-verify needs a main thread; actor methods run on worker threads, so use processes.
-        self.pool = make_pool(cfg.reward.num_workers)
         d, r = cfg.data, cfg.rollout
         kw = dict(prompt_key=d.prompt_key, answer_key=d.answer_key,
                   apply_chat_template=d.apply_chat_template, max_prompt_tokens=r.max_prompt_tokens)
@@ -166,7 +170,11 @@ class RolloutManager:
         outputs = [o for f in futures for o in f.result()]
         texts = [self.tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outputs]
         answers = [p.answer for p in prompts for _ in range(n)]
-        results = score_batch(self.reward_fn, texts, answers, pool=self.pool)
+        labels = [f"prompt {p.index} (group {self.next_group_id + gi}, sample {k})"
+                  for gi, p in enumerate(prompts) for k in range(n)]
+        scored = self.scorer.score(texts, answers, labels)
+        results = scored.results
+        self.reward_errors += len(scored.failures)
         groups = []
         for gi, prompt in enumerate(prompts):
             samples = []
@@ -193,6 +201,7 @@ class RolloutManager:
         t0 = time.perf_counter()
         params = self._params(r.temperature, r.top_p)
         kept, generated, dropped = [], [], {"all_correct": 0, "all_wrong": 0}
+        errors_before = self.reward_errors
         batches = 0
         while len(kept) < r.prompts_per_step:
             if batches == (r.max_gen_batches if r.dynamic_sampling else 1):
@@ -219,6 +228,7 @@ class RolloutManager:
         metrics["rollout/samples"] = float(sum(len(g.samples) for g in groups))
         metrics["rollout/requests_retried_total"] = float(self.requests_retried)
         metrics["rollout/engine_restarts_total"] = float(sum(en.restarts for en in self.engines))
+        metrics["reward/errors"] = float(self.reward_errors - errors_before)
         return RolloutBatch(groups, policy_version, metrics)
 
     def _metrics(self, groups, generated, dropped, batches, gen_s) -> dict[str, float]:
@@ -247,6 +257,7 @@ class RolloutManager:
         if not self.val_prompts:
             return {}
         r = self.cfg.rollout
+        errors_before = self.reward_errors
         groups = self._generate_groups(self.val_prompts, n_samples, self._params(r.val_temperature, r.val_top_p), -1)
         self.next_group_id -= len(groups)  # evaluation groups are not training groups
         acc = [s.accuracy for g in groups for s in g.samples]
@@ -254,6 +265,7 @@ class RolloutManager:
             f"eval/avg@{n_samples}": sum(acc) / len(acc),
             f"eval/pass@{n_samples}": sum(any(s.accuracy > 0 for s in g.samples) for g in groups) / len(groups),
             "eval/response_len_mean": sum(len(s.response_ids) for g in groups for s in g.samples) / len(acc),
+            "eval/reward_errors": float(self.reward_errors - errors_before),
         }
 
     # ---- state ---------------------------------------------------------------------------
@@ -291,5 +303,5 @@ class RolloutManager:
 
     def shutdown(self) -> None:
         ray.get([en.actor.stop.remote() for en in self.engines])
-        self.pool.shutdown(cancel_futures=True)
+        self.scorer.close()
         self.threads.shutdown(wait=False)

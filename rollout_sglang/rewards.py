@@ -1,19 +1,21 @@
-"""Rewards: the DAPO rule-based math reward, the overlong penalty, and user reward functions.
+"""Reward functions: the result type, the built-in graders by name, user functions, and DAPO's
+overlong penalty.
 
-What it does: `RewardFn` is the protocol (response text, ground truth) -> RewardResult(score,
-accuracy). `dapo_math` checks the answer with math-verify (+1 correct / -1 wrong);
-`arithmetic` (the CPU demo's task) checks an integer answer through the same math-verify path.
+What it does: `RewardFn` is the protocol (decoded response, ground truth) -> RewardResult.
+`load_reward_fn` resolves `reward.name`: a built-in ('dapo_math', the recipes' default and
+verl's DAPO grading; 'dapo_math_strict_box'; 'math_verify'; 'arithmetic', the CPU demo's task)
+or 'package.module:function'. Built-ins are imported only when named, so the demo never loads
+math-verify. `check_result` says why a returned value is not a usable reward.
 `apply_overlong_penalty` is DAPO's linear penalty in the last buffer tokens before the max
-length. `score_batch` runs a reward over many responses in a process pool, because math-verify
-uses signal.alarm, which works only on a main thread. What it does not: decode tokens.
+length. What it does not: run rewards over a batch, time them out or count failures
+(reward_scoring does), or decode tokens.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+import numbers
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,56 +28,67 @@ class RewardResult:
     """Shaped score the advantage uses (e.g. +1 / -1)."""
     accuracy: float
     """0/1 correctness before shaping."""
+    pred: str | None = None
+    """The answer the grader read from the response, for logs; None when it does not say."""
 
 
 class RewardFn(Protocol):
     def __call__(self, response_text: str, ground_truth: str) -> RewardResult: ...
 
 
-def _verify(answer: str, response: str) -> bool:
-    from math_verify import parse, verify
-
-    gold = parse(f"${answer}$")
-    pred = parse(response)
-    return bool(gold) and bool(pred) and bool(verify(gold, pred))
-
-
-def _last_boxed_or_answer(text: str) -> str:
-    """The part of a response math-verify should read: after the last 'Answer:' if present."""
-    idx = text.rfind("Answer:")
-    return text[idx + len("Answer:"):] if idx >= 0 else text
-
-
-def dapo_math(response_text: str, ground_truth: str) -> RewardResult:
-    """+1 when math-verify finds the ground truth in the response (\\boxed{} or 'Answer:'), else -1."""
-    ok = _verify(ground_truth, _last_boxed_or_answer(response_text))
-    return RewardResult(1.0 if ok else -1.0, float(ok))
-
-
 def arithmetic(response_text: str, ground_truth: str) -> RewardResult:
-    """The demo task: the response (up to its end token) must be the integer answer."""
+    """The demo task: the response (up to its end token) must be the integer answer.
+
+    An exact integer comparison: the demo's answers are integers, so a general math grader
+    would only cost start-up time and per-response parsing.
+    """
     text = response_text.strip()
-    ok = text.lstrip("-").isdigit() and _verify(ground_truth, text)
-    return RewardResult(1.0 if ok else -1.0, float(ok))
+    digits = text[1:] if text.startswith("-") else text
+    ok = digits.isascii() and digits.isdigit() and int(text) == int(ground_truth)
+    return RewardResult(1.0 if ok else -1.0, float(ok), text)
 
 
-_BUILTIN = {"dapo_math": dapo_math, "arithmetic": arithmetic}
+BUILTIN_REWARDS = {
+    "dapo_math": "rollout_sglang.reward_dapo:dapo_math",
+    "dapo_math_strict_box": "rollout_sglang.reward_dapo:dapo_math_strict_box",
+    "math_verify": "rollout_sglang.reward_math_verify:math_verify",
+    "arithmetic": "rollout_sglang.rewards:arithmetic",
+}
+"""reward.name of each built-in grader -> where it lives (imported only when named)."""
 
 
 def load_reward_fn(name: str) -> RewardFn:
-    """'dapo_math', 'arithmetic', or 'package.module:function'."""
-    if name in _BUILTIN:
-        return _BUILTIN[name]
-    module_name, sep, attr = name.partition(":")
-    if not sep:
-        raise ValueError(f"reward.name={name!r}: use 'dapo_math', 'arithmetic' or 'package.module:function'")
+    """A built-in name or 'package.module:function'; ValueError naming the module and the
+    import error when it cannot be loaded."""
+    target = BUILTIN_REWARDS.get(name, name)
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward.name={name!r}: use one of {sorted(BUILTIN_REWARDS)} or "
+                         "'package.module:function'")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"reward.name={name!r}: cannot import it ({exc}); check the module path") from exc
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # a user module may fail at import with any error
+        raise ValueError(f"reward.name={name!r}: module {module_name!r} does not import: "
+                         f"{type(exc).__name__}: {exc}; fix the module or PYTHONPATH") from exc
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ValueError(f"reward.name={name!r}: module {module_name!r} has no attribute {attr!r}")
     if not callable(fn):
-        raise ValueError(f"reward.name={name!r} is not callable")
+        raise ValueError(f"reward.name={name!r}: {target} is a {type(fn).__name__}, not a function")
     return fn
+
+
+def check_result(result: object) -> str | None:
+    """Why `result` is not a usable reward (not a RewardResult, or a score / accuracy that is
+    not a finite number), None when it is."""
+    if not isinstance(result, RewardResult):
+        return f"returned {result!r} ({type(result).__name__}), expected a RewardResult"
+    for field in ("score", "accuracy"):
+        value = getattr(result, field)
+        # numbers.Real: Python and numpy scalars (bools included, as verl's acc flag is one).
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            return f"returned {field}={value!r}; rewards must be finite numbers"
+    return None
 
 
 def apply_overlong_penalty(score: float, response_tokens: int, max_response_tokens: int,
@@ -84,48 +97,3 @@ def apply_overlong_penalty(score: float, response_tokens: int, max_response_toke
     expected = max_response_tokens - buffer_tokens
     exceed = response_tokens - expected
     return score + min(-exceed / buffer_tokens * factor, 0.0)
-
-
-def _checked(result: RewardResult, index: int) -> RewardResult:
-    for name in ("score", "accuracy"):
-        value = getattr(result, name)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"reward function returned {name}={value!r} for response {index}; "
-                             "rewards must be finite numbers")
-    return result
-
-
-def _score_one(args: tuple) -> RewardResult:
-    fn, text, answer = args
-    return fn(text, answer)
-
-
-def die_with_parent() -> None:
-    """Pool initializer: on Linux, end this worker when the process that spawned it dies
-    (a killed rollout manager must not leave scoring processes behind)."""
-    import ctypes
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def make_pool(num_workers: int) -> ProcessPoolExecutor:
-    """Scoring processes (spawned: math-verify's signal.alarm needs their main thread)."""
-    return ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=die_with_parent)
-
-
-def score_batch(fn: RewardFn, texts: list[str], answers: list[str], num_workers: int = 0,
-                pool: ProcessPoolExecutor | None = None) -> list[RewardResult]:
-    """Rewards of many responses: in `pool` / `num_workers` processes, else on this thread."""
-    jobs = list(zip([fn] * len(texts), texts, answers))
-    if pool is not None:
-        results = list(pool.map(_score_one, jobs, chunksize=16))
-    elif num_workers > 0:
-        with make_pool(num_workers) as tmp:
-            results = list(tmp.map(_score_one, jobs, chunksize=16))
-    else:
-        results = [_score_one(j) for j in jobs]
-    return [_checked(r, i) for i, r in enumerate(results)]

@@ -1,8 +1,42 @@
-"""A reward whose outcome the tests control: correct iff the response's first character is odd."""
+"""Rewards whose outcome the tests control.
+
+first_char_odd: correct iff the response's first character is an odd digit.
+misbehaving: first_char_odd, except on responses that name a failure ('raise', 'hang', 'nan',
+'text', 'die'), which it then commits. raise_on_first_call: first_char_odd, except that the
+first call in each scoring process raises (an e2e run with one worker fails on exactly one
+response).
+"""
+
+import math
+import os
+import time
 
 from rollout_sglang.rewards import RewardResult
+
+_calls = {"n": 0}
 
 
 def first_char_odd(response_text: str, ground_truth: str) -> RewardResult:
     ok = bool(response_text) and response_text[0].isdigit() and int(response_text[0]) % 2 == 1
     return RewardResult(1.0 if ok else -1.0, float(ok))
+
+
+def misbehaving(response_text: str, ground_truth: str) -> RewardResult:
+    if response_text == "raise":
+        raise RuntimeError("deliberate failure of the test reward")
+    if response_text == "hang":
+        time.sleep(3600)
+    if response_text == "nan":
+        return RewardResult(math.nan, 0.0)
+    if response_text == "text":
+        return "1.0"
+    if response_text == "die":
+        os._exit(3)
+    return first_char_odd(response_text, ground_truth)
+
+
+def raise_on_first_call(response_text: str, ground_truth: str) -> RewardResult:
+    _calls["n"] += 1
+    if _calls["n"] == 1:
+        raise RuntimeError("deliberate failure on the first response this process scores")
+    return first_char_odd(response_text, ground_truth)
