@@ -39,7 +39,7 @@ class ServerState:
     """The model and everything the endpoints share, guarded by one lock."""
 
     def __init__(self, model_path: str, seed: int) -> None:
-        from transformers import AutoConfig, Qwen2ForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_path = model_path
         self.lock = threading.Lock()
@@ -48,9 +48,9 @@ class ServerState:
         self.abort = threading.Event()
         torch.manual_seed(seed)
         if any(Path(model_path).glob("*.safetensors")):
-            self.model = Qwen2ForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
         else:  # the trainer pushes weights before the first rollout
-            self.model = Qwen2ForCausalLM(AutoConfig.from_pretrained(model_path))
+            self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
         self.model.eval()
         self.eos_ids = _eos_ids(self.model.config, model_path)
         self.weight_version = "0"

@@ -19,8 +19,9 @@ from rollout_sglang import demo_task
 from tests import tiny
 
 
-def _train(run_dir: Path, nproc: int, overrides: list[str], timeout_s: float = 420) -> None:
-    model_dir = demo_task.write_demo_model_dir(run_dir.parent / "model", seed=0)
+def _train(run_dir: Path, nproc: int, overrides: list[str], timeout_s: float = 420,
+           model_dir: Path | None = None) -> None:
+    model_dir = model_dir or demo_task.write_demo_model_dir(run_dir.parent / "model", seed=0)
     train_path, val_path = demo_task.write_demo_data(run_dir.parent / "data", seed=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(tiny.ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",

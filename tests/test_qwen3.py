@@ -43,3 +43,25 @@ def test_mapping_round_trips_every_qwen3_tensor(tied):
     expected = {k for k in state if not (tied and k == "lm_head.weight")}
     assert set(back) == expected
     assert all(torch.equal(back[k], state[k]) for k in expected)
+
+
+def test_two_steps_end_to_end_on_a_tiny_qwen3(tmp_path):
+    """torchrun TP=2 + Ray + a CPU engine on a Qwen3 model: the engine samples with exactly the
+    trainer's weights (q/k norms included) after every push."""
+    import json
+
+    from megatron_qae.metrics import read_metrics
+    from rollout_sglang import demo_task
+    from tests.test_e2e import _train
+
+    model_dir = demo_task.write_demo_model_dir(tmp_path / "model", seed=0)
+    hf = json.loads((model_dir / "config.json").read_text())
+    hf.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32, attention_bias=False)
+    (model_dir / "config.json").write_text(json.dumps(hf))
+    run_dir = tmp_path / "run"
+    _train(run_dir, 2, ["run.num_rollout_steps=2", "parallel.tp=2"], model_dir=model_dir)
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["sync/engine_version_min"] == r["sync/engine_version_max"] == r["step"]
+        assert r["train/logprob_gap_rollout"] < 1e-4
