@@ -42,6 +42,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_qae import console
 from megatron_qae.config import Config, load_config, validate_against_model
 from megatron_qae.qwen2_mapping import attention_dims, has_qk_norm, has_qkv_bias
 
@@ -349,8 +350,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0)
     ap.add_argument("--trainer-gpus", type=int, default=None,
                     help="GPUs of the trainer (default: half); the rest run engines")
+    ap.add_argument("--verbose", action="store_true",
+                    help="also show third-party logs and warnings (megatron-core, torch)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     a = ap.parse_args(argv)
+    console.setup(0, a.verbose)  # megatron-core's notices while it builds the meta model stay quiet
     try:
         cfg = load_config(a.config, a.overrides)
         status = plan(cfg, a.nodes, a.gpus_per_node, a.gpu_memory_gib, a.trainer_gpus)

@@ -1,36 +1,45 @@
 """Entry point: `torchrun [...] -m megatron_qae.train --config configs/X.yaml key=value ...`.
 
 What it does: reads the environment once (torchrun's rank variables, defaults for a plain
-single-process `python -m megatron_qae.train`), loads and validates the config, sets up
-logging and runs the loop. What it does not: any training logic (loop.py).
+single-process `python -m megatron_qae.train`), sets up what the terminal shows (our messages;
+third-party logs go to <run_dir>/logs, or to the terminal too with --verbose), loads and
+validates the config and runs the loop. What it does not: any training logic (loop.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from megatron_qae.config import load_config
-from megatron_qae.loop import LaunchEnv, run
+from megatron_qae import console
 from megatron_qae.parallel import single_process_env
+
+
+def local_ray_auth_default(ray_address: str | None, environ: dict) -> None:
+    """Token auth off only for the Ray this process starts for itself (one node, local
+    sockets); a cluster (`ray.address` set) keeps whatever auth it was started with."""
+    if ray_address is None:
+        environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=None, help="YAML file under configs/ (defaults if omitted)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="also show third-party logs and warnings (megatron-core, torch) on the terminal")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. algo.quantile_k=0.6")
     args = ap.parse_args(argv)
     single_process_env()  # a plain `python -m megatron_qae.train` is a world of one
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rank = int(os.environ["RANK"])
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
-    )
+    console.setup(rank, args.verbose)  # before megatron-core is imported: it logs at import
+    from megatron_qae.config import load_config
+    from megatron_qae.loop import LaunchEnv, run
+
     cfg = load_config(args.config, args.overrides)
+    console.attach_run_dir(cfg.run.run_dir, rank)
+    local_ray_auth_default(cfg.ray.address, os.environ)
     env = LaunchEnv(master_address=os.environ["MASTER_ADDR"])
     run(cfg, env)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ from tests import tiny
 
 
 def _train(run_dir: Path, nproc: int, overrides: list[str], timeout_s: float = 420,
-           model_dir: Path | None = None) -> None:
+           model_dir: Path | None = None) -> "subprocess.CompletedProcess":
     model_dir = model_dir or demo_task.write_demo_model_dir(run_dir.parent / "model", seed=0)
     train_path, val_path = demo_task.write_demo_data(run_dir.parent / "data", seed=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(tiny.ROOT)}
@@ -31,13 +32,23 @@ def _train(run_dir: Path, nproc: int, overrides: list[str], timeout_s: float = 4
     proc = tiny.run_logged(cmd, env, timeout_s)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
 
 
 @pytest.fixture(scope="module")
 def e2e_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    _train(run_dir, 2, ["run.num_rollout_steps=2", "run.eval_interval_steps=2"])
+    proc = _train(run_dir, 2, ["run.num_rollout_steps=2", "run.eval_interval_steps=2"])
+    (run_dir / "terminal.txt").write_text(proc.stdout + proc.stderr)
     return run_dir
+
+
+def test_terminal_shows_our_messages_and_third_party_notices_go_to_the_log_file(e2e_run):
+    terminal = (e2e_run / "terminal.txt").read_text()
+    log = (e2e_run / "logs" / "rank0.log").read_text()
+    for notice in ("GPTModel IS DEPRECATED", "Apex is not installed"):  # megatron-core's, at build / import
+        assert notice not in terminal and notice in log
+    assert "megatron_qae" in terminal  # our own records still show
 
 
 def test_two_ranks_two_steps_write_metrics_and_sync_engines(e2e_run):

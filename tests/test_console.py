@@ -1,0 +1,26 @@
+"""Quiet by default: the planner (a plain entry point) prints its plan and nothing of
+megatron-core's or torch's notices, which --verbose brings back."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests import tiny
+
+ARGS = ["--config", "configs/qwen3_14b_base_qae.yaml", "--nodes", "2", "--trainer-gpus", "8"]
+
+
+def _plan(*extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megatron_qae.plan", *ARGS, *extra], cwd=tiny.ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_planner_output_is_ours_alone_unless_verbose():
+    quiet = _plan()
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert quiet.stdout.rstrip().endswith("fits")
+    assert quiet.stderr == "", quiet.stderr[-2000:]
+    loud = _plan("--verbose")
+    assert loud.returncode == 0 and loud.stdout == quiet.stdout
+    assert "GPTModel IS DEPRECATED" in loud.stderr and "Apex is not installed" in loud.stderr
