@@ -85,7 +85,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path):
     src.mkdir()
     (src / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     r = _convert("hf-to-mcore", "--hf-dir", str(src), "--out", str(tmp_path / "o1"))
-    assert r.returncode != 0 and "only Qwen2ForCausalLM" in r.stderr
+    assert r.returncode != 0 and "supported: Qwen2ForCausalLM" in r.stderr and "Qwen3ForCausalLM" in r.stderr
     hf = tiny.tiny_hf_config()
     good = tmp_path / "hf"
     tiny.tiny_hf_model(hf).save_pretrained(good, max_shard_size="20KB")

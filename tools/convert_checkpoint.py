@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_qae import parallel, qwen2_mapping as qm
+from megatron_qae import console, parallel, qwen2_mapping as qm
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
@@ -232,6 +232,8 @@ def export_fp8(hf_dir: Path, out: Path, calib: list[list[int]], device: str) -> 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--verbose", action="store_true",
+                    help="also show third-party logs and warnings (megatron-core, torch, modelopt)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("hf-to-mcore")
     a.add_argument("--hf-dir", type=Path, required=True)
@@ -250,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="--fp8: device for calibration")
     args = ap.parse_args(argv)
+    console.setup(0, args.verbose)  # megatron-core is imported below, lazily
     if args.cmd == "hf-to-mcore":
         print(hf_to_mcore(args.hf_dir, args.out))
     elif not args.fp8:
