@@ -23,7 +23,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. algo.quantile_k=0.6")
     args = ap.parse_args(argv)
     single_process_env()  # a plain `python -m megatron_qae.train` is a world of one
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rank = int(os.environ["RANK"])
     logging.basicConfig(
@@ -31,6 +30,10 @@ def main(argv: list[str] | None = None) -> None:
         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
     )
     cfg = load_config(args.config, args.overrides)
+    if cfg.ray.address is None:
+        # Only the Ray this process starts for itself (one node, local sockets) runs without
+        # token auth; a cluster (ray.address set) keeps whatever auth it was started with.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     env = LaunchEnv(master_address=os.environ["MASTER_ADDR"])
     run(cfg, env)
 

@@ -39,8 +39,10 @@ def servers(started, model_dir):
     state = list(Qwen2ForCausalLM.from_pretrained(model_dir).state_dict().items())
     for url in started:
         client = SGLangClient(url, timeout_s=60.0)
+        client.begin_weight_update()
         client.update_weights_from_tensor([serialize_named_tensors(state)], weight_version="0")
-        assert client.get_weight_version() == "0"
+        client.end_weight_update()
+        assert client.weight_version() == "0"
     return started
 
 

@@ -104,7 +104,7 @@ def main() -> None:
         for url in report["live"]:
             client = SGLangClient(url, timeout_s=60.0)
             out = client.generate([prompt], {"temperature": 1.0, "max_new_tokens": 12}, return_logprob=True)[0]
-            found[url] = (prompt, out.output_ids, out.output_logprobs, client.get_weight_version())
+            found[url] = (prompt, out.output_ids, out.output_logprobs, client.weight_version())
         samples = [found]
     dist.broadcast_object_list(samples, src=0)
     results = {}
