@@ -139,6 +139,10 @@ class RolloutEngine:
         self.mem_fraction_static = mem_fraction_static
         self.extra_args = dict(extra_args or {})
         if backend == "sglang":
+            if python is not None and not os.access(python, os.X_OK):
+                raise ValueError(f"engine.sglang_python={python!r} is not an executable; give the "
+                                 "absolute path of the python that has sglang (`make test` builds "
+                                 ".venv-sglang/bin/python), or leave it unset to use this one")
             validate_server_args(self.extra_args)
         self.startup_timeout_s, self.request_timeout_s = startup_timeout_s, request_timeout_s
         self.log_dir, self.seed = Path(log_dir), seed
@@ -202,11 +206,20 @@ class RolloutEngine:
         return self.url()
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """Terminate the server's whole process group, also after its leader died (a killed
+        SGLang launcher leaves its scheduler and detokenizer processes behind)."""
+        if self.proc is None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of the group is still there
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
