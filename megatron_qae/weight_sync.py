@@ -121,14 +121,14 @@ def _each_client(link: EngineLink, call, what: str) -> list[SGLangClient]:
             f.result()
             accepted.append(c)
         except EngineError as exc:
-            link.failed = link.failed or f"engine {c.base_url} refused {what}: {exc}"
+            link.failed = link.failed or f"engine {c.base_url} did not accept {what}: {exc}"
     return accepted
 
 
 def _open_sessions(link: EngineLink) -> list[SGLangClient]:
     """Open a weight-update session on every engine; on any refusal close the ones opened
     (so no engine is left in a session) and leave `link.failed` set."""
-    opened = _each_client(link, SGLangClient.begin_weight_update, "to begin a weight update")
+    opened = _each_client(link, SGLangClient.begin_weight_update, "a weight-update session (/begin_weight_update)")
     if link.failed:
         _close_sessions(link, opened)
         return []

@@ -34,6 +34,16 @@ def _sample(probs: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Te
     return torch.cat([torch.multinomial(probs[i: i + 1], 1, generator=g) for i, g in enumerate(gens)]).squeeze(-1)
 
 
+def _finish_reason(kind: str, tokens: list[int], max_new: int) -> dict[str, Any]:
+    """SGLang's finish_reason object: the matched stop token, the length limit, or why it
+    was aborted."""
+    if kind == "stop":
+        return {"type": "stop", "matched": tokens[-1]}
+    if kind == "length":
+        return {"type": "length", "length": max_new}
+    return {"type": "abort", "message": "aborted by /pause_generation"}
+
+
 @torch.no_grad()
 def generate_batch(
     model: torch.nn.Module,
@@ -104,7 +114,7 @@ def generate_batch(
         {
             "output_ids": tokens[i],
             "meta_info": {
-                "finish_reason": {"type": reasons[i]},
+                "finish_reason": _finish_reason(reasons[i], tokens[i], max_new),
                 "prompt_tokens": len(rows[i]),
                 "completion_tokens": len(tokens[i]),
                 "output_token_logprobs": [[lp, t, None] for lp, t in zip(logps[i], tokens[i])],

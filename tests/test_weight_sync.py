@@ -90,7 +90,8 @@ def test_engine_killed_before_a_push_is_reported_and_the_rest_sync(model_dir, tm
     with CpuServer(model_dir) as live, CpuServer(model_dir) as doomed:
         (pid,) = tiny.cpu_server_pids(doomed.rsplit(":", 1)[1])
         res = _run(tmp_path, 2, [live, doomed], ["--tp", "2", "--kill-pid", str(pid)])
-    assert "broadcast to the engines failed" in res["report"]["failed"]
+    # Found before any broadcast: the dead engine does not open its session.
+    assert f"engine {doomed} did not accept a weight-update session" in res["report"]["failed"]
     assert res["report"]["live"] == [live] and res["report"]["second_failed"] is None
     assert _max_gap(res["engines"][live]) < 1e-4
 
