@@ -2,8 +2,9 @@
 one server for the module): generation with log-probs and n > 1 checked against transformers;
 full weight pushes from the trainer over a gloo weight-update group (TP=1, TP=2) and by tensor
 handle (colocated), each followed by log-prob parity trainer vs engine through /generate; a
-push the engine refuses is an error naming the engine and SGLang's message, not a hang; CPU
-tensors serialize with sglang importable.
+push the engine refuses is an error naming the engine and SGLang's message, not a hang; with
+sglang importable, CPU tensors serialize and engine arguments are checked against SGLang's
+own parser.
 
 Release / resume of memory is not exercised on this server: SGLang 0.5.23 synchronizes the CUDA
 device in /release_memory_occupation and dies without a GPU (the colocated loop's tag
@@ -117,18 +118,36 @@ def test_refused_update_names_the_engine_and_sglangs_message(url, tmp_path):
     assert client.weight_version() == "0"  # nothing was loaded
 
 
+def _in_sglang_venv(code: str) -> str:
+    """Run `code` with the python that has sglang (our packages and the stand-in on its path)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tiny.ROOT / "tools" / "sglang_cpu"), str(tiny.ROOT)])}
+    proc = subprocess.run([sglang_python(), "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def test_cpu_tensors_serialize_with_sglang_importable():
-    """With sglang importable (its venv), a CPU payload must not go through SGLang's CUDA
-    reductions patch (IndexError there) and must load back."""
-    code = (
-        "import sys, torch\n"
+    """With sglang importable, a CPU payload must not go through SGLang's CUDA reductions
+    patch (IndexError there) and must load back."""
+    out = _in_sglang_venv(
+        "import torch\n"
         "from rollout_sglang.tensor_payload import serialize_named_tensors, deserialize_named_tensors\n"
         "import sglang.srt.utils\n"
         "t = torch.arange(6.0).reshape(2, 3)\n"
         "back = deserialize_named_tensors(serialize_named_tensors([('w', t)]))\n"
         "assert torch.equal(back[0][1], t), back\n"
         "print('ok')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tiny.ROOT / "tools" / "sglang_cpu"), str(tiny.ROOT)]),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sglang_python(), "-c", code], env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    assert out.strip().endswith("ok")
+
+
+def test_server_args_are_checked_against_sglangs_parser():
+    out = _in_sglang_venv(
+        "from rollout_sglang.engine import validate_server_args\n"
+        "validate_server_args({'device': 'cpu', 'max_total_tokens': 64, 'enable_deterministic_inference': True})\n"
+        "try:\n"
+        "    validate_server_args({'max_total_token': 64})\n"
+        "except ValueError as e:\n"
+        "    print(e)\n")
+    assert "engine.sglang_args.max_total_token: not an argument of sglang.launch_server" in out
+    assert "max_total_tokens" in out.split("did you mean", 1)[1]
