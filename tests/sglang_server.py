@@ -33,9 +33,9 @@ def sglang_python() -> str:
 
 @contextlib.contextmanager
 def real_sglang(model_dir: Path, log_dir: Path, api_key: str | None = None,
-                extra: dict | None = None) -> Iterator[RolloutEngine]:
-    """One running real SGLang server; yields the engine (url(), pid(), restart())."""
-    engine = RolloutEngine(str(model_dir), backend="sglang", host="127.0.0.1", port=31000,
+                extra: dict | None = None, port: int = 31000) -> Iterator[RolloutEngine]:
+    """One running real SGLang server (first free port from `port`); yields the engine."""
+    engine = RolloutEngine(str(model_dir), backend="sglang", host="127.0.0.1", port=port,
                            extra_args={**CPU_ARGS, **(extra or {})}, startup_timeout_s=600,
                            request_timeout_s=120, log_dir=str(log_dir), python=sglang_python(),
                            api_key=api_key)

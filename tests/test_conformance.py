@@ -33,7 +33,7 @@ def urls(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("conf_logs")
     cpu = RolloutEngine(str(model_dir), backend="cpu", port=32000, log_dir=str(logs), api_key=KEY)
     try:
-        with real_sglang(model_dir, logs, api_key=KEY) as real:
+        with real_sglang(model_dir, logs, api_key=KEY, port=34000) as real:
             yield {"cpu": cpu.url(), "sglang": real.url()}
     finally:
         cpu.stop()
