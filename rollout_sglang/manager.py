@@ -66,7 +66,8 @@ def _engine_actor(e, place: EnginePlacement | None):
     """The Ray actor class of one engine: its own GPUs, or pinned to its trainer ranks' node."""
     actor = ray.remote(RolloutEngine)
     if place is None:
-        return actor.options(num_cpus=0, num_gpus=e.engine_tp if e.backend == "sglang" else 0)
+        on_gpu = e.backend == "sglang" and e.sglang_args.get("device", "cuda") != "cpu"
+        return actor.options(num_cpus=0, num_gpus=e.engine_tp if on_gpu else 0)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = {n["NodeManagerHostname"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}
