@@ -45,19 +45,27 @@ def test_three_steps_with_real_sglang_and_an_engine_killed_mid_run(tmp_path):
     watcher = threading.Thread(target=kill_after_first_step, daemon=True)
     watcher.start()
     args = {**CPU_ARGS, "load_format": "dummy"}
-    _train(run_dir, 2, ["engine.backend=sglang", "engine.num_engines=2", f"engine.sglang_python={sglang_python()}",
-                        "engine.startup_timeout_s=900", "engine.request_timeout_s=300",
-                        "run.num_rollout_steps=3", "run.log_tensorboard=false",
-                        *[f"engine.sglang_args.{k}={v}" for k, v in args.items()]], timeout_s=1800)
+    try:
+        _train(run_dir, 2, ["engine.backend=sglang", "engine.num_engines=2",
+                            f"engine.sglang_python={sglang_python()}",
+                            "engine.startup_timeout_s=900", "engine.request_timeout_s=300",
+                            "run.num_rollout_steps=3", "run.log_tensorboard=false",
+                            *[f"engine.sglang_args.{k}={v}" for k, v in args.items()]], timeout_s=1800)
+    finally:
+        killed.append(-1)  # stops the watcher
+        leftover = _sglang_pids(model_dir)
+        for pid in leftover:  # a run killed by the timeout leaves its engines: 3 GB each
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+    assert leftover == []  # the run stopped its engines
     watcher.join(timeout=5)
-    assert killed, "the engine was never killed"
+    assert killed[0] > 0, "the engine was never killed"
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[-1]["rollout/engine_restarts_total"] == 1
     for r in rows:
-        # The engine reports, over its own HTTP API (/model_info), the version the trainer
-        # pushed, and sampled with the trainer's exact weights (fp32 on both sides).
+        # Both engines (the restarted one included) report, over their own HTTP API
+        # (/model_info), the version the trainer pushed, and sampled with the trainer's exact
+        # weights (fp32 on both sides).
         assert r["sync/engine_version_min"] == r["sync/engine_version_max"] == r["step"]
         assert r["train/logprob_gap_rollout"] < 1e-4
         assert r["rollout/groups"] == 4
-    assert _sglang_pids(model_dir) == []  # the run stopped its engine
