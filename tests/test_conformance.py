@@ -22,6 +22,9 @@ from tests.sglang_server import real_sglang
 
 KEY = "conformance-key"
 
+# A real SGLang server starts in ~100 s (longer on a busy machine), inside the first test.
+pytestmark = pytest.mark.timeout(1200)
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):

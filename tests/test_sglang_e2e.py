@@ -13,10 +13,14 @@ import threading
 import time
 
 import psutil
+import pytest
 
 from megatron_qae.metrics import read_metrics
 from tests.sglang_server import CPU_ARGS, sglang_python
 from tests.test_e2e import _train
+
+# A real SGLang server starts in ~100 s (longer on a busy machine), inside the first test.
+pytestmark = pytest.mark.timeout(2400)
 
 
 def _sglang_pids(model_dir: str) -> list[int]:

@@ -30,6 +30,9 @@ from tests.sglang_server import real_sglang, sglang_python
 KEY = "tier-key"
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "sync_worker.py"
 
+# A real SGLang server starts in ~100 s (longer on a busy machine), inside the first test.
+pytestmark = pytest.mark.timeout(1200)
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
