@@ -17,6 +17,13 @@ from megatron_qae.loop import LaunchEnv, run
 from megatron_qae.parallel import single_process_env
 
 
+def local_ray_auth_default(ray_address: str | None, environ: dict) -> None:
+    """Token auth off only for the Ray this process starts for itself (one node, local
+    sockets); a cluster (`ray.address` set) keeps whatever auth it was started with."""
+    if ray_address is None:
+        environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=None, help="YAML file under configs/ (defaults if omitted)")
@@ -30,10 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
     )
     cfg = load_config(args.config, args.overrides)
-    if cfg.ray.address is None:
-        # Only the Ray this process starts for itself (one node, local sockets) runs without
-        # token auth; a cluster (ray.address set) keeps whatever auth it was started with.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    local_ray_auth_default(cfg.ray.address, os.environ)
     env = LaunchEnv(master_address=os.environ["MASTER_ADDR"])
     run(cfg, env)
 

@@ -1,7 +1,7 @@
 """The engine launcher: the address an engine binds comes from the node IP Ray reports on a
 multi-node cluster, every engine requires the run's API key, SGLang-on-CPU gets its switch
 and the loud `sgl_kernel` stand-in (and nothing else does), and the CPU KV pool must be
-sized."""
+sized; the entry point leaves Ray auth alone on a cluster."""
 
 from __future__ import annotations
 
@@ -66,3 +66,17 @@ def test_stand_in_kernels_import_and_fail_loudly_when_called():
                           env={**os.environ, "PYTHONPATH": str(CPU_STAND_IN_DIR)})
     assert proc.returncode == 0, proc.stderr
     assert "sgl_kernel.rmsnorm was called" in proc.stdout and "stand-in" in proc.stdout
+
+
+def test_ray_auth_is_turned_off_only_for_the_local_embedded_ray():
+    from megatron_qae.train import local_ray_auth_default
+
+    cluster: dict = {}
+    local_ray_auth_default("head:6379", cluster)
+    assert "RAY_AUTH_MODE" not in cluster
+    local: dict = {}
+    local_ray_auth_default(None, local)
+    assert local == {"RAY_AUTH_MODE": "disabled"}
+    chosen = {"RAY_AUTH_MODE": "token"}
+    local_ray_auth_default(None, chosen)
+    assert chosen == {"RAY_AUTH_MODE": "token"}  # an explicit choice is kept
