@@ -128,7 +128,8 @@ def _each_client(link: EngineLink, call, what: str) -> list[SGLangClient]:
 def _open_sessions(link: EngineLink) -> list[SGLangClient]:
     """Open a weight-update session on every engine; on any refusal close the ones opened
     (so no engine is left in a session) and leave `link.failed` set."""
-    opened = _each_client(link, SGLangClient.begin_weight_update, "a weight-update session (/begin_weight_update)")
+    opened = _each_client(link, SGLangClient.begin_weight_update,
+                          "a weight-update session (/begin_weight_update)")
     if link.failed:
         _close_sessions(link, opened)
         return []
@@ -136,6 +137,7 @@ def _open_sessions(link: EngineLink) -> list[SGLangClient]:
 
 
 def _close_sessions(link: EngineLink, opened: list[SGLangClient], timeout_s: float | None = None) -> None:
+    """End the sessions of `opened`; a refusal sets `link.failed` (the engine and why)."""
     for c in opened:
         try:
             c.end_weight_update(timeout_s)
