@@ -2,7 +2,8 @@
 
 What it does: starts `python -m sglang.launch_server` (with `engine.sglang_python`, so SGLang
 may live in its own venv) or `python -m rollout_sglang.cpu_server` (the same HTTP API) on a
-free port, with the run's API key, waits for /health, checks the server's SGLang version once
+free port, with the run's API key, waits until it serves our model (/model_info; a server
+that lost its port to another process is relaunched on the next), checks its SGLang version once
 per start, reports its URL and process id, tells whether the process is alive, restarts it
 after a crash, and stops it by terminating the process group it started (never by name).
 Extra SGLang arguments are SGLang's own server-argument names (`engine.sglang_args`), checked
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rollout_sglang.client import SGLangClient
+from rollout_sglang.client import EngineError, SGLangClient
 
 CPU_STAND_IN_DIR = Path(__file__).resolve().parents[1] / "tools" / "sglang_cpu"
 """Holds the `sgl_kernel` stand-in put on the server's path for `sglang_args.device=cpu`."""
@@ -152,15 +153,25 @@ class RolloutEngine:
         self._start()
 
     def _start(self) -> None:
-        self.port = _free_port(self.host, self.port_base)
-        cmd = server_command(self.backend, self.model_path, self.host, self.port, self.tp_size,
-                             self.mem_fraction_static, self.extra_args, self.seed, self.colocated,
-                             self.python, self.api_key)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path(), "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env=server_env(self.backend, self.extra_args, self.devices))
-        self._wait_healthy(cmd)
+        """Launch on a free port; another process may take the port while a slow server
+        (SGLang: ~100 s) is still importing, so a server that lost its port is launched
+        again on the next free one (three tries)."""
+        first = self.port_base
+        for _ in range(3):
+            self.port = _free_port(self.host, first)
+            cmd = server_command(self.backend, self.model_path, self.host, self.port, self.tp_size,
+                                 self.mem_fraction_static, self.extra_args, self.seed, self.colocated,
+                                 self.python, self.api_key)
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path(), "ab") as log:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                             env=server_env(self.backend, self.extra_args, self.devices))
+            if self._wait_ready(cmd):
+                break
+            first = self.port + 1
+        else:
+            raise RuntimeError(f"engine lost its port to another process three times (last {self.port}); "
+                               "set engine.port_base to a range nothing else uses")
         try:
             SGLangClient(self.url(), timeout_s=30.0, api_key=self.api_key).check_version()
         except Exception:
@@ -170,21 +181,31 @@ class RolloutEngine:
     def log_path(self) -> Path:
         return self.log_dir / f"engine_{self.port}.log"
 
-    def _wait_healthy(self, cmd: list[str]) -> None:
-        client = SGLangClient(self.url(), timeout_s=5.0)
+    def _wait_ready(self, cmd: list[str]) -> bool:
+        """Wait until our server answers /model_info for our model with our key (not some
+        other process that took the port meanwhile); False if it lost the port."""
+        client = SGLangClient(self.url(), timeout_s=5.0, api_key=self.api_key)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                shown = [a if prev != "--api-key" else "***" for prev, a in zip([""] + cmd, cmd)]
                 tail = self.log_path().read_text(errors="replace")[-2000:]
+                if "address already in use" in tail.lower():
+                    return False
+                shown = [a if prev != "--api-key" else "***" for prev, a in zip([""] + cmd, cmd)]
                 raise RuntimeError(f"engine exited with code {self.proc.returncode} during start-up: "
                                    f"{' '.join(shown)}; end of {self.log_path()}:\n{tail}")
-            if client.health(timeout_s=2.0):
-                return
+            if self._serves_our_model(client):
+                return True
             time.sleep(0.3)
         self.stop()
-        raise TimeoutError(f"engine at {self.url()} not healthy after {self.startup_timeout_s} s; "
-                           f"raise engine.startup_timeout_s or see {self.log_dir}/engine_{self.port}.log")
+        raise TimeoutError(f"engine at {self.url()} not ready after {self.startup_timeout_s} s; "
+                           f"raise engine.startup_timeout_s or see {self.log_path()}")
+
+    def _serves_our_model(self, client: SGLangClient) -> bool:
+        try:
+            return client.model_info().get("model_path") == self.model_path
+        except (EngineError, AttributeError):
+            return False
 
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
