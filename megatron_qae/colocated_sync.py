@@ -5,9 +5,11 @@ What it does: every trainer rank hosts one engine TP rank (engine e on trainer r
 rollout manager where each engine must run. `ColocatedSync.push` gathers the full HF tensors
 on every rank (TP all-gather, PP broadcast, all DP replicas), packs each bucket into one
 buffer per dtype, and sends SGLang's `/update_weights_from_tensor` with one serialized entry
-per engine TP rank: only memory handles travel (CUDA IPC on GPU, shared memory on CPU), no
-copy through a process group. An engine that fails a request is reported, not raised, so
-every rank finishes the collective and the loop can restart the engine and push again.
+per engine TP rank, inside one weight-update session per engine (`/begin_weight_update` ...
+`/end_weight_update`): only memory handles travel (CUDA IPC on GPU, shared memory on CPU), no
+copy through a process group. An engine that refuses (the session or an update) is reported
+with its URL and SGLang's message, not raised, so every rank finishes the collective and the
+loop can restart the engine and push again.
 What it does not: release / resume engine memory (the loop asks the rollout manager) or
 start engines.
 """
@@ -63,10 +65,10 @@ def engine_placements(num_engines: int, engine_tp: int) -> list[EnginePlacement]
 class ColocatedSync:
     """One trainer rank's side of colocated weight sync (create on every rank, same order)."""
 
-    def __init__(self, num_engines: int, engine_tp: int, timeout_s: float) -> None:
+    def __init__(self, num_engines: int, engine_tp: int, timeout_s: float, api_key: str | None = None) -> None:
         world, rank = dist.get_world_size(), dist.get_rank()
         check_colocated_layout(world, num_engines, engine_tp)
-        self.engine_tp, self.timeout_s = engine_tp, timeout_s
+        self.engine_tp, self.timeout_s, self.api_key = engine_tp, timeout_s, api_key
         self.engine_index = rank // engine_tp
         self.first_rank = self.engine_index * engine_tp
         self.is_poster = rank == self.first_rank
@@ -78,12 +80,19 @@ class ColocatedSync:
                 self.group = g
 
     def push(self, policy: Policy, urls: list[str], version: int, bucket_bytes: int,
-             dtype: torch.dtype | None = None) -> tuple[SyncTimes, bool]:
-        """Send every weight to this rank's engine; (times, this rank's engine accepted all)."""
-        client = SGLangClient(urls[self.engine_index], timeout_s=self.timeout_s) if self.is_poster else None
+             dtype: torch.dtype | None = None, api_key: str | None = None) -> tuple[SyncTimes, bool]:
+        """Send every weight to this rank's engine; (times, this rank's engine accepted all).
+        `api_key` is the engines' key (defaults to the one given at construction)."""
+        client = None
+        if self.is_poster:
+            client = SGLangClient(urls[self.engine_index], timeout_s=self.timeout_s,
+                                  api_key=api_key or self.api_key)
         times, state = SyncTimes(), {"ok": True}
+        opened = client is not None and self._call(client, client.begin_weight_update, state)
         for bucket, last in hf_buckets(policy, bucket_bytes, times, dtype, all_replicas=True):
             self._send(client, bucket, version, times, state, flush=last)
+        if opened:  # also after a refused update, so the next push can open a session
+            self._call(client, client.end_weight_update, state)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the freed blocks back before the engine resumes its cache
         return times, state["ok"]
@@ -99,13 +108,22 @@ class ColocatedSync:
             dist.gather_object(text, texts, dst=self.first_rank, group=self.group)
         t1 = time.perf_counter()
         if client is not None and state["ok"]:
-            try:
-                client.update_weights_from_tensor(texts, flush_cache=flush, weight_version=str(version))
-            except EngineError as exc:
-                log.warning("colocated weight sync to %s failed: %s", client.base_url, exc)
-                state["ok"] = False  # keep going: the other ranks are in this collective too
+            self._call(client, lambda: client.update_weights_from_tensor(
+                texts, flush_cache=flush, weight_version=str(version)), state)
         if self.engine_tp > 1:
             dist.barrier(group=self.group)  # the engine has read every rank's buffer: free them
         times.transfer_s += t1 - t0
         times.engine_load_s += time.perf_counter() - t1
         times.bytes += sum(t.numel() * t.element_size() for _, t in packed)
+
+    @staticmethod
+    def _call(client: SGLangClient, request, state: dict) -> bool:
+        """`request()`; a refusal is logged with the engine and SGLang's message and clears
+        state["ok"] instead of raising (the other ranks are in this push's collectives too)."""
+        try:
+            request()
+            return True
+        except EngineError as exc:
+            log.warning("colocated weight sync to engine %s refused: %s", client.base_url, exc)
+            state["ok"] = False
+            return False

@@ -301,7 +301,12 @@ class EngineConfig:
     mem_fraction_static: float = 0.8
     """SGLang --mem-fraction-static (weights + KV cache share of GPU memory)."""
     sglang_args: dict[str, Any] = field(default_factory=dict)
-    """Extra sglang.launch_server arguments, passed as --key value."""
+    """Extra sglang.launch_server arguments by SGLang's own ServerArgs names, passed as
+    --key value (checked against SGLang's parser when sglang is importable). `device: cpu`
+    (with `max_total_tokens`) serves real SGLang on CPU with the tools/sglang_cpu stand-in."""
+    sglang_python: str | None = None
+    """Python interpreter that runs sglang.launch_server (e.g. .venv-sglang/bin/python when
+    SGLang lives in its own venv); None = the trainer's own interpreter."""
     host: str = "127.0.0.1"
     """Address the engines listen on."""
     port_base: int = 30000

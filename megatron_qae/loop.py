@@ -200,8 +200,8 @@ def _sync(policy: Policy, rollout: Rollout | None, colocated: ColocatedSync | No
             ok = link is None or link.failed is None
         else:
             # The broadcast is the barrier: no rank sends before rank 0 has the engines ready.
-            urls = _broadcast(rollout.prepare_colocated() if rollout is not None else None)
-            times, ok = colocated.push(policy, urls, version, e.weight_sync_bucket_bytes)
+            urls, api_key = _broadcast(rollout.prepare_colocated() if rollout is not None else None)
+            times, ok = colocated.push(policy, urls, version, e.weight_sync_bucket_bytes, api_key=api_key)
         failed = torch.tensor([0.0 if ok else 1.0])
         dist.all_reduce(failed)
         if failed.item() == 0:

@@ -1,14 +1,16 @@
 """Global rank 0's handle on the rollout side: Ray, the rollout manager and the weight link.
 
-What it does: connects to (or starts) Ray, creates the RolloutManager actor, forwards
-generate / evaluate / state calls, and keeps the weight-update group with the engines formed,
-re-forming it when the set of engines changed (an engine died and was restarted).
+What it does: connects to (or starts) Ray, draws the run's engine API key, creates the
+RolloutManager actor, forwards generate / evaluate / state calls, and keeps the weight-update
+group with the engines formed, re-forming it when the set of engines changed (an engine died
+and was restarted) or the last push failed. Engine weight versions are read from /model_info.
 What it does not: generate or score (the manager does) or send weights (weight_sync does).
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 import tempfile
 from pathlib import Path
@@ -33,9 +35,11 @@ def _free_port() -> int:
 class Rollout:
     """Driver-side facade over the RolloutManager actor."""
 
-    def __init__(self, cfg, manager, master_address: str) -> None:
+    def __init__(self, cfg, manager, master_address: str, api_key: str) -> None:
         self.cfg = cfg
         self.manager = manager
+        self.api_key = api_key
+        """The run's engine API key: every engine requires it, every client sends it."""
         self.master_address = master_address
         self.link: EngineLink | None = None
         self._endpoints: list[tuple[str, int]] = []
@@ -52,9 +56,10 @@ class Rollout:
                          _temp_dir=tempfile.mkdtemp(prefix="qae-ray-"))
         actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4)
         log_dir = str(Path(cfg.run.run_dir) / "engine_logs")
-        manager = actor.remote(cfg, cfg.model.path, log_dir, placements)
+        api_key = secrets.token_urlsafe(24)
+        manager = actor.remote(cfg, cfg.model.path, log_dir, placements, api_key)
         ray.get(manager.ready.remote())
-        return cls(cfg, manager, master_address)
+        return cls(cfg, manager, master_address, api_key)
 
     def generate(self, policy_version: int) -> RolloutBatch:
         return ray.get(self.manager.generate.remote(policy_version))
@@ -72,21 +77,22 @@ class Rollout:
                 disconnect(self.link)
             backend = "gloo" if not cpu_compat.cuda_available() else "nccl"
             self.link = connect_engines(endpoints, self.master_address, _free_port(), backend,
-                                        self.cfg.engine.request_timeout_s)
+                                        self.cfg.engine.request_timeout_s, self.api_key)
             if restarted:
                 log.warning("re-formed the weight group after restarting %s", restarted)
         self._endpoints = endpoints
         return self.link
 
-    def prepare_colocated(self) -> list[str]:
-        """Colocated: the URL of every engine in engine order, dead ones restarted first and
-        every engine's weight memory back, ready to load (before any rank sends to it)."""
+    def prepare_colocated(self) -> tuple[list[str], str]:
+        """Colocated: the URL of every engine in engine order and the API key, dead ones
+        restarted first and every engine's released weight memory back, ready to load
+        (before any rank sends to it)."""
         restarted = ray.get(self.manager.restart_dead_engines.remote())
         if restarted:
             log.warning("restarted colocated engines %s; they get the weights now", restarted)
         self._endpoints = ray.get(self.manager.engine_endpoints.remote())
         self.resume_memory(["weights"])
-        return [u for u, _ in self._endpoints]
+        return [u for u, _ in self._endpoints], self.api_key
 
     def release_memory(self) -> None:
         """Colocated: engines free weights and KV cache while the trainer trains."""
@@ -99,9 +105,11 @@ class Rollout:
         ray.get(self.manager.mark_synced.remote([u for u, _ in self._endpoints], version))
 
     def engine_versions(self) -> list[int]:
-        """The weight version each engine reports over its own HTTP API."""
-        return [int(SGLangClient(u, timeout_s=self.cfg.engine.request_timeout_s).get_weight_version())
-                for u, _ in self._endpoints]
+        """The weight version each engine reports over its own HTTP API (/model_info); -1
+        for an engine that has had no update yet (SGLang's "default")."""
+        versions = [SGLangClient(u, timeout_s=self.cfg.engine.request_timeout_s, api_key=self.api_key)
+                    .weight_version() for u, _ in self._endpoints]
+        return [int(v) if v.lstrip("-").isdigit() else -1 for v in versions]
 
     def state_dict(self) -> dict:
         return ray.get(self.manager.state_dict.remote())

@@ -2,10 +2,15 @@
 
 What it does: gathers TP shards (all-gather in the TP group) and pipeline stages (broadcast in
 the PP group to global rank 0), maps megatron tensors to HF Qwen2 names with the one pure
-mapping, and sends them in size-bounded buckets: the engines are told the names / dtypes /
-shapes over HTTP (`/update_weights_from_distributed`) while rank 0 broadcasts the tensors over
-the weight-update group that joins it with every engine rank. Timed per phase. What it does
-not: decide when to sync (the loop does) or start engines (the rollout manager does).
+mapping, and sends them in size-bounded buckets inside one weight-update session per engine
+(`/begin_weight_update` ... `/end_weight_update`, required by SGLang >= 0.5.21): the engines
+are told the names / dtypes / shapes over HTTP (`/update_weights_from_distributed`) while
+rank 0 broadcasts the tensors over the weight-update group that joins it with every engine
+rank. No broadcast starts before every engine has opened its session; an engine that refuses
+(its 400 arrives before it would join the broadcast) stops the push at once with an error
+naming the engine and SGLang's message, instead of leaving rank 0 waiting in the broadcast.
+Timed per phase. What it does not: decide when to sync (the loop does) or start engines (the
+rollout manager does).
 
 Every trainer rank calls `push`; only data-parallel replica 0 takes part in the gathers, and
 only global rank 0 talks to the engines.
@@ -64,6 +69,9 @@ class EngineLink:
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8))
     failed: str | None = None
     """Why the last push did not reach every engine (the group must then be re-formed)."""
+    abandoned: list[tuple[dist.Work, list[torch.Tensor]]] = field(default_factory=list)
+    """Broadcasts (and their tensors) left in flight when an engine refused mid-push: the
+    group is not destroyed while they may still block in it."""
 
 
 def connect_engines(
@@ -72,9 +80,10 @@ def connect_engines(
     master_port: int,
     backend: str,
     timeout_s: float,
+    api_key: str | None = None,
 ) -> EngineLink:
     """Form the weight-update group: rank 0 = this process, engine i's TP ranks after it."""
-    clients = [SGLangClient(url, timeout_s=timeout_s) for url, _ in endpoints]
+    clients = [SGLangClient(url, timeout_s=timeout_s, api_key=api_key) for url, _ in endpoints]
     world = 1 + sum(tp for _, tp in endpoints)
     group_name = f"qae_weights_{uuid.uuid4().hex[:8]}"
     pool = ThreadPoolExecutor(max(8, len(clients)))
@@ -92,8 +101,48 @@ def connect_engines(
 
 def disconnect(link: EngineLink) -> None:
     """Drop the weight-update group (engines re-join a new one after a restart)."""
-    destroy_weight_group(link.group)
+    if any(not work.is_completed() for work, _ in link.abandoned):
+        # Destroying a group waits for its queued work, which may wait for an engine that
+        # refused: leave it to the process' exit rather than block the trainer here.
+        log.warning("left weight group %s undestroyed: a refused push left a broadcast in flight",
+                    link.group_name)
+    else:
+        destroy_weight_group(link.group)
     link.pool.shutdown(wait=False)
+
+
+def _each_client(link: EngineLink, call, what: str) -> list[SGLangClient]:
+    """`call(client)` on every engine at once; returns the clients that accepted and sets
+    `link.failed` (naming the engine and its message) for the first refusal."""
+    futures = [(c, link.pool.submit(call, c)) for c in link.clients]
+    accepted = []
+    for c, f in futures:
+        try:
+            f.result()
+            accepted.append(c)
+        except EngineError as exc:
+            link.failed = link.failed or f"engine {c.base_url} did not accept {what}: {exc}"
+    return accepted
+
+
+def _open_sessions(link: EngineLink) -> list[SGLangClient]:
+    """Open a weight-update session on every engine; on any refusal close the ones opened
+    (so no engine is left in a session) and leave `link.failed` set."""
+    opened = _each_client(link, SGLangClient.begin_weight_update,
+                          "a weight-update session (/begin_weight_update)")
+    if link.failed:
+        _close_sessions(link, opened)
+        return []
+    return opened
+
+
+def _close_sessions(link: EngineLink, opened: list[SGLangClient], timeout_s: float | None = None) -> None:
+    """End the sessions of `opened`; a refusal sets `link.failed` (the engine and why)."""
+    for c in opened:
+        try:
+            c.end_weight_update(timeout_s)
+        except EngineError as exc:
+            link.failed = link.failed or f"engine {c.base_url} refused to end the weight update: {exc}"
 
 
 def _send_bucket(link: EngineLink, bucket: list[tuple[str, torch.Tensor]], version: int,
@@ -112,11 +161,7 @@ def _send_bucket(link: EngineLink, bucket: list[tuple[str, torch.Tensor]], versi
         for c in link.clients
     ]
     start = time.perf_counter()
-    try:
-        for _, tensor in bucket:
-            dist.broadcast(tensor.contiguous(), src=0, group=link.group)
-    except RuntimeError as exc:
-        link.failed = f"broadcast to the engines failed: {exc}"
+    _broadcast_watching(link, [t.contiguous() for _, t in bucket], futures)
     sent = time.perf_counter()
     # After a failed broadcast the live engines wait for tensors that will not come; they are
     # released (with an error) when the loop destroys this group, so do not wait for them.
@@ -124,12 +169,31 @@ def _send_bucket(link: EngineLink, bucket: list[tuple[str, torch.Tensor]], versi
         try:
             f.result()
         except EngineError as exc:
-            link.failed = link.failed or f"engine {c.base_url}: {exc}"
+            link.failed = link.failed or f"engine {c.base_url} refused the weight update: {exc}"
     if link.failed:
         log.warning("weight sync incomplete: %s", link.failed)
     times.transfer_s += sent - start
     times.engine_load_s += time.perf_counter() - sent
     times.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+
+
+def _broadcast_watching(link: EngineLink, tensors: list[torch.Tensor], futures: list) -> None:
+    """Broadcast `tensors` from rank 0 while watching the engines' HTTP replies: SGLang
+    answers a refused update (400) without joining the broadcast, so a reply that arrives
+    before the broadcast completes is a refusal and ends the wait (never a hang)."""
+    try:
+        works = [dist.broadcast(t, src=0, group=link.group, async_op=True) for t in tensors]
+        while not all(w.is_completed() for w in works):
+            for c, f in zip(link.clients, futures):
+                if f.done() and f.exception() is not None:
+                    link.failed = f"engine {c.base_url} refused the weight update: {f.exception()}"
+                    link.abandoned += [(w, tensors) for w in works]
+                    return
+            time.sleep(0.001)
+        for w in works:
+            w.wait()  # raises what a completed-with-error broadcast hit (a dead engine)
+    except RuntimeError as exc:
+        link.failed = f"broadcast to the engines failed: {exc}"
 
 
 def stage_tensors(policy: Policy, all_replicas: bool = False):
@@ -174,8 +238,16 @@ def push_weights(policy: Policy, link: EngineLink | None, version: int,
     """
     times = SyncTimes()
     is_sender = dist.get_rank() == 0
+    opened = _open_sessions(link) if is_sender else []
     for bucket, last in hf_buckets(policy, bucket_bytes, times, dtype, map_here=is_sender):
         _send_bucket(link, bucket, version, times, flush=last)
+    if is_sender and not link.failed:
+        _close_sessions(link, opened)
+    elif opened:
+        # Best effort, so the next push can open a session: an engine that refused closes
+        # its session now; one still waiting in the failed broadcast may not answer in time
+        # (it is then restarted if it stays broken).
+        _close_sessions(link, opened, timeout_s=10.0)
     return times
 
 

@@ -1,10 +1,16 @@
-"""HTTP client of SGLang's server API (the endpoints RL training uses).
+"""HTTP client of SGLang's server API (the endpoints RL training uses), SGLang 0.5.21 - 0.5.x.
 
-What it does: token-in / token-out generation with per-token log-probs, the weight-update
-group and distributed / tensor weight updates, pause / continue, memory release / resume,
-cache flush, health and weight version, with SGLang 0.5's request and response schemas.
-The same client talks to `sglang.launch_server` on GPU and to our CPU server. What it does
-not: start servers (engine.py) or retry on another engine (the rollout manager does).
+What it does: token-in / token-out generation with per-token log-probs (one sampling-params
+dict for all rows, or one per row), the weight-update group, weight-update sessions
+(`/begin_weight_update` ... `/end_weight_update`, which SGLang >= 0.5.21 requires around every
+distributed or tensor update), pause / continue, memory release / resume, cache flush,
+health, the weight version (`/model_info`; "default" before the first update) and the server
+version (`/server_info`, checked once against the supported range). Every request carries
+the engine's API key when one is set. The same client talks to `sglang.launch_server` and to
+our CPU server, which implements the same contract. What it does not: start servers
+(engine.py), retry on another engine (the rollout manager does), or remember which memory
+tags an engine released (the rollout manager does: SGLang's scheduler dies on a resume of a
+tag it did not release).
 """
 
 from __future__ import annotations
@@ -14,9 +20,20 @@ from typing import Any
 
 import requests
 
+SUPPORTED_SGLANG = ((0, 5, 21), (0, 6, 0))
+"""[lowest, highest) SGLang server version this client speaks: weight-update sessions arrived
+in 0.5.21, and /model_info reports the weight version since /get_weight_version was removed."""
+
 
 class EngineError(RuntimeError):
     """An engine request failed: names the URL, the endpoint, the status and the message."""
+
+    def __init__(self, message: str, status: int | None = None, body: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        """HTTP status of the reply, None when no reply came (connection refused, timeout)."""
+        self.body = body
+        """The reply's JSON body (or text), None when no reply came."""
 
 
 @dataclass(frozen=True)
@@ -33,14 +50,36 @@ class GenerateOutput:
     """Weight version the engine reported for this response, when it does."""
 
 
+def parse_version(text: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a version string such as '0.5.23' or '0.5.23.post1'."""
+    parts = []
+    for piece in str(text).split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (3 - len(parts)))  # type: ignore[return-value]
+
+
+def check_supported_version(version: str, url: str) -> None:
+    """Raise EngineError when the server's SGLang version is outside SUPPORTED_SGLANG."""
+    low, high = SUPPORTED_SGLANG
+    if not low <= parse_version(version) < high:
+        raise EngineError(
+            f"engine {url} runs SGLang {version}; this trainer speaks SGLang "
+            f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))} (weight-update sessions, "
+            "weight version in /model_info); install sglang==0.5.23 (the version tested)")
+
+
 class SGLangClient:
     """Client of one SGLang-compatible server at `base_url`."""
 
-    def __init__(self, base_url: str, timeout_s: float = 600.0, retries: int = 0) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 600.0, retries: int = 0,
+                 api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.retries = retries
         self._session = requests.Session()
+        if api_key:
+            self._session.headers["Authorization"] = f"Bearer {api_key}"
 
     def _request(self, method: str, endpoint: str, payload: dict | None = None,
                  timeout_s: float | None = None) -> Any:
@@ -52,20 +91,19 @@ class SGLangClient:
             except requests.RequestException as exc:
                 last = exc
                 continue
+            body = _body(resp)
             if resp.status_code != 200:
-                raise EngineError(f"{method} {url} -> HTTP {resp.status_code}: {resp.text[:500]}")
-            if not resp.content:
-                return None
-            try:
-                return resp.json()
-            except ValueError:
-                return resp.text
+                raise EngineError(f"{method} {url} -> HTTP {resp.status_code}: {_message(body)}",
+                                  resp.status_code, body)
+            return body
         raise EngineError(f"{method} {url} failed: {last}") from last
 
-    def _checked(self, endpoint: str, payload: dict) -> dict:
-        out = self._request("POST", endpoint, payload)
+    def _checked(self, endpoint: str, payload: dict, timeout_s: float | None = None) -> dict:
+        """POST to a control endpoint that answers {"success", "message"}; a refusal raises
+        with SGLang's message (SGLang answers 400 with the same body)."""
+        out = self._request("POST", endpoint, payload, timeout_s)
         if isinstance(out, dict) and out.get("success") is False:
-            raise EngineError(f"POST {self.base_url}{endpoint} refused: {out.get('message')}")
+            raise EngineError(f"POST {self.base_url}{endpoint} refused: {out.get('message')}", 200, out)
         return out
 
     def health(self, timeout_s: float = 5.0) -> bool:
@@ -76,18 +114,26 @@ class SGLangClient:
             return False
         return True
 
-    def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any],
+    def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any] | list[dict[str, Any]],
                  return_logprob: bool = True) -> list[GenerateOutput]:
-        """One response per row of `input_ids`, or `sampling_params["n"]` per row, row-major."""
+        """One response per row of `input_ids` (`n` per row when the params say so), row-major.
+
+        `sampling_params` is one dict for every row or a list with one dict per row (how each
+        sample gets its own `sampling_seed`)."""
+        per_row = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
+        if len(per_row) != len(input_ids):
+            raise ValueError(f"{len(per_row)} sampling-params dicts for {len(input_ids)} rows; "
+                             "send one dict, or one per row")
         payload = {"input_ids": input_ids, "sampling_params": sampling_params,
                    "return_logprob": return_logprob, "logprob_start_len": -1}
         out = self._request("POST", "/generate", payload)
         items = out if isinstance(out, list) else [out]
-        expected = len(input_ids) * int(sampling_params.get("n", 1))
+        expected = sum(int(p.get("n", 1)) for p in per_row)
         if len(items) != expected:
             raise EngineError(f"{self.base_url}/generate returned {len(items)} outputs, expected {expected}")
         return [_parse_output(item) for item in items]
 
+    # ---- weight updates ------------------------------------------------------------------
     def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
                                   world_size: int, group_name: str, backend: str = "nccl") -> dict:
         """Ask the engine to join the weight-update group (blocks until the trainer joins)."""
@@ -96,32 +142,49 @@ class SGLangClient:
             "rank_offset": rank_offset, "world_size": world_size,
             "group_name": group_name, "backend": backend})
 
+    def begin_weight_update(self) -> dict:
+        """Open a weight-update session; SGLang refuses updates outside one (and a second
+        session while one is open)."""
+        return self._checked("/begin_weight_update", {})
+
+    def end_weight_update(self, timeout_s: float | None = None) -> dict:
+        """Close the session opened by `begin_weight_update` (finalizes the loaded weights)."""
+        return self._checked("/end_weight_update", {}, timeout_s)
+
     def update_weights_from_distributed(self, names: list[str], dtypes: list[str],
                                         shapes: list[list[int]], group_name: str,
                                         flush_cache: bool = True,
                                         weight_version: str | None = None) -> dict:
-        """Receive `names` by broadcast from rank 0 of the weight group and load them."""
+        """Receive `names` by broadcast from rank 0 of the weight group and load them (inside
+        a session; SGLang answers a refusal before it joins the broadcast)."""
         return self._checked("/update_weights_from_distributed", {
             "names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
             "flush_cache": flush_cache, "weight_version": weight_version})
 
     def update_weights_from_tensor(self, serialized_named_tensors: list[str], load_format: str | None = None,
                                    flush_cache: bool = True, weight_version: str | None = None) -> dict:
-        """Colocated update: tensors serialized by the caller (per engine TP rank)."""
+        """Colocated update (inside a session): tensors serialized by the caller, one entry
+        per engine TP rank."""
         return self._checked("/update_weights_from_tensor", {
             "serialized_named_tensors": serialized_named_tensors, "load_format": load_format,
             "flush_cache": flush_cache, "weight_version": weight_version})
 
-    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
-        """The first `truncate_size` values of parameter `name` (HF name), flattened."""
-        return self._checked("/get_weights_by_name", {"name": name, "truncate_size": truncate_size})
+    # ---- state ---------------------------------------------------------------------------
+    def model_info(self) -> dict:
+        return self._request("GET", "/model_info")
 
-    def get_server_info(self) -> dict:
-        return self._request("GET", "/get_server_info")
+    def server_info(self) -> dict:
+        return self._request("GET", "/server_info")
 
-    def get_weight_version(self) -> str:
-        out = self._request("GET", "/get_weight_version")
-        return str(out["weight_version"] if isinstance(out, dict) else out)
+    def weight_version(self) -> str:
+        """The version of the last update ('default' before the first), from /model_info."""
+        return str(self.model_info()["weight_version"])
+
+    def check_version(self) -> str:
+        """The server's SGLang version, after checking it is in SUPPORTED_SGLANG."""
+        version = str(self.server_info().get("version"))
+        check_supported_version(version, self.base_url)
+        return version
 
     def pause_generation(self, mode: str = "abort") -> None:
         self._request("POST", "/pause_generation", {"mode": mode})
@@ -129,14 +192,38 @@ class SGLangClient:
     def continue_generation(self) -> None:
         self._request("POST", "/continue_generation", {})
 
-    def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+    def release_memory_occupation(self, tags: list[str]) -> None:
+        """Free `tags` ('weights', 'kv_cache'); the caller remembers what it released."""
         self._request("POST", "/release_memory_occupation", {"tags": tags})
 
-    def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+    def resume_memory_occupation(self, tags: list[str]) -> None:
+        """Bring `tags` back; only tags released before (SGLang's scheduler dies otherwise)."""
         self._request("POST", "/resume_memory_occupation", {"tags": tags})
 
     def flush_cache(self) -> None:
         self._request("POST", "/flush_cache")
+
+
+def _body(resp: requests.Response) -> Any:
+    if not resp.content:
+        return None
+    try:
+        return resp.json()
+    except ValueError:
+        return resp.text
+
+
+def _message(body: Any) -> str:
+    """SGLang's error text from any of its error bodies ({"message"}, {"error": {"message"}},
+    {"error": "Unauthorized"}, {"detail"})."""
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])[:500]
+        for key in ("message", "error", "detail"):
+            if key in body:
+                return str(body[key])[:500]
+    return str(body)[:500]
 
 
 def _parse_output(item: dict) -> GenerateOutput:

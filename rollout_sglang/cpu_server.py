@@ -1,14 +1,22 @@
-"""A CPU rollout server that speaks SGLang's HTTP API, generating with transformers.
+"""A CPU rollout server that speaks SGLang 0.5.23's HTTP API, generating with transformers.
 
-What it does: serves /generate (token ids in, token ids and per-token log-probs out; batched
-sampling with temperature / top-p / top-k / stop tokens and a KV cache), receives weights
-from the trainer exactly as SGLang does (/init_weights_update_group joins a standalone
-torch.distributed group, gloo here instead of NCCL; /update_weights_from_distributed receives
-tensors by broadcast from rank 0 and loads them by HF name), and implements pause / continue,
-memory release / resume, flush_cache, health, weight version and get_weights_by_name;
-/update_weights_from_tensor takes SGLang's payload (tensors by shared-memory handle). What it
-does not: paged attention, continuous batching or any GPU feature: it exists so the trainer's
-client and weight-sync path run for real on a CPU-only machine.
+What it does: serves /generate (token ids in, token ids and per-token log-probs out; one
+sampling-params dict or one per row; batched sampling with temperature / top-p / top-k / stop
+tokens and a KV cache), receives weights from the trainer exactly as SGLang does
+(/init_weights_update_group joins a standalone torch.distributed group, gloo here instead of
+NCCL; /update_weights_from_distributed receives tensors by broadcast from rank 0 and loads them
+by HF name; /update_weights_from_tensor takes SGLang's payload, tensors by shared-memory
+handle), and implements pause / continue, memory release / resume per tag, flush_cache,
+health, /model_info (weight version, "default" before the first update) and /server_info.
+It enforces SGLang 0.5.23's contract, refusals included, with SGLang's status codes and
+bodies (tests/test_conformance.py holds it to the real server): updates only inside a
+`/begin_weight_update` ... `/end_weight_update` session (400 outside; a second begin 400),
+`--api-key` required on every route but /health (401), /get_weight_version and
+/get_weights_by_name absent (404). One deliberate difference: resuming a tag that was not
+released is a 400 here, where SGLang's scheduler dies (KeyError); callers must never send it.
+Sampling honours `sampling_seed` always (SGLang only with --enable-deterministic-inference).
+What it does not: paged attention, continuous batching or any GPU feature: it exists so the
+trainer's client and weight-sync path run for real on a CPU-only machine.
 
     python -m rollout_sglang.cpu_server --model-path DIR --host 127.0.0.1 --port 30000
 """
@@ -16,6 +24,7 @@ client and weight-sync path run for real on a CPU-only machine.
 from __future__ import annotations
 
 import argparse
+import hmac
 import logging
 import threading
 from pathlib import Path
@@ -24,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import uvicorn
-from fastapi import Body, FastAPI
+from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from rollout_sglang.sampling import generate_batch
@@ -33,12 +42,15 @@ from rollout_sglang.weight_group import init_weight_group
 
 log = logging.getLogger("cpu_server")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CONTRACT_VERSION = "0.5.23"
+"""The SGLang release whose HTTP contract this server implements (reported by /server_info)."""
+_TAGS = ("weights", "kv_cache", "cuda_graph")
 
 
 class ServerState:
     """The model and everything the endpoints share, guarded by one lock."""
 
-    def __init__(self, model_path: str, seed: int) -> None:
+    def __init__(self, model_path: str, seed: int, api_key: str | None = None) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_path = model_path
@@ -53,9 +65,12 @@ class ServerState:
             self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
         self.model.eval()
         self.eos_ids = _eos_ids(self.model.config, model_path)
-        self.weight_version = "0"
+        self.api_key = api_key
+        self.weight_version = "default"
+        self.session_open = False
         self.groups: dict[str, dist.ProcessGroup] = {}
-        self.released: dict[str, torch.Size] | None = None
+        self.released_tags: set[str] = set()
+        self.released_shapes: dict[str, torch.Size] = {}
         self.release_count = 0
 
     def params(self) -> dict[str, torch.nn.Parameter]:
@@ -75,95 +90,79 @@ def _eos_ids(config, model_path: str) -> list[int]:
 
 
 def _fail(message: str, status: int = 400) -> JSONResponse:
+    """SGLang's refusal of a control request: {"success": false, "message"}."""
     return JSONResponse({"success": False, "message": message}, status_code=status)
+
+
+def _error(message: str, status: int = 400) -> JSONResponse:
+    """SGLang's error body for a request that raised: {"error": {"message"}}."""
+    return JSONResponse({"error": {"message": message}}, status_code=status)
 
 
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI()
+
+    @app.middleware("http")
+    async def require_api_key(request: Request, call_next):
+        # As SGLang's --api-key: every route but /health* needs "Authorization: Bearer KEY".
+        if state.api_key and not request.url.path.startswith("/health"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given, f"Bearer {state.api_key}"):
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)
+        return await call_next(request)
 
     @app.get("/health")
     @app.get("/health_generate")
     def health() -> dict:
         return {"status": "ok"}
 
+    @app.get("/model_info")
     @app.get("/get_model_info")
     def model_info() -> dict:
-        return {"model_path": state.model_path, "is_generation": True}
+        return {"model_path": state.model_path, "is_generation": True,
+                "weight_version": state.weight_version, "model_type": state.model.config.model_type,
+                "architectures": list(state.model.config.architectures or [type(state.model).__name__])}
 
+    @app.get("/server_info")
     @app.get("/get_server_info")
     def server_info() -> dict:
-        return {"model_path": state.model_path, "tp_size": 1, "backend": "cpu", "version": "cpu",
-                "memory_release_count": state.release_count, "weights_released": state.released is not None}
+        return {"model_path": state.model_path, "tp_size": 1, "version": CONTRACT_VERSION,
+                "frontend": "rollout_sglang.cpu_server", "memory_release_count": state.release_count,
+                "released_tags": sorted(state.released_tags)}
 
-    @app.get("/get_weight_version")
-    def weight_version() -> dict:
-        return {"weight_version": state.weight_version}
+    _generation_routes(app, state)
+    _weight_routes(app, state)
+    _memory_routes(app, state)
+    return app
 
+
+def _generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/generate")
     def generate(req: dict[str, Any] = Body(...)) -> Any:
         ids = req.get("input_ids")
         if not ids:
-            return _fail("input_ids is required (token-in/token-out API); text input is not supported")
+            return _error("input_ids is required (token-in/token-out API); text input is not supported")
         single = isinstance(ids[0], int)
         rows = [ids] if single else ids
-        params = dict(req.get("sampling_params") or {})
-        n = int(params.pop("n", 1))
-        rows = [r for r in rows for _ in range(n)]
+        params = req.get("sampling_params") or {}
+        per_row = params if isinstance(params, list) else [params] * len(rows)
+        if len(per_row) != len(rows):
+            return _error(f"{len(per_row)} sampling_params for {len(rows)} input_ids rows")
+        shared = [{k: v for k, v in p.items() if k not in ("sampling_seed", "n")} for p in per_row]
+        if any(s != shared[0] for s in shared):
+            return _error("the CPU server samples a request's rows together: their sampling_params "
+                          "may differ only in sampling_seed and n")
+        counts = [int(p.get("n", 1)) for p in per_row]
+        seeds = [p.get("sampling_seed") for p, c in zip(per_row, counts) for _ in range(c)]
+        rows = [r for r, c in zip(rows, counts) for _ in range(c)]
         state.running.wait()
         with state.lock:
-            if state.released is not None:
-                return _fail("weights are released; call /resume_memory_occupation first", 503)
-            outs = generate_batch(state.model, rows, params, state.eos_ids, state.abort)
+            if "weights" in state.released_tags:
+                return _error("weights are released; call /resume_memory_occupation first", 503)
+            outs = generate_batch(state.model, rows, shared[0], state.eos_ids, state.abort, seeds)
         for o in outs:
             o["meta_info"]["weight_version"] = state.weight_version
-        return outs[0] if single and n == 1 else outs
-
-    @app.post("/init_weights_update_group")
-    def init_group(req: dict[str, Any] = Body(...)) -> Any:
-        try:
-            group = init_weight_group(req["master_address"], int(req["master_port"]),
-                                      int(req["rank_offset"]), int(req["world_size"]),
-                                      req.get("group_name", "weight_update_group"), "gloo")
-        except Exception as exc:  # noqa: BLE001 - reported to the trainer
-            return _fail(f"init_weights_update_group failed: {exc}", 500)
-        state.groups[req.get("group_name", "weight_update_group")] = group
-        return {"success": True, "message": "joined"}
-
-    @app.post("/update_weights_from_distributed")
-    def update_distributed(req: dict[str, Any] = Body(...)) -> Any:
-        group = state.groups.get(req.get("group_name", "weight_update_group"))
-        if group is None:
-            return _fail(f"no weight group {req.get('group_name')!r}; call /init_weights_update_group first")
-        received = []
-        # Receive everything before validating: the trainer is broadcasting all of it.
-        for name, dtype, shape in zip(req["names"], req["dtypes"], req["shapes"]):
-            buf = torch.empty(shape, dtype=_DTYPES[dtype])
-            dist.broadcast(buf, src=0, group=group)
-            received.append((name, buf))
-        return _apply_update(state, received, req.get("weight_version"))
-
-    @app.post("/update_weights_from_tensor")
-    def update_tensor(req: dict[str, Any] = Body(...)) -> Any:
-        # One entry per engine TP rank, as in SGLang; this server is TP rank 0 of 1.
-        entries = req.get("serialized_named_tensors") or []
-        if req.get("load_format") not in (None, "direct"):
-            return _fail(f"load_format={req.get('load_format')!r} is not supported by the CPU server; "
-                         "send a list of (name, tensor) pairs with load_format=None")
-        if not entries:
-            return _fail("serialized_named_tensors is empty; send one entry per engine TP rank")
-        try:
-            named = deserialize_named_tensors(entries[0])
-        except ValueError as exc:
-            return _fail(str(exc))
-        return _apply_update(state, named, req.get("weight_version"))
-
-    @app.post("/get_weights_by_name")
-    def weights_by_name(req: dict[str, Any] = Body(...)) -> Any:
-        with state.lock:
-            param = state.params().get(req.get("name", ""))
-            if param is None:
-                return _fail(f"unknown parameter {req.get('name')!r}")
-            return param.detach().flatten()[: int(req.get("truncate_size", 100))].tolist()
+        return outs[0] if single and len(outs) == 1 else outs
 
     @app.post("/pause_generation")
     def pause(req: dict[str, Any] = Body(default={})) -> dict:
@@ -178,37 +177,114 @@ def build_app(state: ServerState) -> FastAPI:
         state.running.set()
         return {"success": True}
 
-    @app.post("/release_memory_occupation")
-    def release(req: dict[str, Any] = Body(default={})) -> dict:
-        # Tags as SGLang's: "weights" frees the parameters ("kv_cache" holds nothing here,
-        # the cache lives only inside one /generate call).
-        tags = (req or {}).get("tags") or ["weights", "kv_cache"]
-        with state.lock:
-            if "weights" in tags and state.released is None:
-                state.released = {n: p.shape for n, p in state.params().items()}
-                for p in state.params().values():
-                    p.data = torch.empty(0)
-            state.release_count += 1
-        return {"success": True}
-
-    @app.post("/resume_memory_occupation")
-    def resume_memory(req: dict[str, Any] = Body(default={})) -> dict:
-        tags = (req or {}).get("tags") or ["weights", "kv_cache"]
-        with state.lock:
-            if "weights" in tags and state.released is not None:
-                # Like SGLang without a CPU backup: memory is back, its content is not; the
-                # trainer pushes the weights next.
-                for n, p in state.params().items():
-                    p.data = torch.zeros(state.released[n])
-                state.released = None
-        return {"success": True}
-
     @app.post("/flush_cache")
     @app.get("/flush_cache")
     def flush() -> dict:
         return {"success": True}
 
-    return app
+
+def _weight_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/begin_weight_update")
+    def begin(req: dict[str, Any] = Body(default={})) -> Any:
+        with state.lock:
+            if state.session_open:
+                return _fail("a weight-update session is already open; call end_weight_update() first")
+            state.session_open = True
+        return {"success": True, "message": "Success"}
+
+    @app.post("/end_weight_update")
+    def end(req: dict[str, Any] = Body(default={})) -> Any:
+        with state.lock:
+            if not state.session_open:
+                return _fail("no weight-update session is open; call begin_weight_update() first")
+            state.session_open = False
+        return {"success": True, "message": "Success"}
+
+    @app.post("/init_weights_update_group")
+    def init_group(req: dict[str, Any] = Body(...)) -> Any:
+        try:
+            group = init_weight_group(req["master_address"], int(req["master_port"]),
+                                      int(req["rank_offset"]), int(req["world_size"]),
+                                      req.get("group_name", "weight_update_group"), "gloo")
+        except Exception as exc:  # noqa: BLE001 - reported to the trainer
+            return _fail(f"init_weights_update_group failed: {exc}")
+        state.groups[req.get("group_name", "weight_update_group")] = group
+        return {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    @app.post("/update_weights_from_distributed")
+    def update_distributed(req: dict[str, Any] = Body(...)) -> Any:
+        # Every refusal comes before the broadcast is joined, as in SGLang: the trainer sees
+        # the 400 while it waits in the broadcast, and stops.
+        if not state.session_open:
+            return _fail("update_weights_from_distributed must run between begin_weight_update() "
+                         "and end_weight_update()")
+        name = req.get("group_name", "weight_update_group")
+        group = state.groups.get(name)
+        if group is None:
+            return _fail(f"Failed to receive weights: Group {name} not in {sorted(state.groups)}. "
+                         "Please call `init_weights_update_group` first.")
+        received = []
+        # Receive everything before validating: the trainer is broadcasting all of it.
+        for tensor_name, dtype, shape in zip(req["names"], req["dtypes"], req["shapes"]):
+            buf = torch.empty(shape, dtype=_DTYPES[dtype])
+            dist.broadcast(buf, src=0, group=group)
+            received.append((tensor_name, buf))
+        return _apply_update(state, received, req.get("weight_version"))
+
+    @app.post("/update_weights_from_tensor")
+    def update_tensor(req: dict[str, Any] = Body(...)) -> Any:
+        if not state.session_open:
+            return _fail("update_weights_from_tensor must run between begin_weight_update() "
+                         "and end_weight_update()")
+        # One entry per engine TP rank, as in SGLang; this server is TP rank 0 of 1.
+        entries = req.get("serialized_named_tensors") or []
+        if req.get("load_format") not in (None, "direct"):
+            return _fail(f"load_format={req.get('load_format')!r} is not supported by the CPU server; "
+                         "send a list of (name, tensor) pairs with load_format=None")
+        if not entries:
+            return _fail("serialized_named_tensors is empty; send one entry per engine TP rank")
+        try:
+            named = deserialize_named_tensors(entries[0])
+        except ValueError as exc:
+            return _fail(str(exc))
+        return _apply_update(state, named, req.get("weight_version"))
+
+
+def _memory_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/release_memory_occupation")
+    def release(req: dict[str, Any] = Body(default={})) -> Any:
+        # Tags as SGLang's: "weights" frees the parameters ("kv_cache" holds nothing here,
+        # the cache lives only inside one /generate call). None / [] means every tag.
+        tags = (req or {}).get("tags") or list(_TAGS)
+        unknown = sorted(set(tags) - set(_TAGS))
+        if unknown:
+            return _error(f"unknown memory tags {unknown}; use {list(_TAGS)}")
+        with state.lock:
+            if "weights" in tags and "weights" not in state.released_tags:
+                state.released_shapes = {n: p.shape for n, p in state.params().items()}
+                for p in state.params().values():
+                    p.data = torch.empty(0)
+            state.released_tags |= set(tags)
+            state.release_count += 1
+        return None
+
+    @app.post("/resume_memory_occupation")
+    def resume_memory(req: dict[str, Any] = Body(default={})) -> Any:
+        tags = (req or {}).get("tags") or list(_TAGS)
+        with state.lock:
+            missing = sorted(set(tags) - state.released_tags)
+            if missing:
+                # SGLang 0.5.23's scheduler dies on this (KeyError in offload_tags.remove).
+                return _error(f"cannot resume memory tags {missing}: they were not released "
+                              f"(released: {sorted(state.released_tags)}); resume only what "
+                              "/release_memory_occupation released")
+            if "weights" in tags:
+                # Like SGLang without a CPU backup: memory is back, its content is not; the
+                # trainer pushes the weights next.
+                for n, p in state.params().items():
+                    p.data = torch.zeros(state.released_shapes[n])
+            state.released_tags -= set(tags)
+        return None
 
 
 def _apply_update(state: ServerState, named: list[tuple[str, torch.Tensor]], version: Any) -> Any:
@@ -218,7 +294,7 @@ def _apply_update(state: ServerState, named: list[tuple[str, torch.Tensor]], ver
             return _fail(error)
         if version is not None:
             state.weight_version = str(version)
-    return {"success": True, "message": f"loaded {len(named)} tensors"}
+    return {"success": True, "message": f"Succeeded to update parameter online ({len(named)} tensors)."}
 
 
 def _load(state: ServerState, named: list[tuple[str, torch.Tensor]]) -> str | None:
@@ -244,12 +320,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--random-seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32"])
     ap.add_argument("--num-threads", type=int, default=1)
+    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (as SGLang)")
     a = ap.parse_args(argv)
     if a.tp_size != 1:
         raise SystemExit(f"--tp-size {a.tp_size}: the CPU server runs tp 1; use sglang on GPU for more")
     torch.set_num_threads(a.num_threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s cpu_server: %(message)s")
-    state = ServerState(a.model_path, a.random_seed)
+    state = ServerState(a.model_path, a.random_seed, a.api_key)
     uvicorn.run(build_app(state), host=a.host, port=a.port, log_level="warning")
 
 

@@ -5,8 +5,14 @@ current weights, decodes and scores responses (reward fn + overlong penalty), dr
 whose accuracy is all-equal and refills from new generation batches until the step's batch is
 full, and returns typed groups. A failed request is retried on another engine; a group is
 accepted exactly once. Dead engines are restarted on request and get no work until the
-trainer has pushed the current weights to them. What it does not: push weights (the trainer
-owns the weight-update group) or compute advantages.
+trainer has pushed the current weights to them. Remembers which memory tags each engine
+released and resumes only those (SGLang's scheduler dies on a resume of a tag it did not
+release). Every sample gets its own `sampling_seed` from (run seed, group id, sample index):
+the n samples of a group never share a seed. Reproducibility: the CPU server always samples
+from the seed, so a resumed run repeats itself; SGLang honours `sampling_seed` only with
+`--enable-deterministic-inference` (then per (seed, position)) and otherwise samples
+non-reproducibly. What it does not: push weights (the trainer owns the weight-update group)
+or compute advantages.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -37,6 +43,14 @@ class _Engine:
     synced_version: int | None = None
     dead: bool = False
     restarts: int = 0
+    released: set[str] = field(default_factory=set)
+    """Memory tags released and not resumed since (a restarted engine holds everything)."""
+
+
+def sample_seed(run_seed: int, group_id: int, sample_index: int) -> int:
+    """The `sampling_seed` of one sample: distinct for every (group, sample) of a run, and
+    inside SGLang's int64 range."""
+    return ((run_seed * 1_000_003 + group_id) * 4099 + sample_index) % (2**63 - 1)
 
 
 def select_groups(groups: list[Group], dynamic: bool) -> tuple[list[Group], dict[str, int]]:
@@ -53,7 +67,8 @@ def _engine_actor(e, place: EnginePlacement | None):
     """The Ray actor class of one engine: its own GPUs, or pinned to its trainer ranks' node."""
     actor = ray.remote(RolloutEngine)
     if place is None:
-        return actor.options(num_cpus=0, num_gpus=e.engine_tp if e.backend == "sglang" else 0)
+        on_gpu = e.backend == "sglang" and e.sglang_args.get("device", "cuda") != "cpu"
+        return actor.options(num_cpus=0, num_gpus=e.engine_tp if on_gpu else 0)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = {n["NodeManagerHostname"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -69,10 +84,10 @@ class RolloutManager:
     """Owns the engines and the prompt stream of one run."""
 
     def __init__(self, cfg, model_path: str, log_dir: str,
-                 placements: list[EnginePlacement] | None = None) -> None:
+                 placements: list[EnginePlacement] | None = None, api_key: str | None = None) -> None:
         from transformers import AutoTokenizer
 
-        self.cfg = cfg
+        self.cfg, self.api_key = cfg, api_key
         e = cfg.engine
         if placements is not None and len(placements) != e.num_engines:
             raise ValueError(f"{len(placements)} colocated placements for engine.num_engines={e.num_engines}")
@@ -82,13 +97,15 @@ class RolloutManager:
         rw = cfg.reward
         self.scorer = RewardScorer(rw.name, rw.num_workers, rw.timeout_s, rw.failure_score)
         self.reward_errors = 0
+        multi_node = sum(1 for n in ray.nodes() if n["Alive"]) > 1
         handles = []
         for i in range(e.num_engines):
             place = placements[i] if placements is not None else None
             handles.append(_engine_actor(e, place).remote(
                 model_path, e.backend, e.host, e.port_base + 100 * i, e.engine_tp,
                 e.mem_fraction_static, dict(e.sglang_args), e.startup_timeout_s, e.request_timeout_s,
-                log_dir, cfg.run.seed + i, place.devices if place else (), place is not None))
+                log_dir, cfg.run.seed + i, place.devices if place else (), place is not None,
+                python=e.sglang_python, api_key=api_key, bind_node_ip=multi_node))
         self.engines = [_Engine(h, ray.get(h.url.remote()), e.engine_tp) for h in handles]
         self.requests_retried = 0
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -130,7 +147,7 @@ class RolloutManager:
                                       "(engine.max_restarts); see its log under engine_logs/")
                 en.restarts += 1
                 en.url = ray.get(en.actor.restart.remote())
-                en.dead, en.synced_version = False, None
+                en.dead, en.synced_version, en.released = False, None, set()
                 restarted.append(en.url)
                 log.warning("restarted engine, now at %s", en.url)
         return restarted
@@ -143,15 +160,17 @@ class RolloutManager:
         return ready
 
     # ---- generation ----------------------------------------------------------------------
-    def _request(self, rows: list[list[int]], params: dict, first: int) -> list:
+    def _client(self, en: _Engine) -> SGLangClient:
+        return SGLangClient(en.url, timeout_s=self.cfg.engine.request_timeout_s, api_key=self.api_key)
+
+    def _request(self, rows: list[list[int]], params: list[dict], first: int) -> list:
         """Generate `rows` on a serving engine; on failure mark it dead and try the next."""
         tried = 0
         while True:
             serving = self._serving()
             en = serving[(first + tried) % len(serving)]
             try:
-                client = SGLangClient(en.url, timeout_s=self.cfg.engine.request_timeout_s)
-                return client.generate(rows, params, return_logprob=True)
+                return self._client(en).generate(rows, params, return_logprob=True)
             except EngineError as exc:
                 log.warning("engine %s failed (%s); retrying the request elsewhere", en.url, exc)
                 en.dead = True
@@ -161,12 +180,14 @@ class RolloutManager:
     def _generate_groups(self, prompts: list[Prompt], n: int, params: dict, version: int) -> list[Group]:
         per = max(1, _ROWS_PER_REQUEST // n)
         chunks = [prompts[i: i + per] for i in range(0, len(prompts), per)]
-        # A seed per request (from the run seed and the first group id) makes sampling
-        # reproducible whatever engine or thread serves it, so a resumed run repeats itself.
+        # A seed per sample (run seed, group id, sample index), whatever engine or thread
+        # serves it: the group's n samples differ even where SGLang seeds by (seed, position).
         first_ids = [self.next_group_id + i * per for i in range(len(chunks))]
-        futures = [self.threads.submit(self._request, [list(p.prompt_ids) for p in c for _ in range(n)],
-                                       {**params, "sampling_seed": self.cfg.run.seed * 1_000_003 + gid}, i)
-                   for i, (c, gid) in enumerate(zip(chunks, first_ids))]
+        futures = [self.threads.submit(
+            self._request, [list(p.prompt_ids) for p in c for _ in range(n)],
+            [{**params, "sampling_seed": sample_seed(self.cfg.run.seed, gid + k, j)}
+             for k in range(len(c)) for j in range(n)], i)
+            for i, (c, gid) in enumerate(zip(chunks, first_ids))]
         outputs = [o for f in futures for o in f.result()]
         texts = [self.tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outputs]
         answers = [p.answer for p in prompts for _ in range(n)]
@@ -277,24 +298,42 @@ class RolloutManager:
         self.next_group_id = int(state["next_group_id"])
 
     def pause(self) -> None:
-        self._each_live(lambda c: c.pause_generation())
+        self._each_live(lambda en, c: c.pause_generation())
 
     def resume(self) -> None:
-        self._each_live(lambda c: c.continue_generation())
+        self._each_live(lambda en, c: c.continue_generation())
 
     def release_memory(self, tags: list[str]) -> None:
-        """Colocated: engines free `tags` ("weights", "kv_cache") of GPU memory for training."""
-        self._each_live(lambda c: c.release_memory_occupation(tags))
+        """Colocated: engines free `tags` ("weights", "kv_cache") of GPU memory for training;
+        tags an engine already released are not sent again."""
+        def release(en: _Engine, client: SGLangClient) -> None:
+            todo = [t for t in tags if t not in en.released]
+            if todo:
+                client.release_memory_occupation(todo)
+                en.released |= set(todo)
+
+        self._each_live(release)
 
     def resume_memory(self, tags: list[str]) -> None:
-        self._each_live(lambda c: c.resume_memory_occupation(tags))
+        """Bring back those of `tags` each engine released (none for an engine that released
+        nothing, e.g. before the first step or after a restart)."""
+        def resume(en: _Engine, client: SGLangClient) -> None:
+            todo = [t for t in tags if t in en.released]
+            if todo:
+                client.resume_memory_occupation(todo)
+                en.released -= set(todo)
+
+        self._each_live(resume)
+
+    def released_tags(self) -> dict[str, list[str]]:
+        return {en.url: sorted(en.released) for en in self.engines}
 
     def _each_live(self, call) -> None:
-        """`call(client)` on every live engine at once; a failure marks that engine dead (it is
-        restarted, with current weights, at the next weight sync)."""
+        """`call(engine, client)` on every live engine at once; a failure marks that engine
+        dead (it is restarted, with current weights, at the next weight sync)."""
         live = [en for en in self.engines if not en.dead]
-        clients = [SGLangClient(en.url, timeout_s=self.cfg.engine.request_timeout_s) for en in live]
-        for en, f in zip(live, [self.threads.submit(call, c) for c in clients]):
+        futures = [self.threads.submit(call, en, self._client(en)) for en in live]
+        for en, f in zip(live, futures):
             try:
                 f.result()
             except EngineError as exc:

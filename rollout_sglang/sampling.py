@@ -1,8 +1,8 @@
 """Batched autoregressive sampling with a KV cache for the CPU rollout server.
 
 What it does: left-pads a batch of token-id prompts, decodes with transformers' KV cache,
-samples with temperature / top-k / top-p (greedy at temperature 0; seeded per request with
-SGLang's `sampling_seed`), honours max_new_tokens, min_new_tokens and stop tokens, and returns
+samples with temperature / top-k / top-p (greedy at temperature 0; each row seeded by its own
+`sampling_seed` when given), honours max_new_tokens, min_new_tokens and stop tokens, and returns
 SGLang-shaped outputs with the log-prob of each sampled token under the temperature-scaled
 distribution it was sampled from (the trainer takes its log-probs at the same temperature). What it does not: serve HTTP (cpu_server.py).
 """
@@ -29,6 +29,21 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def _sample(probs: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row, each row from its own generator (the global one when None)."""
+    return torch.cat([torch.multinomial(probs[i: i + 1], 1, generator=g) for i, g in enumerate(gens)]).squeeze(-1)
+
+
+def _finish_reason(kind: str, tokens: list[int], max_new: int) -> dict[str, Any]:
+    """SGLang's finish_reason object: the matched stop token, the length limit, or why it
+    was aborted."""
+    if kind == "stop":
+        return {"type": "stop", "matched": tokens[-1]}
+    if kind == "length":
+        return {"type": "length", "length": max_new}
+    return {"type": "abort", "message": "aborted by /pause_generation"}
+
+
 @torch.no_grad()
 def generate_batch(
     model: torch.nn.Module,
@@ -36,15 +51,17 @@ def generate_batch(
     params: dict[str, Any],
     eos_ids: list[int],
     abort: threading.Event | None = None,
+    seeds: list[int | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One SGLang-style output dict per prompt row."""
+    """One SGLang-style output dict per prompt row; `seeds` (one per row) overrides the
+    params' single `sampling_seed`, so the rows of one group sample independently."""
     temperature = float(params.get("temperature", 1.0))
     top_p = float(params.get("top_p", 1.0))
     top_k = int(params.get("top_k", -1))
     max_new = int(params.get("max_new_tokens", 128))
     min_new = int(params.get("min_new_tokens", 0))
-    seed = params.get("sampling_seed")
-    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    seeds = seeds if seeds is not None else [params.get("sampling_seed")] * len(rows)
+    gens = [torch.Generator().manual_seed(int(s)) if s is not None else None for s in seeds]
     stop_ids = set(int(t) for t in (params.get("stop_token_ids") or [])) | set(eos_ids)
     if params.get("ignore_eos"):
         stop_ids = set(int(t) for t in (params.get("stop_token_ids") or []))
@@ -76,7 +93,7 @@ def generate_batch(
         else:
             logp = torch.log_softmax(logits / temperature, -1)
             probs = torch.softmax(_filter_logits(logits / temperature, top_k, top_p), -1)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            nxt = _sample(probs, gens)
         chosen = logp.gather(-1, nxt[:, None]).squeeze(-1)
         for i in range(b):
             if done[i]:
@@ -97,7 +114,7 @@ def generate_batch(
         {
             "output_ids": tokens[i],
             "meta_info": {
-                "finish_reason": {"type": reasons[i]},
+                "finish_reason": _finish_reason(reasons[i], tokens[i], max_new),
                 "prompt_tokens": len(rows[i]),
                 "completion_tokens": len(tokens[i]),
                 "output_token_logprobs": [[lp, t, None] for lp, t in zip(logps[i], tokens[i])],

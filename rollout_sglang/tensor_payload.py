@@ -5,8 +5,11 @@ What it does: turns a list of (HF name, tensor) into the string SGLang's
 `multiprocessing` ForkingPickler dump, in which torch replaces each tensor by a handle to its
 memory: a CUDA IPC handle on GPU, a shared-memory file on CPU), and back, with an unpickler
 that only rebuilds torch objects. The request carries one such string per engine TP rank.
-On GPU, when SGLang is importable, its own serializer is used (it also rewrites CUDA device
-indices to UUIDs so the engine finds the trainer's GPU under its own CUDA_VISIBLE_DEVICES).
+On GPU, when SGLang is importable, its own serializer is used with its CUDA reductions patch
+(device indices rewritten to UUIDs, so the engine finds the trainer's GPU under its own
+CUDA_VISIBLE_DEVICES); the patch is process-wide and breaks the pickling of CPU tensors
+(IndexError in sglang's patch_torch), so it is applied only when a payload of CUDA tensors is
+serialized, never for CPU tensors.
 What it does not: copy tensor data (only handles travel; the sender keeps the tensors alive
 until the engine has loaded them) or send anything over HTTP (the client does).
 """
@@ -47,8 +50,8 @@ def serialize_named_tensors(named: NamedTensors) -> str:
         # Unrelated processes cannot receive file descriptors; shared-memory files by name
         # they can. Process-wide, but only changes how CPU tensors are shared.
         torch.multiprocessing.set_sharing_strategy("file_system")
-    sglang = _sglang_serializer()
-    if sglang is not None and all(t.is_cuda for _, t in named):
+    sglang = _sglang_serializer() if named and all(t.is_cuda for _, t in named) else None
+    if sglang is not None:
         return sglang.serialize(named, output_str=True)
     buf = io.BytesIO()
     ForkingPickler(buf).dump(named)

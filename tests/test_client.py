@@ -80,3 +80,28 @@ def test_refusals_and_http_errors_name_the_endpoint(calls):
     with pytest.raises(EngineError, match="health|failed"):
         c.flush_cache()  # no reply registered: connection refused
     assert c.health() is False
+
+
+def test_server_versions_outside_the_supported_range_are_named():
+    from rollout_sglang.client import check_supported_version
+
+    check_supported_version("0.5.23", "http://h:1234")
+    check_supported_version("0.5.21.post1", "http://h:1234")
+    for old_or_new in ("0.5.20", "0.4.9", "0.6.0"):
+        with pytest.raises(EngineError, match=rf"runs SGLang {old_or_new}; .*>=0\.5\.21,<0\.6\.0"):
+            check_supported_version(old_or_new, "http://h:1234")
+
+
+def test_api_key_goes_in_every_request(calls, monkeypatch):
+    seen = []
+    original = requests.Session.request
+
+    def request(self, method, url, json=None, timeout=None):
+        seen.append(self.headers.get("Authorization"))
+        return original(self, method, url, json=json, timeout=timeout)
+
+    monkeypatch.setattr(requests.Session, "request", request)
+    _, replies = calls
+    replies["/model_info"] = _Resp(200, {"weight_version": "default"})
+    assert SGLangClient("http://h:1234", api_key="k1").weight_version() == "default"
+    assert seen == ["Bearer k1"]

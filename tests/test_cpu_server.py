@@ -68,10 +68,17 @@ def test_stop_tokens_and_n_samples(served):
     assert len(many) == 4 and all(len(o.output_ids) == 3 for o in many)
 
 
+def _push(client: SGLangClient, named: list, version: str) -> None:
+    """One colocated update inside a weight-update session, as the trainer sends it."""
+    client.begin_weight_update()
+    client.update_weights_from_tensor([serialize_named_tensors(named)], weight_version=version)
+    client.end_weight_update()
+
+
 def test_release_then_colocated_update_by_shared_memory(served):
     client, model = served
     client.release_memory_occupation(["weights", "kv_cache"])
-    assert client.get_server_info()["weights_released"]
+    assert client.server_info()["released_tags"] == ["kv_cache", "weights"]
     with pytest.raises(EngineError, match="released"):
         client.generate([[1, 2]], {"max_new_tokens": 1})
     client.resume_memory_occupation(["weights"])
@@ -79,12 +86,9 @@ def test_release_then_colocated_update_by_shared_memory(served):
     # as shared-memory handles, one entry per engine TP rank.
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     new = {n: p * 1.5 + 0.01 for n, p in original.items()}
-    text = serialize_named_tensors(pack_bucket(list(new.items())))
-    client.update_weights_from_tensor([text], weight_version="9")
+    _push(client, pack_bucket(list(new.items())), "9")
     client.resume_memory_occupation(["kv_cache"])
-    assert client.get_weight_version() == "9"
-    name = "model.layers.1.mlp.gate_proj.weight"
-    assert client.get_weights_by_name(name, 50) == new[name].flatten()[:50].tolist()
+    assert client.weight_version() == "9"
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(new[n])
@@ -93,20 +97,33 @@ def test_release_then_colocated_update_by_shared_memory(served):
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(original[n])
-    client.update_weights_from_tensor([serialize_named_tensors(list(original.items()))], weight_version="0")
-    assert client.get_weights_by_name(name, 50) == original[name].flatten()[:50].tolist()
+    _push(client, list(original.items()), "0")
+    out = client.generate([[4, 6, 8]], {"temperature": 0.0, "max_new_tokens": 4, "ignore_eos": True})[0]
+    assert max(abs(a - b) for a, b in zip(out.output_logprobs, _logprobs(model, [4, 6, 8], out.output_ids))) < 1e-5
+
+
+def test_per_row_seeds_give_distinct_reproducible_samples(served):
+    client, _ = served
+    params = {"temperature": 1.0, "max_new_tokens": 8, "ignore_eos": True}
+    rows = [[7, 7, 1]] * 4
+    seeded = [{**params, "sampling_seed": s} for s in (1, 2, 3, 4)]
+    first = [o.output_ids for o in client.generate(rows, seeded)]
+    again = [o.output_ids for o in client.generate(rows, seeded)]
+    assert first == again and len({tuple(o) for o in first}) == 4
 
 
 def test_bad_weight_updates_are_refused_by_name(served):
     client, _ = served
+    client.begin_weight_update()
     with pytest.raises(EngineError, match="refused posix.system"):
         client.update_weights_from_tensor([base64.b64encode(pickle.dumps([("x", os.system)])).decode()])
     with pytest.raises(EngineError, match="shape"):
         client.update_weights_from_tensor([serialize_named_tensors([("model.norm.weight", torch.ones(3))])])
     with pytest.raises(EngineError, match="load_format='flattened_bucket' is not supported"):
         client.update_weights_from_tensor(["x"], load_format="flattened_bucket")
-    with pytest.raises(EngineError, match="no weight group"):
+    with pytest.raises(EngineError, match="Group missing not in"):
         client.update_weights_from_distributed(["model.norm.weight"], ["float32"], [[32]], "missing")
+    client.end_weight_update()
     client.pause_generation()
     client.continue_generation()
     assert client.health()

@@ -61,6 +61,29 @@ def test_dynamic_sampling_keeps_mixed_groups_and_counts_drops(manager):
     assert m["rollout/gen_batches"] == generated / 12
 
 
+def test_memory_resumes_only_the_tags_each_engine_released(manager):
+    # The CPU server refuses (400) a resume of a tag it did not release, where SGLang's
+    # scheduler dies; a refusal would mark the engine dead, so the endpoints count checks it.
+    urls = [u for u, _ in ray.get(manager.engine_endpoints.remote())]
+    ray.get(manager.resume_memory.remote(["weights"]))  # nothing released: nothing sent
+    ray.get(manager.release_memory.remote(["weights", "kv_cache"]))
+    assert ray.get(manager.released_tags.remote()) == {u: ["kv_cache", "weights"] for u in urls}
+    ray.get(manager.resume_memory.remote(["weights"]))
+    ray.get(manager.resume_memory.remote(["weights", "kv_cache"]))  # only kv_cache is left to resume
+    assert ray.get(manager.released_tags.remote()) == {u: [] for u in urls}
+    assert [u for u, _ in ray.get(manager.engine_endpoints.remote())] == urls  # none was marked dead
+    batch = ray.get(manager.generate.remote(0))  # serving again with its weights back
+    assert len(batch.groups) == 6
+
+
+def test_seeds_differ_per_sample_and_repeat_per_run():
+    from rollout_sglang.manager import sample_seed
+
+    seeds = {sample_seed(1, g, j) for g in range(50) for j in range(16)}
+    assert len(seeds) == 50 * 16
+    assert sample_seed(1, 3, 2) == sample_seed(1, 3, 2) != sample_seed(2, 3, 2)
+
+
 def test_killed_engine_mid_rollout_loses_no_group(manager):
     pids = ray.get(manager.engine_pids.remote())
     pending = manager.generate.remote(1)

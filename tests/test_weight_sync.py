@@ -1,15 +1,20 @@
 """After a weight sync, the CPU rollout server's log-probs of its own samples equal the Megatron
 policy's recomputed log-probs: over the weight group (TP=1, TP=2, PP=2) and colocated by
 shared-memory handles (TP=2, one engine per rank); a wrong gate/up mapping must fail this; an
-engine killed before a push makes the push report it without raising or hanging."""
+engine killed before a push makes the push report it without raising or hanging; an engine
+that refuses the session or an update stops the push at once, named with its message."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
+import torch
+
 from benchmarks.server import CpuServer, write_model_dir
+from megatron_qae import weight_sync
 from megatron_qae.colocated_sync import check_colocated_layout
 from rollout_sglang.client import SGLangClient
 from rollout_sglang.tensor_payload import serialize_named_tensors
@@ -39,8 +44,10 @@ def servers(started, model_dir):
     state = list(Qwen2ForCausalLM.from_pretrained(model_dir).state_dict().items())
     for url in started:
         client = SGLangClient(url, timeout_s=60.0)
+        client.begin_weight_update()
         client.update_weights_from_tensor([serialize_named_tensors(state)], weight_version="0")
-        assert client.get_weight_version() == "0"
+        client.end_weight_update()
+        assert client.weight_version() == "0"
     return started
 
 
@@ -83,7 +90,8 @@ def test_engine_killed_before_a_push_is_reported_and_the_rest_sync(model_dir, tm
     with CpuServer(model_dir) as live, CpuServer(model_dir) as doomed:
         (pid,) = tiny.cpu_server_pids(doomed.rsplit(":", 1)[1])
         res = _run(tmp_path, 2, [live, doomed], ["--tp", "2", "--kill-pid", str(pid)])
-    assert "broadcast to the engines failed" in res["report"]["failed"]
+    # Found before any broadcast: the dead engine does not open its session.
+    assert f"engine {doomed} did not accept a weight-update session" in res["report"]["failed"]
     assert res["report"]["live"] == [live] and res["report"]["second_failed"] is None
     assert _max_gap(res["engines"][live]) < 1e-4
 
@@ -94,3 +102,29 @@ def test_colocated_layout_errors_name_the_fix():
     with pytest.raises(ValueError, match="engine.engine_tp=3 must divide the trainer world size 4"):
         check_colocated_layout(4, 1, 3)
     check_colocated_layout(4, 2, 2)
+
+
+def test_refused_session_is_reported_with_the_engine_and_its_message(servers, tmp_path):
+    client = SGLangClient(servers[0], timeout_s=60.0)
+    client.begin_weight_update()  # another session is open: the engine refuses ours
+    try:
+        res = _run(tmp_path, 1, servers[:1], [])
+    finally:
+        client.end_weight_update()
+    failed = res["report"]["second_failed"]
+    assert servers[0] in failed and "a weight-update session is already open" in failed
+    assert client.weight_version() == "0"
+
+
+def test_update_refused_during_the_broadcast_ends_the_wait(servers):
+    """The engine answers 400 without joining the broadcast (an update outside a session,
+    as SGLang 0.5.23 does): rank 0 must stop waiting in the broadcast at once."""
+    link = weight_sync.connect_engines([(servers[0], 1)], "127.0.0.1", tiny.free_port(), "gloo", 90.0)
+    bucket = [("model.norm.weight", torch.zeros(16 * 1024 * 1024))]  # 64 MB: beyond socket buffers
+    t0 = time.monotonic()
+    weight_sync._send_bucket(link, bucket, 1, weight_sync.SyncTimes(), flush=True)
+    elapsed = time.monotonic() - t0
+    weight_sync.disconnect(link)
+    assert link.failed is not None and servers[0] in link.failed
+    assert "must run between begin_weight_update() and end_weight_update()" in link.failed
+    assert elapsed < 30

@@ -9,6 +9,7 @@ CPU server, TP rank 0 of 1, loads entry 0).
 `--kill-pid P` (distributed): server P is killed after the group is formed; the push must
 report the failure without raising, and a group re-formed with the live servers must work.
 `--corrupt` swaps gate/up in the HF mapping on the way out: the comparison must then fail.
+`--api-key K` is sent with every request (the real SGLang server of the tier requires one).
 Writes {url: {rollout, trainer, engine_version}} plus the sync report.
 """
 
@@ -51,14 +52,15 @@ def _push(a, policy) -> dict:
     """Push version 3 as `a.mode` says; returns what the test checks about the push itself."""
     urls = a.urls.split(",")
     if a.mode == "colocated":
-        sync = ColocatedSync(len(urls), a.engine_tp, 60.0)
+        sync = ColocatedSync(len(urls), a.engine_tp, 120.0, api_key=a.api_key)
         times, ok = sync.push(policy, urls, version=3, bucket_bytes=4096)
         oks = [None] * dist.get_world_size()
         dist.all_gather_object(oks, ok)
         return {"ok": oks, "bytes": times.bytes, "live": urls}
     link, report = None, {"live": urls}
     if dist.get_rank() == 0:
-        link = weight_sync.connect_engines([(u, 1) for u in urls], "127.0.0.1", tiny.free_port(), "gloo", 60.0)
+        link = weight_sync.connect_engines([(u, 1) for u in urls], "127.0.0.1", tiny.free_port(), "gloo",
+                                           120.0, a.api_key)
         if a.kill_pid:
             os.kill(a.kill_pid, signal.SIGKILL)
             time.sleep(0.5)
@@ -69,7 +71,8 @@ def _push(a, policy) -> dict:
             weight_sync.disconnect(link)
             live = [u for u in urls if SGLangClient(u, timeout_s=5.0).health()]
             report["live"] = live
-            link = weight_sync.connect_engines([(u, 1) for u in live], "127.0.0.1", tiny.free_port(), "gloo", 60.0)
+            link = weight_sync.connect_engines([(u, 1) for u in live], "127.0.0.1", tiny.free_port(), "gloo",
+                                               120.0, a.api_key)
         weight_sync.push_weights(policy, link, version=3, bucket_bytes=4096)
     if link is not None:
         report["second_failed"] = link.failed
@@ -89,6 +92,7 @@ def main() -> None:
     ap.add_argument("--kill-pid", type=int, default=0)
     ap.add_argument("--corrupt", action="store_true")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--api-key", default=None)
     a = ap.parse_args()
     if a.corrupt:
         corrupt_mapping()
@@ -102,9 +106,9 @@ def main() -> None:
     if dist.get_rank() == 0:
         prompt, found = [5, 9, 11, 3], {}
         for url in report["live"]:
-            client = SGLangClient(url, timeout_s=60.0)
+            client = SGLangClient(url, timeout_s=120.0, api_key=a.api_key)
             out = client.generate([prompt], {"temperature": 1.0, "max_new_tokens": 12}, return_logprob=True)[0]
-            found[url] = (prompt, out.output_ids, out.output_logprobs, client.get_weight_version())
+            found[url] = (prompt, out.output_ids, out.output_logprobs, client.weight_version())
         samples = [found]
     dist.broadcast_object_list(samples, src=0)
     results = {}

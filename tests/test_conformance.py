@@ -1,0 +1,132 @@
+"""Our CPU server against real SGLang 0.5.23: one scripted scenario through the client, run on
+both servers, must give the same status codes and response shapes, refusals included
+(updates outside a weight-update session, a second session, a session closed twice, an
+unknown weight group, a request without the API key, removed routes); then greedy generation
+on both with the same fp32 weights gives the same tokens and log-probs.
+
+The real server is `sglang.launch_server --device cpu` from .venv-sglang, started once for the
+module by our own launcher.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.server import write_model_dir
+from rollout_sglang.client import EngineError, SGLangClient
+from rollout_sglang.engine import RolloutEngine
+from rollout_sglang.tensor_payload import pack_bucket, serialize_named_tensors
+from tests import tiny
+from tests.sglang_server import real_sglang
+
+KEY = "conformance-key"
+
+# A real SGLang server starts in ~100 s (longer on a busy machine), inside the first test.
+pytestmark = pytest.mark.timeout(1200)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_model_dir(tmp_path_factory.mktemp("conf") / "model", tiny.tiny_hf_config(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def urls(model_dir, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("conf_logs")
+    cpu = RolloutEngine(str(model_dir), backend="cpu", port=32000, log_dir=str(logs), api_key=KEY)
+    try:
+        with real_sglang(model_dir, logs, api_key=KEY, port=34000) as real:
+            yield {"cpu": cpu.url(), "sglang": real.url()}
+    finally:
+        cpu.stop()
+
+
+def _shape(body) -> object:
+    """What a client may rely on in a reply: dict keys (and the success flag), list lengths
+    and element shapes; not the free text of messages."""
+    if isinstance(body, dict):
+        return {k: (body[k] if k == "success" else _shape(body[k]) if isinstance(body[k], dict) else
+                    type(body[k]).__name__) for k in sorted(body)}
+    if isinstance(body, list):
+        return [len(body)] + ([_shape(body[0])] if body else [])
+    return type(body).__name__
+
+
+def _step(record: list, name: str, call) -> object:
+    try:
+        body = call()
+        record.append((name, 200, _shape(body)))
+        return body
+    except EngineError as exc:
+        record.append((name, exc.status, _shape(exc.body)))
+        return exc
+
+
+def scenario(url: str, model_dir) -> list[tuple[str, int | None, object]]:
+    """The script: every step's (name, HTTP status, reply shape)."""
+    from transformers import Qwen2ForCausalLM
+
+    client = SGLangClient(url, timeout_s=120, api_key=KEY)
+    anonymous = SGLangClient(url, timeout_s=30)
+    named = list(Qwen2ForCausalLM.from_pretrained(model_dir).state_dict().items())
+    update = [serialize_named_tensors(pack_bucket(named))]
+    rec: list = []
+    assert client.check_version() == "0.5.23"
+    assert client.weight_version() == "default"
+    assert anonymous.health()  # /health needs no key
+    _step(rec, "model_info without key", anonymous.model_info)
+    _step(rec, "generate without key", lambda: anonymous.generate([[1, 2]], {"max_new_tokens": 1}))
+    _step(rec, "removed /get_weight_version", lambda: client._request("GET", "/get_weight_version"))
+    _step(rec, "tensor update outside a session", lambda: client.update_weights_from_tensor(update, weight_version="1"))
+    _step(rec, "distributed update outside a session", lambda: client.update_weights_from_distributed(
+        ["model.norm.weight"], ["float32"], [[32]], "weight_update_group"))
+    _step(rec, "end without begin", client.end_weight_update)
+    _step(rec, "begin", client.begin_weight_update)
+    _step(rec, "begin twice", client.begin_weight_update)
+    _step(rec, "distributed update, unknown group", lambda: client.update_weights_from_distributed(
+        ["model.norm.weight"], ["float32"], [[32]], "no_such_group"))
+    _step(rec, "tensor update in the session", lambda: client.update_weights_from_tensor(update, weight_version="1"))
+    _step(rec, "end", client.end_weight_update)
+    assert client.weight_version() == "1"
+    seeded = [{"temperature": 1.0, "max_new_tokens": 3, "ignore_eos": True, "sampling_seed": s} for s in (1, 2)]
+    _step(rec, "generate, params per row", lambda: client._request("POST", "/generate", {
+        "input_ids": [[5, 9, 11], [5, 9, 11]], "sampling_params": seeded, "return_logprob": True,
+        "logprob_start_len": -1}))
+    _step(rec, "generate, n=2", lambda: client.generate([[5, 9, 11], [3, 4]], {"max_new_tokens": 2, "n": 2}))
+    return rec
+
+
+def _keys_the_client_reads(rec) -> list:
+    """Generate replies carry many fields on SGLang; the client reads these."""
+    out = []
+    for name, status, shape in rec:
+        if name == "generate, params per row":
+            n, item = shape
+            read = {"output_ids": item["output_ids"],
+                    "meta_info": {k: item["meta_info"][k] for k in
+                                  ("finish_reason", "output_token_logprobs", "weight_version")}}
+            shape = [n, read]
+        out.append((name, status, shape))
+    return out
+
+
+def test_cpu_server_answers_the_scenario_as_sglang_does(urls, model_dir):
+    real = _keys_the_client_reads(scenario(urls["sglang"], model_dir))
+    cpu = _keys_the_client_reads(scenario(urls["cpu"], model_dir))
+    for expected, got in zip(real, cpu):
+        assert got == expected, f"CPU server differs from SGLang at {expected[0]!r}: {got} != {expected}"
+    assert len(real) == len(cpu)
+    statuses = {name: status for name, status, _ in real}
+    assert statuses["tensor update outside a session"] == 400  # the refusal the issue is about
+    assert statuses["model_info without key"] == 401 and statuses["removed /get_weight_version"] == 404
+
+
+def test_same_weights_same_greedy_tokens_and_logprobs(urls):
+    prompts = [[5, 9, 11], [3, 4, 8, 20, 21]]
+    params = {"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True}
+    outs = {k: SGLangClient(u, timeout_s=120, api_key=KEY).generate(prompts, params) for k, u in urls.items()}
+    for real, cpu in zip(outs["sglang"], outs["cpu"]):
+        assert real.output_ids == cpu.output_ids
+        assert max(abs(a - b) for a, b in zip(real.output_logprobs, cpu.output_logprobs)) < 1e-4
+        assert torch.isfinite(torch.tensor(real.output_logprobs)).all()

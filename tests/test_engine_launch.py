@@ -1,0 +1,82 @@
+"""The engine launcher: the address an engine binds comes from the node IP Ray reports on a
+multi-node cluster, every engine requires the run's API key, SGLang-on-CPU gets its switch
+and the loud `sgl_kernel` stand-in (and nothing else does), and the CPU KV pool must be
+sized; the entry point leaves Ray auth alone on a cluster."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import ray.util
+
+from benchmarks.server import write_model_dir
+from rollout_sglang.client import EngineError, SGLangClient
+from rollout_sglang.engine import CPU_STAND_IN_DIR, RolloutEngine, engine_host, server_command, server_env
+from tests import tiny
+
+
+def test_engine_host_is_the_node_ip_only_on_a_multi_node_cluster():
+    assert engine_host("127.0.0.1", "10.0.0.7", num_nodes=1) == "127.0.0.1"
+    assert engine_host("127.0.0.1", "10.0.0.7", num_nodes=3) == "10.0.0.7"
+    assert engine_host("localhost", "10.0.0.7", num_nodes=2) == "10.0.0.7"
+    assert engine_host("0.0.0.0", "10.0.0.7", num_nodes=2) == "0.0.0.0"  # an explicit choice stays
+
+
+def test_engine_binds_the_reported_node_ip_and_requires_the_api_key(tmp_path, monkeypatch):
+    # The node IP Ray reports, here a loopback address other than 127.0.0.1 so the test
+    # reaches nothing beyond this machine.
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.2")
+    model = write_model_dir(tmp_path / "model", tiny.tiny_hf_config(), seed=0)
+    engine = RolloutEngine(str(model), backend="cpu", port=33000, log_dir=str(tmp_path),
+                           api_key="s3cret", bind_node_ip=True)
+    try:
+        assert engine.url().startswith("http://127.0.0.2:")
+        with pytest.raises(EngineError) as refused:
+            SGLangClient(engine.url(), timeout_s=30).model_info()
+        assert refused.value.status == 401
+        assert SGLangClient(engine.url(), timeout_s=30, api_key="s3cret").weight_version() == "default"
+    finally:
+        engine.stop()
+
+
+def test_sglang_on_cpu_gets_the_stand_in_and_a_sized_kv_pool():
+    args = {"device": "cpu", "max_total_tokens": 1024}
+    cmd = server_command("sglang", "/m", "127.0.0.1", 1, 1, 0.8, args, 0, python="/venv/bin/python",
+                         api_key="k")
+    assert cmd[:3] == ["/venv/bin/python", "-m", "sglang.launch_server"]
+    assert cmd[cmd.index("--api-key") + 1] == "k" and cmd[cmd.index("--device") + 1] == "cpu"
+    env = server_env("sglang", args, ())
+    assert env["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(CPU_STAND_IN_DIR)
+    gpu = server_env("sglang", {}, ("GPU-1",))
+    assert "SGLANG_USE_CPU_ENGINE" not in gpu and str(CPU_STAND_IN_DIR) not in gpu.get("PYTHONPATH", "")
+    with pytest.raises(ValueError, match="max_total_tokens"):
+        server_command("sglang", "/m", "127.0.0.1", 1, 1, 0.8, {"device": "cpu"}, 0)
+
+
+def test_stand_in_kernels_import_and_fail_loudly_when_called():
+    code = ("import sgl_kernel\n"
+            "from sgl_kernel import rmsnorm\n"
+            "from sgl_kernel.kvcacheio import transfer_kv_per_layer\n"
+            "try:\n    rmsnorm(1)\nexcept RuntimeError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(CPU_STAND_IN_DIR)})
+    assert proc.returncode == 0, proc.stderr
+    assert "sgl_kernel.rmsnorm was called" in proc.stdout and "stand-in" in proc.stdout
+
+
+def test_ray_auth_is_turned_off_only_for_the_local_embedded_ray():
+    from megatron_qae.train import local_ray_auth_default
+
+    cluster: dict = {}
+    local_ray_auth_default("head:6379", cluster)
+    assert "RAY_AUTH_MODE" not in cluster
+    local: dict = {}
+    local_ray_auth_default(None, local)
+    assert local == {"RAY_AUTH_MODE": "disabled"}
+    chosen = {"RAY_AUTH_MODE": "token"}
+    local_ray_auth_default(None, chosen)
+    assert chosen == {"RAY_AUTH_MODE": "token"}  # an explicit choice is kept
