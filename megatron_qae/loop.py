@@ -217,7 +217,9 @@ def _sync(policy: Policy, rollout: Rollout | None, colocated: ColocatedSync | No
         rollout.resume_memory(["kv_cache"])
     rollout.mark_synced(version)
     versions = rollout.engine_versions()
+    # Overrides the rollout's count: an engine restarted during this push counts at this step.
     return {**times.metrics(), "sync/attempts": float(attempt),
+            "rollout/engine_restarts_total": rollout.restarts_total(),
             "sync/engine_version_min": float(min(versions)),
             "sync/engine_version_max": float(max(versions))}
 

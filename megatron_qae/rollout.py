@@ -111,6 +111,9 @@ class Rollout:
                     .weight_version() for u, _ in self._endpoints]
         return [int(v) if v.lstrip("-").isdigit() else -1 for v in versions]
 
+    def restarts_total(self) -> float:
+        return ray.get(self.manager.restarts_total.remote())
+
     def state_dict(self) -> dict:
         return ray.get(self.manager.state_dict.remote())
 

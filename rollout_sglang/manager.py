@@ -136,6 +136,10 @@ class RolloutManager:
             if en.url in urls:
                 en.synced_version = version
 
+    def restarts_total(self) -> float:
+        """Engine restarts since the run started (a restart during a weight sync included)."""
+        return float(sum(en.restarts for en in self.engines))
+
     def restart_dead_engines(self) -> list[str]:
         """Restart engines whose process died; they wait for weights before serving."""
         restarted = []
@@ -248,7 +252,7 @@ class RolloutManager:
         metrics["rollout/groups"] = float(len(groups))
         metrics["rollout/samples"] = float(sum(len(g.samples) for g in groups))
         metrics["rollout/requests_retried_total"] = float(self.requests_retried)
-        metrics["rollout/engine_restarts_total"] = float(sum(en.restarts for en in self.engines))
+        metrics["rollout/engine_restarts_total"] = self.restarts_total()
         metrics["reward/errors"] = float(self.reward_errors - errors_before)
         return RolloutBatch(groups, policy_version, metrics)
 
