@@ -49,10 +49,12 @@ def setup(rank: int, verbose: bool = False) -> None:
         console.addFilter(_OursOrSevere())
     root.handlers = [console, _Held()]
     logging.captureWarnings(True)  # warnings.warn(...) becomes a py.warnings record
-    # torch gives its own loggers a stderr handler of their own; route them through ours.
-    torch_logger = logging.getLogger("torch")
-    torch_logger.handlers.clear()
-    torch_logger.propagate = True
+    # torch._logging gives some of its loggers (torch, torch.distributed, ...) stderr handlers
+    # of their own and stops them propagating; route those through ours.
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and name.split(".")[0] == "torch":
+            logger.handlers.clear()
+            logger.propagate = True
 
 
 def attach_run_dir(run_dir: str | Path, rank: int) -> Path:

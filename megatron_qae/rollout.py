@@ -49,10 +49,11 @@ class Rollout:
         """Join or start Ray and the rollout manager; `placements` pins colocated engines."""
         if not ray.is_initialized():
             if cfg.ray.address:
-                ray.init(address=cfg.ray.address, log_to_driver=False)
+                ray.init(address=cfg.ray.address, log_to_driver=False, configure_logging=False)
             else:
                 # A short private temp dir: Ray's socket paths must stay under 107 bytes.
                 ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False,  # its records go through ours (console.py)
                          _temp_dir=tempfile.mkdtemp(prefix="qae-ray-"))
         actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4)
         log_dir = str(Path(cfg.run.run_dir) / "engine_logs")

@@ -24,3 +24,30 @@ def test_planner_output_is_ours_alone_unless_verbose():
     loud = _plan("--verbose")
     assert loud.returncode == 0 and loud.stdout == quiet.stdout
     assert "GPTModel IS DEPRECATED" in loud.stderr and "Apex is not installed" in loud.stderr
+
+
+def test_console_shows_our_records_and_severe_ones_only(capsys, tmp_path):
+    import logging
+
+    from megatron_qae import console
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        console.setup(rank=0)
+        logging.getLogger("megatron.core.models").warning("third-party notice")
+        logging.getLogger("megatron_qae.loop").info("our progress")
+        logging.getLogger("ray._private.worker").error("third-party failure")
+        path = console.attach_run_dir(tmp_path, rank=0)
+        logging.getLogger("torch.distributed").warning("later third-party notice")
+        shown = capsys.readouterr().err
+        assert "our progress" in shown and "third-party failure" in shown
+        assert "notice" not in shown
+        written = path.read_text()
+        assert all(m in written for m in ("third-party notice", "our progress", "later third-party notice"))
+    finally:
+        for h in root.handlers:
+            if isinstance(h, logging.FileHandler):
+                h.close()
+        root.handlers, root.level = saved
+        logging.captureWarnings(False)
