@@ -12,6 +12,7 @@ has its response log-probs at positions P-1 .. P+R-2; `loss_mask` is 1 exactly t
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from dataclasses import dataclass
 
@@ -20,9 +21,12 @@ import torch
 from rollout_sglang.types import Sample
 
 
-@dataclass
+@dataclass(frozen=True)
 class MicroBatch:
-    """One padded micro-batch; all tensors [b, s] unless noted (s = longest sample here)."""
+    """One padded micro-batch; all tensors [b, s] unless noted (s = longest sample here).
+
+    Frozen: the train step works on device copies, so anything computed from a micro-batch
+    comes back as a return value (`with_old_logprobs` makes the new micro-batches)."""
 
     tokens: torch.Tensor
     """Prompt + response token ids, right-padded with 0 (int64)."""
@@ -39,7 +43,8 @@ class MicroBatch:
     sample_index: list[int]
     """Index of each row in the list of samples the micro-batch was built from."""
     old_logprobs: torch.Tensor | None = None
-    """Trainer log-probs before this rollout step's updates; filled by the old-log-prob pass."""
+    """Trainer log-probs before this rollout step's updates (`compute_logprobs`), 0 outside
+    the response; None until `with_old_logprobs` attaches them."""
 
     @property
     def num_response_tokens(self) -> int:
@@ -48,6 +53,21 @@ class MicroBatch:
     @property
     def padded_tokens(self) -> int:
         return self.tokens.numel()
+
+    def to(self, device: torch.device) -> MicroBatch:
+        """A copy with every tensor on `device`; the same step on CPU and GPU (on CPU the
+        tensors are shared, the micro-batch object is still a new one)."""
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True)
+                 for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **moved)
+
+
+def with_old_logprobs(mbs: list[MicroBatch], old: list[torch.Tensor | None]) -> list[MicroBatch]:
+    """New micro-batches carrying the old log-probs `compute_logprobs` returned for them
+    (None on pipeline stages that do not compute log-probs)."""
+    if len(mbs) != len(old):
+        raise ValueError(f"{len(old)} old log-prob tensors for {len(mbs)} micro-batches")
+    return [dataclasses.replace(mb, old_logprobs=lp) for mb, lp in zip(mbs, old)]
 
 
 def split_by_tokens(lengths: list[int], parts: int) -> list[list[int]]:

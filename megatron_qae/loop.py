@@ -20,7 +20,8 @@ import torch.distributed as dist
 from megatron_qae import checkpoint, parallel, weights
 from megatron_qae.advantage import compute_group_advantages
 from megatron_qae.colocated_sync import ColocatedSync, engine_placements
-from megatron_qae.batching import empty_micro_batch, rank_micro_batches, response_tokens, split_by_tokens
+from megatron_qae.batching import (empty_micro_batch, rank_micro_batches, response_tokens, split_by_tokens,
+                                  with_old_logprobs)
 from megatron_qae.config import Config, save_config, to_dict, validate_against_model
 from megatron_qae.loss import LossConfig
 from megatron_qae.metrics import MetricsSink
@@ -163,8 +164,8 @@ def _train(cfg: Config, policy: Policy, batch: RolloutBatch, advantages: list[fl
                                            cfg.algo.can_skip_zero_advantage)
         plans.append((mbs or [empty_micro_batch()], response_tokens(part), bmetrics))
     t0 = time.perf_counter()
-    for mbs, _, _ in plans:
-        compute_logprobs(policy, mbs, cfg.rollout.temperature)
+    plans = [(with_old_logprobs(mbs, compute_logprobs(policy, mbs, cfg.rollout.temperature)), tokens, bm)
+             for mbs, tokens, bm in plans]
     gap = logprob_gap(policy, [mb for mbs, _, _ in plans for mb in mbs])
     sums: dict[str, float] = {}
     for i, (mbs, tokens, bmetrics) in enumerate(plans):

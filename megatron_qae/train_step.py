@@ -28,18 +28,15 @@ class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm of a step was NaN or inf; the optimizer was not stepped."""
 
 
-def _to_device(mb: MicroBatch) -> MicroBatch:
-    device = cpu_compat.default_device()
-    if device.type == "cpu":
-        return mb
-    moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-             for k, v in vars(mb).items()}
-    return MicroBatch(**moved)
-
-
 def _run_schedule(policy: Policy, mbs: list[MicroBatch], loss_fn, forward_only: bool) -> list:
+    """megatron's schedule over `mbs`; returns the loss functions' dicts, one per micro-batch
+    in order, on the last pipeline stage (empty elsewhere)."""
+    device = cpu_compat.default_device()
+
     def forward_step(data_iterator, model):
-        mb = _to_device(next(data_iterator))
+        # Every micro-batch goes through the device copy, on CPU as on GPU; the loss function
+        # sees the copy, and what it computes leaves through its return value only.
+        mb = next(data_iterator).to(device)
         seq = mb.tokens.shape[1]
         output = model(mb.tokens, mb.position_ids, causal_mask(seq, mb.tokens.device))
         return output, partial(loss_fn, mb)
@@ -59,32 +56,40 @@ def _run_schedule(policy: Policy, mbs: list[MicroBatch], loss_fn, forward_only: 
 
 
 @torch.no_grad()
-def compute_logprobs(policy: Policy, mbs: list[MicroBatch], temperature: float = 1.0) -> None:
-    """Fill `mb.old_logprobs` [b, s] (on the last pipeline stage) with the policy's log-probs."""
+def compute_logprobs(
+    policy: Policy, mbs: list[MicroBatch], temperature: float = 1.0
+) -> list[torch.Tensor | None]:
+    """The policy's log-probs [b, s] of each micro-batch's targets (0 outside the response,
+    on CPU), in the order of `mbs`; None for every micro-batch on ranks outside the last
+    pipeline stage, which never see logits. Attach them with `batching.with_old_logprobs`."""
     tp_group = policy.groups.tp
 
     def loss_fn(mb: MicroBatch, logits: torch.Tensor):
-        lp = token_logprobs(logits, mb.targets.to(logits.device), tp_group, temperature)
-        mb.old_logprobs = (lp * mb.loss_mask.to(lp.device)).cpu()
-        zero = torch.zeros((), device=logits.device)
-        return zero, {}
+        lp = token_logprobs(logits, mb.targets, tp_group, temperature)
+        return torch.zeros((), device=logits.device), {"logprobs": (lp * mb.loss_mask).cpu()}
 
     for chunk in policy.chunks:
         chunk.eval()
-    _run_schedule(policy, mbs, loss_fn, forward_only=True)
+    out = _run_schedule(policy, mbs, loss_fn, forward_only=True)
+    if not policy.groups.is_last_stage:
+        return [None] * len(mbs)
+    assert len(out) == len(mbs), (len(out), len(mbs))
+    return [d["logprobs"] for d in out]
 
 
 def _loss_fn(cfg: LossConfig, global_tokens: int, temperature: float, tp_group, mb: MicroBatch, logits: torch.Tensor):
-    mask = mb.loss_mask.to(logits.device)
+    if mb.old_logprobs is None:
+        raise ValueError("a micro-batch reached the loss without old log-probs; pass the "
+                         "micro-batches through compute_logprobs and with_old_logprobs first")
+    mask = mb.loss_mask
     entropy = token_entropy(logits, tp_group, temperature)
-    lp = token_logprobs(logits, mb.targets.to(logits.device), tp_group, temperature)
-    old = mb.old_logprobs.to(logits.device) if mb.old_logprobs is not None else lp.detach()
+    lp = token_logprobs(logits, mb.targets, tp_group, temperature)
     loss, metrics = policy_loss(
-        lp, old, mb.advantages.to(logits.device), mask, global_tokens, cfg,
-        rollout_logprobs=mb.rollout_logprobs.to(logits.device),
+        lp, mb.old_logprobs, mb.advantages, mask, global_tokens, cfg,
+        rollout_logprobs=mb.rollout_logprobs,
     )
     metrics["loss/entropy_sum"] = (entropy * mask).sum()
-    metrics["loss/logprob_gap_sum"] = ((lp.detach() - mb.rollout_logprobs.to(lp.device)).abs() * mask).sum()
+    metrics["loss/logprob_gap_sum"] = ((lp.detach() - mb.rollout_logprobs).abs() * mask).sum()
     metrics["loss/loss_sum"] = loss.detach()
     metrics["loss/tokens"] = mask.sum()
     # 3-tuple + calculate_per_token_loss: megatron neither divides by micro-batch count
@@ -96,7 +101,7 @@ def _loss_fn(cfg: LossConfig, global_tokens: int, temperature: float, tp_group, 
 def _reduce_metrics(policy: Policy, per_mb: list[dict]) -> dict[str, float]:
     """Sum token-sum metrics over micro-batches and DP ranks; mean per trained response token
     (skipped zero-advantage samples are not in the forward pass, so not in these means)."""
-    names = ["loss/pg_clip_tokens", "loss/dual_clip_tokens", "loss/approx_kl_sum",
+    names = ["loss/pg_clip_tokens", "loss/dual_clip_tokens", "loss/approx_kl_sum", "loss/ratio_sum",
              "loss/entropy_sum", "loss/logprob_gap_sum", "loss/loss_sum", "loss/tokens"]
     sums = torch.zeros(len(names), dtype=torch.float64)
     for m in per_mb:
@@ -111,7 +116,7 @@ def _reduce_metrics(policy: Policy, per_mb: list[dict]) -> dict[str, float]:
         dist.broadcast(sums, src=src, group=groups.pp)
     trained = float(sums[names.index("loss/tokens")])
     out = {n.replace("_sum", "").replace("_tokens", "_frac"): float(v) / max(trained, 1.0)
-           for n, v in zip(names[:5], sums.tolist())}
+           for n, v in zip(names[:6], sums.tolist())}
     out["loss/loss"] = float(sums[names.index("loss/loss_sum")])
     out["loss/trained_tokens"] = trained
     return out
@@ -168,7 +173,8 @@ def train_step(
 
 def logprob_gap(policy: Policy, mbs: list[MicroBatch]) -> float:
     """Mean |trainer - rollout| log-prob over the response tokens of `mbs` (all DP ranks),
-    taken after `compute_logprobs` with the weights the engines sampled with."""
+    from the old log-probs `with_old_logprobs` attached (the weights the engines sampled
+    with); every rank returns the last stage's value."""
     sums = torch.zeros(2, dtype=torch.float64)
     for mb in mbs:
         if mb.old_logprobs is not None:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_qae import checkpoint, parallel, weights  # noqa: E402
-from megatron_qae.batching import rank_micro_batches, response_tokens  # noqa: E402
+from megatron_qae.batching import rank_micro_batches, response_tokens, with_old_logprobs  # noqa: E402
 from megatron_qae.loss import LossConfig  # noqa: E402
 from megatron_qae.policy import build_policy  # noqa: E402
 from megatron_qae.train_step import compute_logprobs, train_step  # noqa: E402
@@ -29,7 +29,7 @@ from tests import tiny  # noqa: E402
 def step(policy, groups, k: int) -> float:
     samples, advs = tiny.synthetic_samples(seed=k)
     mbs, _ = rank_micro_batches(samples, advs, groups.dp_rank, groups.dims.dp, 64)
-    compute_logprobs(policy, mbs)
+    mbs = with_old_logprobs(mbs, compute_logprobs(policy, mbs))
     return train_step(policy, mbs, response_tokens(samples), LossConfig(), k)["loss/loss"]
 
 

@@ -111,10 +111,10 @@ def main() -> None:
     for url, (prompt, ids, rollout_lp, version) in samples[0].items():
         mb = build_micro_batch([Sample(0, tuple(prompt), tuple(ids), tuple(rollout_lp), "stop", 0.0, 0.0, 3)],
                                [0], [0.0])
-        compute_logprobs(policy, [mb])
+        trainer_lp = compute_logprobs(policy, [mb])[0]
         if groups.is_last_stage:
             mask = mb.loss_mask[0].bool()
-            results[url] = {"rollout": rollout_lp, "trainer": mb.old_logprobs[0][mask].tolist(),
+            results[url] = {"rollout": rollout_lp, "trainer": trainer_lp[0][mask].tolist(),
                             "engine_version": version}
     if groups.is_last_stage and groups.tp_rank == 0 and groups.dp_rank == 0:
         Path(a.out).write_text(json.dumps({"engines": results, "report": report}))

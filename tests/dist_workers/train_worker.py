@@ -14,10 +14,10 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_qae import parallel, weights  # noqa: E402
-from megatron_qae.batching import rank_micro_batches, response_tokens  # noqa: E402
+from megatron_qae.batching import rank_micro_batches, response_tokens, with_old_logprobs  # noqa: E402
 from megatron_qae.loss import LossConfig  # noqa: E402
 from megatron_qae.policy import build_policy  # noqa: E402
-from megatron_qae.train_step import compute_logprobs, forward_backward, train_step  # noqa: E402
+from megatron_qae.train_step import compute_logprobs, forward_backward, logprob_gap, train_step  # noqa: E402
 from tests import tiny  # noqa: E402
 
 
@@ -28,13 +28,16 @@ def main() -> None:
     ap.add_argument("--dist-opt", action="store_true")
     ap.add_argument("--max-tokens", type=int, nargs="+", default=[64])
     ap.add_argument("--learn-steps", type=int, default=0)
+    ap.add_argument("--mini-steps", type=int, default=0,
+                    help="optimizer steps on one rollout's old log-probs; writes params and metrics of each")
+    ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--skip-zero", action="store_true")
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, a.pp))
     hf = tiny.tiny_hf_config(tied=a.tied)
-    cfg = tiny.run_config(a.tp, a.pp, a.dist_opt)
+    cfg = tiny.run_config(a.tp, a.pp, a.dist_opt, lr=a.lr)
     for budget in a.max_tokens:
         result = run_once(a, groups, hf, cfg, budget)
         if groups.dp_rank == 0 and groups.tp_rank == 0:
@@ -47,22 +50,36 @@ def run_once(a, groups, hf, cfg, budget: int) -> dict:
     weights.load_hf_state(policy.chunks, tiny.tiny_hf_model(hf).state_dict(), hf, groups.tp_rank, a.tp)
     samples, advs = tiny.synthetic_samples()
     mbs, batch_metrics = rank_micro_batches(samples, advs, groups.dp_rank, groups.dims.dp, budget, a.skip_zero)
-    compute_logprobs(policy, mbs)
-    before = [mb.old_logprobs for mb in mbs]
+    before = compute_logprobs(policy, mbs)
     if a.learn_steps:
+        mbs = with_old_logprobs(mbs, before)
         for step in range(a.learn_steps):
             train_step(policy, mbs, response_tokens(samples), LossConfig(), step)
-        compute_logprobs(policy, mbs)
-        return {"before": before, "after": [mb.old_logprobs for mb in mbs], "mbs": mbs}
-    for mb in mbs:
-        if mb.old_logprobs is not None:  # only the last pipeline stage computes them
-            mb.old_logprobs = mb.old_logprobs + tiny.old_logprob_noise(mb)
+        return {"before": before, "after": compute_logprobs(policy, mbs), "mbs": mbs}
+    if a.mini_steps:
+        return mini_steps(a, policy, groups, with_old_logprobs(mbs, before), samples)
+    # Only the last pipeline stage has log-probs (None elsewhere).
+    noisy = [lp + tiny.old_logprob_noise(mb) if lp is not None else None for mb, lp in zip(mbs, before)]
+    mbs = with_old_logprobs(mbs, noisy)
     metrics = forward_backward(policy, mbs, response_tokens(samples), LossConfig())
     grads = {} if a.dist_opt else gather_full_grads(policy, groups)
     ok, grad_norm, _ = policy.optimizer.step()
     params = dict(weights.iter_full_params(policy.chunks, groups.tp))
     return {"metrics": metrics, "grads": grads, "params": params, "grad_norm": grad_norm,
             "micro_batches": len(mbs), "batch": batch_metrics}
+
+
+def mini_steps(a, policy, groups, mbs, samples) -> dict:
+    """Several optimizer steps against one rollout's old log-probs, as the mini-batches of a
+    rollout step take them: params before each step and the step's metrics."""
+    history = []
+    gap = logprob_gap(policy, mbs)
+    for k in range(a.mini_steps):
+        params = {n: t.clone() for n, t in weights.iter_full_params(policy.chunks, groups.tp)}
+        metrics = train_step(policy, mbs, response_tokens(samples), LossConfig(), k)
+        history.append({"params": params, "metrics": metrics})
+    return {"history": history, "gap": gap, "micro_batches": len(mbs),
+            "params": dict(weights.iter_full_params(policy.chunks, groups.tp)), "grads": {}, "metrics": {}}
 
 
 def gather_full_grads(policy, groups) -> dict:
