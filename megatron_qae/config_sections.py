@@ -74,7 +74,7 @@ class ModelConfig:
     load_weights: bool = True
     """Load *.safetensors from `path` when present (else the seeded random init is kept)."""
     params_dtype: str = "float32"
-    """Parameter dtype: 'float32' (CPU) or 'bfloat16' (GPU)."""
+    """Parameter dtype: 'bfloat16' (GPU runs; also runs on CPU, slowly) or 'float32'."""
     fp8: str | None = None
     """Transformer Engine FP8 format for training: None, 'hybrid' or 'e4m3' (GPU + TE only)."""
     fp8_recipe: str = "tensorwise"

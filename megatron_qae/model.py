@@ -25,6 +25,7 @@ cpu_compat.install()
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.module import Float16Module  # noqa: E402
 
 from megatron_qae.parallel import ParallelDims  # noqa: E402
 from megatron_qae.qwen2_mapping import attention_dims  # noqa: E402
@@ -112,8 +113,6 @@ def build_transformer_config(
             f"model.fp8={fp8!r} needs a CUDA GPU with Transformer Engine installed "
             "(pip install 'megatron-qae[gpu]'); set model.fp8=null on this machine"
         )
-    if params_dtype == "bfloat16" and not on_gpu:
-        raise ValueError("model.params_dtype='bfloat16' is GPU-only here; use 'float32' on CPU")
     if sequence_parallel and not transformer_engine_available():
         raise ValueError("parallel.sequence_parallel=true needs Transformer Engine; set it false")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[params_dtype]
@@ -190,8 +189,9 @@ def layer_spec(config: TransformerConfig, transformer_impl: str = "auto"):
 
 def build_model_chunks(
     hf: dict[str, Any], config: TransformerConfig, transformer_impl: str = "auto"
-) -> list[GPTModel]:
-    """One GPTModel per virtual pipeline stage of this rank (one chunk without VPP)."""
+) -> list[torch.nn.Module]:
+    """One GPTModel per virtual pipeline stage of this rank (one chunk without VPP), inside
+    megatron's Float16Module with bf16 params."""
     from megatron.core import parallel_state as mpu
 
     spec = layer_spec(config, transformer_impl)
@@ -214,7 +214,9 @@ def build_model_chunks(
             vp_stage=vp_stage if config.virtual_pipeline_model_parallel_size else None,
         )
         model.to(cpu_compat.default_device())
-        chunks.append(model)
+        # As megatron's own training does: every parameter in bf16 (norms included, whatever
+        # the layer spec created them in), inputs cast on the first stage, fp32 logits out.
+        chunks.append(Float16Module(config, model) if config.bf16 else model)
     return chunks
 
 

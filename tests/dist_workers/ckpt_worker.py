@@ -47,7 +47,7 @@ def main() -> None:
     policy = build_policy(tiny.run_config(a.tp, a.pp, a.dist_opt, lr=1e-2), hf, groups, total_steps=10)
     out = Path(a.run_dir)
     if a.mode == "save":
-        weights.load_hf_state(policy.chunks, tiny.tiny_hf_model(hf).state_dict(), hf, groups.tp_rank, a.tp)
+        weights.load_hf_state(policy, tiny.tiny_hf_model(hf).state_dict())
         for k in range(3):  # several optimizer steps, so Adam's step count matters after a resume
             step(policy, groups, 1)
         checkpoint.save_checkpoint(out, 1, policy, {"step": 1, "cursor": [3, 4]})

@@ -95,8 +95,7 @@ def main() -> None:
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, a.pp))
     hf = tiny.tiny_hf_config()
     policy = build_policy(tiny.run_config(a.tp, a.pp), hf, groups, total_steps=1)
-    weights.load_hf_state(policy.chunks, tiny.tiny_hf_model(hf, seed=7).state_dict(), hf,
-                          groups.tp_rank, a.tp)
+    weights.load_hf_state(policy, tiny.tiny_hf_model(hf, seed=7).state_dict())
     report = _push(a, policy)
     samples = [None]
     if dist.get_rank() == 0:

@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--mini-steps", type=int, default=0,
                     help="optimizer steps on one rollout's old log-probs; writes params and metrics of each")
     ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 params (fp32 main params in the optimizer)")
+    ap.add_argument("--hf-dir", default=None, help="load weights from this HF safetensors directory")
     ap.add_argument("--skip-zero", action="store_true")
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--out", required=True)
@@ -38,6 +40,8 @@ def main() -> None:
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, a.pp))
     hf = tiny.tiny_hf_config(tied=a.tied)
     cfg = tiny.run_config(a.tp, a.pp, a.dist_opt, lr=a.lr)
+    if a.bf16:
+        cfg.model.params_dtype = "bfloat16"
     for budget in a.max_tokens:
         result = run_once(a, groups, hf, cfg, budget)
         if groups.dp_rank == 0 and groups.tp_rank == 0:
@@ -47,7 +51,10 @@ def main() -> None:
 
 def run_once(a, groups, hf, cfg, budget: int) -> dict:
     policy = build_policy(cfg, hf, groups, total_steps=10)
-    weights.load_hf_state(policy.chunks, tiny.tiny_hf_model(hf).state_dict(), hf, groups.tp_rank, a.tp)
+    if a.hf_dir:
+        assert weights.load_hf_dir(policy, a.hf_dir)
+    else:
+        weights.load_hf_state(policy, tiny.tiny_hf_model(hf).state_dict())
     samples, advs = tiny.synthetic_samples()
     mbs, batch_metrics = rank_micro_batches(samples, advs, groups.dp_rank, groups.dims.dp, budget, a.skip_zero)
     before = compute_logprobs(policy, mbs)
