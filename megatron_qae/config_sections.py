@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+CP_UNSUPPORTED = ("context parallelism is not built: nothing splits sequences over cp ranks, so "
+                  "every cp rank would train on whole sequences with wrong attention and loss; set "
+                  "parallel.cp=1 (for long sequences use model.recompute_granularity=full and "
+                  "parallel.tp / parallel.sequence_parallel)")
+
+
 def _fail(name: str, value: Any, fix: str) -> None:
     raise ValueError(f"{name}={value!r}: {fix}")
 
@@ -113,7 +119,7 @@ class ParallelConfig:
     vpp: int | None = None
     """Virtual pipeline stages per rank (interleaved schedule), None = off; needs pp > 1."""
     cp: int = 1
-    """Context-parallel degree (long sequences; GPU with TE)."""
+    """Context-parallel degree; only 1 for now (nothing splits sequences over cp ranks yet)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tp > 1 and Transformer Engine)."""
     use_distributed_optimizer: bool = True
@@ -124,6 +130,8 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp"):
             _positive(f"parallel.{name}", getattr(self, name))
+        if self.cp != 1:
+            _fail("parallel.cp", self.cp, CP_UNSUPPORTED)
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
             _fail("parallel.vpp", self.vpp, f"needs vpp >= 2 and pp >= 2 (pp={self.pp}); or null")
         if self.sequence_parallel and self.tp < 2:

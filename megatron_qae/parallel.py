@@ -34,6 +34,10 @@ class ParallelDims:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"parallel.{name}={value} must be >= 1")
+        if self.cp != 1:
+            from megatron_qae.config_sections import CP_UNSUPPORTED
+
+            raise ValueError(f"parallel.cp={self.cp}: {CP_UNSUPPORTED}")
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
             raise ValueError(
                 f"parallel.vpp={self.vpp} needs pp >= 2 and vpp >= 2 (pp={self.pp}); "

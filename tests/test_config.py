@@ -74,6 +74,7 @@ def test_the_32b_recipe_is_dapo_plus_qae():
     (["parallel.vpp=2"], "parallel.vpp=2: needs vpp >= 2 and pp >= 2 \\(pp=1\\)"),
     (["parallel.pp=2", "parallel.vpp=1"], "parallel.vpp=1"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel=True: needs parallel.tp > 1"),
+    (["parallel.cp=2"], "parallel.cp=2: context parallelism is not built.*set parallel.cp=1"),
     (["parallel.ddp_overrides={overlap_grad_reduse: true}"], "overlap_grad_reduce"),
     # optim
     (["optim.lr=0"], "optim.lr=0.0: must be > 0"),
@@ -128,6 +129,13 @@ def test_bad_yaml_names_the_file_and_the_key(tmp_path):
 def test_overlong_buffer_check_is_off_with_the_buffer():
     cfg = load_config(None, ["reward.overlong_buffer_tokens=30000", "reward.overlong_buffer_enable=false"])
     assert cfg.reward.overlong_buffer_tokens == 30000
+
+
+def test_context_parallel_layout_is_refused_until_built():
+    from megatron_qae.parallel import ParallelDims
+
+    with pytest.raises(ValueError, match="parallel.cp=2: context parallelism is not built"):
+        ParallelDims.from_world(4, tp=1, pp=1, cp=2)
 
 
 def test_dp_degree_and_its_error():
