@@ -64,6 +64,10 @@ class RunConfig:
     """Weights & Biases project to log to (None = off; needs `pip install wandb`)."""
     progress_bar: bool = True
     """Show a tqdm progress bar with the key metrics on rank 0."""
+    collective_timeout_s: float = 1800.0
+    """Timeout of collectives between trainer ranks (NCCL / gloo); a hang fails after it."""
+    rollout_wait_timeout_s: float = 21600.0
+    """How long trainer ranks wait for rank 0's rollout / eval hand-off (its own gloo group)."""
 
     def __post_init__(self) -> None:
         _positive("run.num_rollout_steps", self.num_rollout_steps)
@@ -71,6 +75,11 @@ class RunConfig:
         _positive("run.keep_last_checkpoints", self.keep_last_checkpoints)
         _positive("run.eval_interval_steps", self.eval_interval_steps, strict=False)
         _positive("run.eval_n_samples", self.eval_n_samples)
+        _positive("run.collective_timeout_s", self.collective_timeout_s)
+        if self.rollout_wait_timeout_s < self.collective_timeout_s:
+            _fail("run.rollout_wait_timeout_s", self.rollout_wait_timeout_s,
+                  f"must be >= run.collective_timeout_s={self.collective_timeout_s} (a rollout "
+                  "outlasts any collective); raise it to the longest rollout + eval you expect")
 
 
 @dataclass(frozen=True)

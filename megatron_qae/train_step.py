@@ -21,7 +21,7 @@ from megatron_qae.batching import MicroBatch
 from megatron_qae.logprobs import token_entropy, token_logprobs
 from megatron_qae.loss import LossConfig, policy_loss
 from megatron_qae.model import causal_mask
-from megatron_qae.policy import Policy
+from megatron_qae.policy import Policy, finish_param_sync
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,6 +68,7 @@ def compute_logprobs(
         lp = token_logprobs(logits, mb.targets, tp_group, temperature)
         return torch.zeros((), device=logits.device), {"logprobs": (lp * mb.loss_mask).cpu()}
 
+    finish_param_sync(policy)  # no training forward (and its param all-gather) precedes this one
     for chunk in policy.chunks:
         chunk.eval()
     out = _run_schedule(policy, mbs, loss_fn, forward_only=True)
