@@ -18,6 +18,12 @@ CP_UNSUPPORTED = ("context parallelism is not built: nothing splits sequences ov
                   "parallel.tp / parallel.sequence_parallel)")
 
 
+VPP_UNSUPPORTED = ("the interleaved schedule is not supported yet: with variable sequence lengths "
+                   "(every micro-batch its own length) it deadlocked in megatron-core 0.19's "
+                   "pipeline shape exchange in our pp=2 and pp=4 runs; set parallel.vpp=null "
+                   "(the 1F1B schedule)")
+
+
 def _fail(name: str, value: Any, fix: str) -> None:
     raise ValueError(f"{name}={value!r}: {fix}")
 
@@ -126,7 +132,7 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel degree (must divide the layer count)."""
     vpp: int | None = None
-    """Virtual pipeline stages per rank (interleaved schedule), None = off; needs pp > 1."""
+    """Virtual pipeline stages per rank (interleaved schedule); only None for now."""
     cp: int = 1
     """Context-parallel degree; only 1 for now (nothing splits sequences over cp ranks yet)."""
     sequence_parallel: bool = False
@@ -143,6 +149,8 @@ class ParallelConfig:
             _fail("parallel.cp", self.cp, CP_UNSUPPORTED)
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
             _fail("parallel.vpp", self.vpp, f"needs vpp >= 2 and pp >= 2 (pp={self.pp}); or null")
+        if self.vpp is not None:
+            _fail("parallel.vpp", self.vpp, VPP_UNSUPPORTED)
         if self.sequence_parallel and self.tp < 2:
             _fail("parallel.sequence_parallel", True, "needs parallel.tp > 1")
         from megatron.core.distributed import DistributedDataParallelConfig

@@ -45,6 +45,10 @@ class ParallelDims:
                 f"parallel.vpp={self.vpp} needs pp >= 2 and vpp >= 2 (pp={self.pp}); "
                 "set parallel.vpp=null to disable interleaving"
             )
+        if self.vpp is not None:
+            from megatron_qae.config_sections import VPP_UNSUPPORTED
+
+            raise ValueError(f"parallel.vpp={self.vpp}: {VPP_UNSUPPORTED}")
 
     @property
     def world_size(self) -> int:

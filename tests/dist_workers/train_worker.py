@@ -26,7 +26,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--vpp", type=int, default=None)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--seq-multiple", type=int, default=None, help="default: the loop's seq_multiple(tp)")
     ap.add_argument("--dist-opt", action="store_true")
@@ -43,10 +42,9 @@ def main() -> None:
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, a.pp, vpp=a.vpp))
+    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, a.pp))
     hf = tiny.tiny_hf_config(tied=a.tied, layers=a.layers)
     cfg = tiny.run_config(a.tp, a.pp, a.dist_opt, lr=a.lr)
-    cfg.parallel.vpp = a.vpp
     if a.overlap:  # names a field build_policy sets itself: the override must win
         cfg.parallel.ddp_overrides = {"overlap_grad_reduce": True, "overlap_param_gather": True}
     if a.bucket_size:
@@ -69,7 +67,7 @@ def run_once(a, groups, hf, cfg, budget: int) -> dict:
     samples, advs = tiny.synthetic_samples()
     multiple = a.seq_multiple or seq_multiple(a.tp)
     mbs, batch_metrics = rank_micro_batches(samples, advs, groups.dp_rank, groups.dims.dp, budget, a.skip_zero,
-                                            multiple, schedule_multiple(a.pp, a.vpp))
+                                            multiple, schedule_multiple(a.pp, None))
     before = compute_logprobs(policy, mbs)
     if a.learn_steps:
         mbs = with_old_logprobs(mbs, before)
