@@ -396,6 +396,9 @@ class RayConfig:
 class TrainConfig:
     micro_batch_max_tokens: int = 8192
     """Token budget of a micro-batch (rows x longest row), padding kept small by sorting."""
+    logprob_chunk_tokens: int = 4096
+    """Response tokens per chunk of the log-prob / entropy computation (bounds its fp32 temporaries)."""
 
     def __post_init__(self) -> None:
         _positive("train.micro_batch_max_tokens", self.micro_batch_max_tokens)
+        _positive("train.logprob_chunk_tokens", self.logprob_chunk_tokens)

@@ -166,13 +166,14 @@ def _train(cfg: Config, policy: Policy, batch: RolloutBatch, advantages: list[fl
                                            schedule_multiple(groups.dims.pp, groups.dims.vpp))
         plans.append((mbs, response_tokens(part), bmetrics))
     t0 = time.perf_counter()
-    plans = [(with_old_logprobs(mbs, compute_logprobs(policy, mbs, cfg.rollout.temperature)), tokens, bm)
+    chunk = cfg.train.logprob_chunk_tokens
+    plans = [(with_old_logprobs(mbs, compute_logprobs(policy, mbs, cfg.rollout.temperature, chunk)), tokens, bm)
              for mbs, tokens, bm in plans]
     gap = logprob_gap(policy, [mb for mbs, _, _ in plans for mb in mbs])
     sums: dict[str, float] = {}
     for i, (mbs, tokens, bmetrics) in enumerate(plans):
         m = train_step(policy, mbs, tokens, loss_cfg, (step - 1) * len(plans) + i,
-                       cfg.rollout.temperature)
+                       cfg.rollout.temperature, chunk)
         for k, v in {**m, **bmetrics}.items():
             sums[k] = sums.get(k, 0.0) + v / len(plans)
     finish_param_sync(policy)  # weight sync and checkpoints read the parameters next

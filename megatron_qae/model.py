@@ -10,6 +10,7 @@ DDP, build the optimizer (train_step.py), or load weights (qwen2_mapping.py / ch
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from functools import cache
 from pathlib import Path
@@ -108,6 +109,14 @@ def build_transformer_config(
     """TransformerConfig of a Qwen2 model under the given layout."""
     check_layout(hf, dims)
     on_gpu = cpu_compat.cuda_available()
+    # megatron's fused kernels (bias-SwiGLU, RoPE, softmax, bias-dropout, and the weight-
+    # gradient accumulation into main_grad) are CUDA / Transformer Engine code: on where both
+    # are present, off on CPU, where the unfused paths compute the same functions.
+    fused = on_gpu and transformer_engine_available()
+    # The output layer is megatron's own ColumnParallelLinear even with the TE spec; its fused
+    # wgrad accumulation needs Apex's extension (megatron-core 0.19 tensor_parallel/layers.py
+    # raises RuntimeError at construction without it).
+    wgrad_fused = fused and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
     if fp8 and not (on_gpu and transformer_engine_available()):
         raise ValueError(
             f"model.fp8={fp8!r} needs a CUDA GPU with Transformer Engine installed "
@@ -144,12 +153,12 @@ def build_transformer_config(
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # the only one megatron allows with variable lengths
         use_cpu_initialization=not on_gpu,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
+        gradient_accumulation_fusion=wgrad_fused,
+        bias_activation_fusion=fused,
+        bias_dropout_fusion=fused,
+        masked_softmax_fusion=fused,
+        persist_layer_norm=False,  # Apex's persistent LayerNorm; RMSNorm comes from TE / torch
+        apply_rope_fusion=fused,
         recompute_granularity=recompute_granularity,
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
@@ -219,8 +228,3 @@ def build_model_chunks(
         chunks.append(Float16Module(config, model) if config.bf16 else model)
     return chunks
 
-
-def causal_mask(seq_len: int, device: torch.device | None = None) -> torch.Tensor:
-    """Megatron's attention mask convention: True where attention is NOT allowed, [1,1,s,s]."""
-    ones = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
-    return torch.triu(ones, diagonal=1)[None, None]

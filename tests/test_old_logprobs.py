@@ -52,7 +52,9 @@ def _expected(lp: list[torch.Tensor], old: list[torch.Tensor], advs: list[float]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     out = str(tmp_path_factory.mktemp("old_lp") / "run")
-    tiny.torchrun(WORKER, 1, ["--mini-steps", str(STEPS), "--lr", str(LR), "--max-tokens", "64", "--out", out])
+    # Log-prob chunks of 5 tokens: several per micro-batch, each recomputed in backward.
+    tiny.torchrun(WORKER, 1, ["--mini-steps", str(STEPS), "--lr", str(LR), "--max-tokens", "64",
+                              "--chunk-tokens", "5", "--out", out])
     return torch.load(f"{out}.mt64.pp0.pt", weights_only=False)
 
 

@@ -139,3 +139,13 @@ def test_sequence_padding_does_not_change_the_step(base, tmp_path):
     assert abs(ours["metrics"]["loss/loss"] - ref["metrics"]["loss/loss"]) < 1e-7
     assert abs(ours["metrics"]["loss/entropy"] - ref["metrics"]["loss/entropy"]) < 1e-6
 
+
+
+def test_logprob_chunks_do_not_change_the_gradient(base, tmp_path):
+    # Chunks of 3 response tokens, each recomputed in backward, against base's single chunk.
+    out = str(tmp_path / "chunks")
+    tiny.torchrun(WORKER, 1, ["--chunk-tokens", "3", "--max-tokens", "64", "--out", out])
+    ours, ref = _load(out, 64), _load(base, 64)
+    assert _max_diff(ours["grads"], ref["grads"]) < 1e-6
+    assert abs(ours["metrics"]["loss/loss"] - ref["metrics"]["loss/loss"]) < 1e-7
+    assert abs(ours["metrics"]["loss/entropy"] - ref["metrics"]["loss/entropy"]) < 1e-6

@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--mini-steps", type=int, default=0,
                     help="optimizer steps on one rollout's old log-probs; writes params and metrics of each")
     ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--chunk-tokens", type=int, default=4096, help="train.logprob_chunk_tokens")
     ap.add_argument("--overlap", action="store_true", help="overlap_grad_reduce + overlap_param_gather")
     ap.add_argument("--bucket-size", type=int, default=None, help="DDP bucket size (parameters)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 params (fp32 main params in the optimizer)")
@@ -68,7 +69,7 @@ def run_once(a, groups, hf, cfg, budget: int) -> dict:
     multiple = a.seq_multiple or seq_multiple(a.tp)
     mbs, batch_metrics = rank_micro_batches(samples, advs, groups.dp_rank, groups.dims.dp, budget, a.skip_zero,
                                             multiple, schedule_multiple(a.pp, None))
-    before = compute_logprobs(policy, mbs)
+    before = compute_logprobs(policy, mbs, chunk_tokens=a.chunk_tokens)
     if a.learn_steps:
         mbs = with_old_logprobs(mbs, before)
         for step in range(a.learn_steps):
@@ -79,7 +80,7 @@ def run_once(a, groups, hf, cfg, budget: int) -> dict:
     # Only the last pipeline stage has log-probs (None elsewhere).
     noisy = [lp + tiny.old_logprob_noise(mb) if lp is not None else None for mb, lp in zip(mbs, before)]
     mbs = with_old_logprobs(mbs, noisy)
-    metrics = forward_backward(policy, mbs, response_tokens(samples), LossConfig())
+    metrics = forward_backward(policy, mbs, response_tokens(samples), LossConfig(), chunk_tokens=a.chunk_tokens)
     grads = {} if a.dist_opt else gather_full_grads(policy, groups)
     ok, grad_norm, _ = policy.optimizer.step()
     finish_param_sync(policy)
@@ -97,7 +98,7 @@ def mini_steps(a, policy, groups, mbs, samples) -> dict:
         # Reading params between steps would force the param all-gather that --overlap
         # leaves to the next forward; with --overlap only the steps' metrics are kept.
         params = None if a.overlap else {n: t.clone() for n, t in weights.iter_full_params(policy.chunks, groups.tp)}
-        metrics = train_step(policy, mbs, response_tokens(samples), LossConfig(), k)
+        metrics = train_step(policy, mbs, response_tokens(samples), LossConfig(), k, chunk_tokens=a.chunk_tokens)
         history.append({"params": params, "metrics": metrics})
     finish_param_sync(policy)
     return {"history": history, "gap": gap, "micro_batches": len(mbs),
