@@ -1,9 +1,14 @@
-"""bf16 params with the distributed optimizer (DP=2): weights loaded from HF safetensors
-survive the first optimizer step, which moves each element by at most the learning rate
-(Adam's first update is lr * g / |g|)."""
+"""bf16 params with the distributed optimizer (DP=2): weights loaded from HF safetensors, or
+from the model-only checkpoint converted from them, survive the first optimizer step, which
+moves each element by at most the learning rate (Adam's first update is lr * g / |g|)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from megatron_qae import qwen2_mapping as qm
@@ -22,12 +27,20 @@ def _loaded(hf_dir, hf: dict) -> dict[str, torch.Tensor]:
     return {name: qm.hf_to_megatron(name, state, hf) for name in qm.megatron_names(hf)}
 
 
-def test_bf16_distributed_optimizer_keeps_the_loaded_weights(tmp_path):
+@pytest.mark.parametrize("source", ["hf", "model_only_checkpoint"])
+def test_bf16_distributed_optimizer_keeps_the_loaded_weights(tmp_path, source):
     hf = tiny.tiny_hf_config()
     hf_dir = tmp_path / "hf"
     tiny.tiny_hf_model(hf, seed=3).to(torch.bfloat16).save_pretrained(hf_dir)
+    load = ["--hf-dir", str(hf_dir)]
+    if source == "model_only_checkpoint":
+        ckpt = tmp_path / "ckpt"
+        subprocess.run([sys.executable, "-m", "tools.convert_checkpoint", "hf-to-mcore", "--hf-dir", str(hf_dir),
+                        "--out", str(ckpt)], cwd=tiny.ROOT, check=True, capture_output=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tiny.ROOT)})
+        load = ["--ckpt-dir", str(ckpt)]
     out = str(tmp_path / "bf16")
-    tiny.torchrun(WORKER, 2, ["--bf16", "--dist-opt", "--hf-dir", str(hf_dir), "--mini-steps", "1",
+    tiny.torchrun(WORKER, 2, ["--bf16", "--dist-opt", *load, "--mini-steps", "1",
                               "--lr", str(LR), "--max-tokens", "64", "--out", out])
     res = torch.load(f"{out}.mt64.pp0.pt", weights_only=False)
     loaded = _loaded(hf_dir, hf)

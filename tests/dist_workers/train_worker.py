@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_qae import parallel, weights  # noqa: E402
+from megatron_qae import checkpoint, parallel, weights  # noqa: E402
 from megatron_qae.batching import (rank_micro_batches, response_tokens, schedule_multiple,  # noqa: E402
                                   seq_multiple, with_old_logprobs)
 from megatron_qae.loss import LossConfig  # noqa: E402
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--bucket-size", type=int, default=None, help="DDP bucket size (parameters)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 params (fp32 main params in the optimizer)")
     ap.add_argument("--hf-dir", default=None, help="load weights from this HF safetensors directory")
+    ap.add_argument("--ckpt-dir", default=None, help="load weights from this run dir's (model-only) checkpoint")
     ap.add_argument("--skip-zero", action="store_true")
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--out", required=True)
@@ -61,7 +62,9 @@ def main() -> None:
 
 def run_once(a, groups, hf, cfg, budget: int) -> dict:
     policy = build_policy(cfg, hf, groups, total_steps=10)
-    if a.hf_dir:
+    if a.ckpt_dir:
+        checkpoint.load_checkpoint(checkpoint.latest_checkpoint(a.ckpt_dir), policy)
+    elif a.hf_dir:
         assert weights.load_hf_dir(policy, a.hf_dir)
     else:
         weights.load_hf_state(policy, tiny.tiny_hf_model(hf).state_dict())
