@@ -12,18 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-CP_UNSUPPORTED = ("context parallelism is not built: nothing splits sequences over cp ranks, so "
-                  "every cp rank would train on whole sequences with wrong attention and loss; set "
-                  "parallel.cp=1 (for long sequences use model.recompute_granularity=full and "
-                  "parallel.tp / parallel.sequence_parallel)")
-
-
-VPP_UNSUPPORTED = ("the interleaved schedule is not supported yet: with variable sequence lengths "
-                   "(every micro-batch its own length) it deadlocked in megatron-core 0.19's "
-                   "pipeline shape exchange in our pp=2 and pp=4 runs; set parallel.vpp=null "
-                   "(the 1F1B schedule)")
-
-
 def _fail(name: str, value: Any, fix: str) -> None:
     raise ValueError(f"{name}={value!r}: {fix}")
 
@@ -145,6 +133,8 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp"):
             _positive(f"parallel.{name}", getattr(self, name))
+        from megatron_qae.parallel import CP_UNSUPPORTED, VPP_UNSUPPORTED
+
         if self.cp != 1:
             _fail("parallel.cp", self.cp, CP_UNSUPPORTED)
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):

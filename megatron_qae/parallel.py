@@ -20,6 +20,15 @@ import torch.distributed as dist
 
 from megatron_qae import cpu_compat
 
+CP_UNSUPPORTED = ("context parallelism is not built: nothing splits sequences over cp ranks, so "
+                  "every cp rank would train on whole sequences with wrong attention and loss; set "
+                  "parallel.cp=1 (for long sequences use model.recompute_granularity=full and "
+                  "parallel.tp / parallel.sequence_parallel)")
+VPP_UNSUPPORTED = ("the interleaved schedule is not supported yet: with variable sequence lengths "
+                   "(every micro-batch its own length) it deadlocked in megatron-core 0.19's "
+                   "pipeline shape exchange in our pp=2 and pp=4 runs; set parallel.vpp=null "
+                   "(the 1F1B schedule)")
+
 
 @dataclass(frozen=True)
 class ParallelDims:
@@ -37,8 +46,6 @@ class ParallelDims:
             if value < 1:
                 raise ValueError(f"parallel.{name}={value} must be >= 1")
         if self.cp != 1:
-            from megatron_qae.config_sections import CP_UNSUPPORTED
-
             raise ValueError(f"parallel.cp={self.cp}: {CP_UNSUPPORTED}")
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
             raise ValueError(
@@ -46,8 +53,6 @@ class ParallelDims:
                 "set parallel.vpp=null to disable interleaving"
             )
         if self.vpp is not None:
-            from megatron_qae.config_sections import VPP_UNSUPPORTED
-
             raise ValueError(f"parallel.vpp={self.vpp}: {VPP_UNSUPPORTED}")
 
     @property
