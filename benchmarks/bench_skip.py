@@ -15,7 +15,7 @@ import torch
 from benchmarks.common import bench_hf_config, single_process_world, timed
 from megatron_qae import parallel, weights
 from megatron_qae.advantage import compute_group_advantages
-from megatron_qae.batching import empty_micro_batch, rank_micro_batches, response_tokens
+from megatron_qae.batching import empty_micro_batch, rank_micro_batches, response_tokens, with_old_logprobs
 from megatron_qae.loss import LossConfig
 from megatron_qae.policy import build_policy
 from megatron_qae.train_step import compute_logprobs, train_step
@@ -79,7 +79,7 @@ def main() -> None:
             train_step(policy, mbs, tokens, LossConfig(), step=0)
 
         reset()
-        compute_logprobs(policy, mbs)
+        mbs = with_old_logprobs(mbs, compute_logprobs(policy, mbs))
 
         # The compared update is the first step from a fresh optimizer state; timing after it.
         step()

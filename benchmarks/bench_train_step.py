@@ -20,9 +20,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from benchmarks.common import bench_hf_config, single_process_world, timed
 from megatron_qae import cpu_compat, parallel
-from megatron_qae.batching import rank_micro_batches, response_tokens
+from megatron_qae.batching import rank_micro_batches, response_tokens, with_old_logprobs
 from megatron_qae.loss import LossConfig
-from megatron_qae.model import causal_mask
 from megatron_qae.policy import build_policy
 from megatron_qae.train_step import compute_logprobs, train_step
 from rollout_sglang.types import Sample
@@ -53,7 +52,7 @@ def bare_forward_backward(policy, mbs) -> None:
         mb = next(data_iterator)
         dev = cpu_compat.default_device()
         tokens, targets = mb.tokens.to(dev), mb.targets.to(dev)
-        out = model(tokens, mb.position_ids.to(dev), causal_mask(tokens.shape[1], dev), labels=targets)
+        out = model(tokens, mb.position_ids.to(dev), None, labels=targets)
 
         def loss_fn(mask, losses):
             return (losses.float() * mask).sum(), mask.sum().to(torch.int), {}
@@ -89,7 +88,7 @@ def main() -> None:
     policy = build_policy(cfg, hf, groups, total_steps=100)
     samples, adv = batch(a.samples, a.seq, hf["vocab_size"])
     mbs, bm = rank_micro_batches(samples, adv, 0, 1, a.max_tokens)
-    compute_logprobs(policy, mbs)
+    mbs = with_old_logprobs(mbs, compute_logprobs(policy, mbs))
     tokens = sum(mb.tokens.numel() for mb in mbs)
     t_bare = timed(lambda: bare_forward_backward(policy, mbs))
     t_ours = timed(lambda: train_step(policy, mbs, response_tokens(samples), LossConfig(), 0))

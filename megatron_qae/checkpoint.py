@@ -211,6 +211,8 @@ def load_checkpoint(path: str | Path, policy: Policy, model_only: bool = False) 
     for i, chunk in enumerate(chunks):
         unwrap(chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
     if model_only:
+        # The optimizer keeps its own (fp32) main params with bf16 weights: re-read them.
+        policy.optimizer.reload_model_params()
         return loaded["loop"]
     for state in added_steps:
         del state["step"]

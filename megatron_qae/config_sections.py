@@ -61,6 +61,10 @@ class RunConfig:
     """Show a tqdm progress bar with the key metrics on rank 0."""
     resume_from_damaged: str = "fallback"
     """A damaged latest checkpoint (digest mismatch, missing or truncated file): 'fallback' resumes from the newest intact one with a warning; 'fail' stops."""
+    collective_timeout_s: float = 1800.0
+    """Timeout of collectives between trainer ranks (NCCL / gloo); a hang fails after it."""
+    rollout_wait_timeout_s: float = 21600.0
+    """How long trainer ranks wait for rank 0's rollout / eval hand-off (its own gloo group)."""
 
     def __post_init__(self) -> None:
         _positive("run.num_rollout_steps", self.num_rollout_steps)
@@ -69,6 +73,11 @@ class RunConfig:
         _positive("run.eval_interval_steps", self.eval_interval_steps, strict=False)
         _positive("run.eval_n_samples", self.eval_n_samples)
         _one_of("run.resume_from_damaged", self.resume_from_damaged, ("fallback", "fail"))
+        _positive("run.collective_timeout_s", self.collective_timeout_s)
+        if self.rollout_wait_timeout_s < self.collective_timeout_s:
+            _fail("run.rollout_wait_timeout_s", self.rollout_wait_timeout_s,
+                  f"must be >= run.collective_timeout_s={self.collective_timeout_s} (a rollout "
+                  "outlasts any collective); raise it to the longest rollout + eval you expect")
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,7 @@ class ModelConfig:
     load_weights: bool = True
     """Load *.safetensors from `path` when present (else the seeded random init is kept)."""
     params_dtype: str = "float32"
-    """Parameter dtype: 'float32' (CPU) or 'bfloat16' (GPU)."""
+    """Parameter dtype: 'bfloat16' (GPU runs; also runs on CPU, slowly) or 'float32'."""
     fp8: str | None = None
     """Transformer Engine FP8 format for training: None, 'hybrid' or 'e4m3' (GPU + TE only)."""
     fp8_recipe: str = "tensorwise"
@@ -115,9 +124,9 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel degree (must divide the layer count)."""
     vpp: int | None = None
-    """Virtual pipeline stages per rank (interleaved schedule), None = off; needs pp > 1."""
+    """Virtual pipeline stages per rank (interleaved schedule); only None for now."""
     cp: int = 1
-    """Context-parallel degree (long sequences; GPU with TE)."""
+    """Context-parallel degree; only 1 for now (nothing splits sequences over cp ranks yet)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tp > 1 and Transformer Engine)."""
     use_distributed_optimizer: bool = True
@@ -128,8 +137,14 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp"):
             _positive(f"parallel.{name}", getattr(self, name))
+        from megatron_qae.parallel import CP_UNSUPPORTED, VPP_UNSUPPORTED
+
+        if self.cp != 1:
+            _fail("parallel.cp", self.cp, CP_UNSUPPORTED)
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
             _fail("parallel.vpp", self.vpp, f"needs vpp >= 2 and pp >= 2 (pp={self.pp}); or null")
+        if self.vpp is not None:
+            _fail("parallel.vpp", self.vpp, VPP_UNSUPPORTED)
         if self.sequence_parallel and self.tp < 2:
             _fail("parallel.sequence_parallel", True, "needs parallel.tp > 1")
         from megatron.core.distributed import DistributedDataParallelConfig
@@ -387,6 +402,9 @@ class RayConfig:
 class TrainConfig:
     micro_batch_max_tokens: int = 8192
     """Token budget of a micro-batch (rows x longest row), padding kept small by sorting."""
+    logprob_chunk_tokens: int = 4096
+    """Response tokens per chunk of the log-prob / entropy computation (bounds its fp32 temporaries)."""
 
     def __post_init__(self) -> None:
         _positive("train.micro_batch_max_tokens", self.micro_batch_max_tokens)
+        _positive("train.logprob_chunk_tokens", self.logprob_chunk_tokens)

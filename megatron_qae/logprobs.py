@@ -1,8 +1,10 @@
 """Per-token log-probs and entropy from vocab-parallel logits (correct under tensor parallel).
 
 What it does: turns the last pipeline stage's logits [b, s, vocab/tp] into the log-prob of
-each next token and the policy entropy at each position, reducing over the TP group.
-What it does not: mask, aggregate or build a loss (loss.py does).
+each next token and the policy entropy at each position, reducing over the TP group;
+`response_logprobs` does it over the response positions only, a chunk of rows at a time, so
+the fp32 [tokens, vocab/tp] temporaries are chunk-sized (in backward too: each chunk is
+recomputed there). What it does not: aggregate or build a loss (loss.py does).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from torch.utils.checkpoint import checkpoint
 
 
 def token_logprobs(
@@ -20,10 +23,12 @@ def token_logprobs(
 ) -> torch.Tensor:
     """log p(targets) [b, s] from vocab-parallel logits [b, s, v/tp]; differentiable.
 
-    megatron's vocab-parallel cross-entropy subtracts the max in place, so callers that also
-    need the entropy compute it first.
+    Works on a fresh fp32 copy (megatron's vocab-parallel cross-entropy subtracts the max in
+    place), so `logits` is left as it was.
     """
-    scaled = logits.float() / temperature if temperature != 1.0 else logits.float()
+    scaled = logits.to(torch.float32, copy=True)
+    if temperature != 1.0:
+        scaled.div_(temperature)
     return -vocab_parallel_cross_entropy(scaled, targets, tp_group=tp_group)
 
 
@@ -50,3 +55,38 @@ def token_entropy(
         sum_exp, sum_exp_logit = stacked[0], stacked[1]
     # H = log Z - E[x], with x shifted by the max so that Z is finite.
     return sum_exp.log() - sum_exp_logit / sum_exp
+
+
+def response_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    tp_group: dist.ProcessGroup | None,
+    temperature: float,
+    chunk_tokens: int,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p(target) [n], entropy [n] or None) at the n positions where `mask` [b, s] is
+    set, in row-major order; logits [b, s, v/tp], targets [b, s].
+
+    Prompt and padding positions never reach the fp32 code, and `chunk_tokens` rows are
+    handled at a time. With grad, each chunk runs under activation checkpointing: backward
+    keeps only the bf16 rows and recomputes one chunk's fp32 softmax at a time. Every TP rank
+    has the same mask, so the chunks' TP reductions line up.
+    """
+    pick = mask.bool()
+    rows, tgt = logits[pick], targets[pick]
+    if rows.shape[0] == 0:
+        # Nothing to score; an empty result still tied to the logits keeps backward valid.
+        empty = rows.float().sum(-1)
+        return empty, (empty.detach() if with_entropy else None)
+    lps, ents = [], []
+    for lo in range(0, rows.shape[0], chunk_tokens):
+        part, part_tgt = rows[lo: lo + chunk_tokens], tgt[lo: lo + chunk_tokens]
+        if with_entropy:
+            ents.append(token_entropy(part, tp_group, temperature))
+        if part.requires_grad:
+            lps.append(checkpoint(token_logprobs, part, part_tgt, tp_group, temperature, use_reentrant=False))
+        else:
+            lps.append(token_logprobs(part, part_tgt, tp_group, temperature))
+    return torch.cat(lps), (torch.cat(ents) if with_entropy else None)

@@ -20,12 +20,13 @@ import torch.distributed as dist
 from megatron_qae import checkpoint, parallel, weights
 from megatron_qae.advantage import compute_group_advantages
 from megatron_qae.colocated_sync import ColocatedSync, engine_placements
-from megatron_qae.batching import empty_micro_batch, rank_micro_batches, response_tokens, split_by_tokens
+from megatron_qae.batching import (rank_micro_batches, response_tokens, schedule_multiple, seq_multiple,
+                                  split_by_tokens, with_old_logprobs)
 from megatron_qae.config import Config, save_config, to_dict, validate_against_model
 from megatron_qae.loss import LossConfig
 from megatron_qae.metrics import MetricsSink
 from megatron_qae.model import load_hf_config
-from megatron_qae.policy import Policy, build_policy
+from megatron_qae.policy import Policy, build_policy, finish_param_sync
 from megatron_qae.rollout import Rollout
 from megatron_qae.train_step import compute_logprobs, logprob_gap, train_step
 from megatron_qae.weight_sync import push_weights
@@ -47,7 +48,9 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
     """Train for cfg.run.num_rollout_steps rollout steps; returns rank 0's logged metrics."""
     p = cfg.parallel
     groups = parallel.init_distributed(
-        lambda w: parallel.ParallelDims.from_world(w, p.tp, p.pp, p.cp, p.vpp), seed=cfg.run.seed
+        lambda w: parallel.ParallelDims.from_world(w, p.tp, p.pp, p.cp, p.vpp), seed=cfg.run.seed,
+        collective_timeout_s=cfg.run.collective_timeout_s,
+        rollout_wait_timeout_s=cfg.run.rollout_wait_timeout_s,
     )
     is_driver = dist.get_rank() == 0
     hf = load_hf_config(cfg.model.path)
@@ -81,7 +84,7 @@ def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, colocated:
     progress = _progress(cfg, start, is_driver)
     for step in range(start + 1, cfg.run.num_rollout_steps + 1):
         t0 = time.perf_counter()
-        batch = _broadcast(rollout.generate(step - 1) if is_driver else None)   # rollout + reward
+        batch = _broadcast(rollout.generate(step - 1) if is_driver else None, policy)  # rollout + reward
         _release_engines(rollout, colocated)                                    # colocated: free GPUs
         advantages, adv_metrics = _advantages(cfg, policy, batch.samples)       # advantage
         train_metrics = _train(cfg, policy, batch, advantages, step)            # train
@@ -93,10 +96,10 @@ def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, colocated:
         sink.log(step, metrics)
         history.append(metrics)
         _progress_update(progress, metrics)
-        stopping = _broadcast(stop.requested)  # every rank must agree before a collective save
+        stopping = _broadcast(stop.requested, policy)  # every rank must agree before a collective save
         if stopping or (cfg.run.save_interval_steps and step % cfg.run.save_interval_steps == 0):
             loop_state = {"step": step, "rollout": rollout.state_dict() if is_driver else None}
-            checkpoint.save_checkpoint(run_dir, step, policy, _broadcast(loop_state),    # checkpoint
+            checkpoint.save_checkpoint(run_dir, step, policy, _broadcast(loop_state, policy),    # checkpoint
                                        keep_last=cfg.run.keep_last_checkpoints)
         if stopping:
             log.warning("SIGTERM: saved step %d and stopping", step)
@@ -121,10 +124,9 @@ def _restore(cfg: Config, policy: Policy, rollout: Rollout | None) -> tuple[int,
     return 0, {}
 
 
-def _broadcast(obj):
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+def _broadcast(obj, policy: Policy):
+    # Over the hand-off group: the other ranks wait here while rank 0 generates or evaluates.
+    return parallel.broadcast_from_driver(obj, policy.groups)
 
 
 def _advantages(cfg: Config, policy: Policy, samples: list[Sample]) -> tuple[list[float], dict]:
@@ -160,18 +162,21 @@ def _train(cfg: Config, policy: Policy, batch: RolloutBatch, advantages: list[fl
         part, adv = samples[lo: lo + per_mini], advantages[lo: lo + per_mini]
         mbs, bmetrics = rank_micro_batches(part, adv, groups.dp_rank, groups.dims.dp,
                                            cfg.train.micro_batch_max_tokens,
-                                           cfg.algo.can_skip_zero_advantage)
-        plans.append((mbs or [empty_micro_batch()], response_tokens(part), bmetrics))
+                                           cfg.algo.can_skip_zero_advantage, seq_multiple(groups.dims.tp),
+                                           schedule_multiple(groups.dims.pp, groups.dims.vpp))
+        plans.append((mbs, response_tokens(part), bmetrics))
     t0 = time.perf_counter()
-    for mbs, _, _ in plans:
-        compute_logprobs(policy, mbs, cfg.rollout.temperature)
+    chunk = cfg.train.logprob_chunk_tokens
+    plans = [(with_old_logprobs(mbs, compute_logprobs(policy, mbs, cfg.rollout.temperature, chunk)), tokens, bm)
+             for mbs, tokens, bm in plans]
     gap = logprob_gap(policy, [mb for mbs, _, _ in plans for mb in mbs])
     sums: dict[str, float] = {}
     for i, (mbs, tokens, bmetrics) in enumerate(plans):
         m = train_step(policy, mbs, tokens, loss_cfg, (step - 1) * len(plans) + i,
-                       cfg.rollout.temperature)
+                       cfg.rollout.temperature, chunk)
         for k, v in {**m, **bmetrics}.items():
             sums[k] = sums.get(k, 0.0) + v / len(plans)
+    finish_param_sync(policy)  # weight sync and checkpoints read the parameters next
     elapsed = time.perf_counter() - t0
     trained = torch.tensor([float(sum(mb.loss_mask.sum() for mbs, _, _ in plans for mb in mbs))])
     dist.all_reduce(trained, group=groups.dp)
@@ -200,7 +205,7 @@ def _sync(policy: Policy, rollout: Rollout | None, colocated: ColocatedSync | No
             ok = link is None or link.failed is None
         else:
             # The broadcast is the barrier: no rank sends before rank 0 has the engines ready.
-            urls, api_key = _broadcast(rollout.prepare_colocated() if rollout is not None else None)
+            urls, api_key = _broadcast(rollout.prepare_colocated() if rollout is not None else None, policy)
             times, ok = colocated.push(policy, urls, version, e.weight_sync_bucket_bytes, api_key=api_key)
         failed = torch.tensor([0.0 if ok else 1.0])
         dist.all_reduce(failed)

@@ -10,6 +10,7 @@ DDP, build the optimizer (train_step.py), or load weights (qwen2_mapping.py / ch
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from functools import cache
 from pathlib import Path
@@ -25,6 +26,7 @@ cpu_compat.install()
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.module import Float16Module  # noqa: E402
 
 from megatron_qae.parallel import ParallelDims  # noqa: E402
 from megatron_qae.qwen2_mapping import attention_dims, has_qk_norm, has_qkv_bias  # noqa: E402
@@ -109,13 +111,19 @@ def build_transformer_config(
     """TransformerConfig of a Qwen2 / Qwen3 model under the given layout."""
     check_layout(hf, dims)
     on_gpu = cpu_compat.cuda_available()
+    # megatron's fused kernels (bias-SwiGLU, RoPE, softmax, bias-dropout, and the weight-
+    # gradient accumulation into main_grad) are CUDA / Transformer Engine code: on where both
+    # are present, off on CPU, where the unfused paths compute the same functions.
+    fused = on_gpu and transformer_engine_available()
+    # The output layer is megatron's own ColumnParallelLinear even with the TE spec; its fused
+    # wgrad accumulation needs Apex's extension (megatron-core 0.19 tensor_parallel/layers.py
+    # raises RuntimeError at construction without it).
+    wgrad_fused = fused and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
     if fp8 and not (on_gpu and transformer_engine_available()):
         raise ValueError(
             f"model.fp8={fp8!r} needs a CUDA GPU with Transformer Engine installed "
             "(pip install 'megatron-qae[gpu]'); set model.fp8=null on this machine"
         )
-    if params_dtype == "bfloat16" and not on_gpu:
-        raise ValueError("model.params_dtype='bfloat16' is GPU-only here; use 'float32' on CPU")
     if sequence_parallel and not transformer_engine_available():
         raise ValueError("parallel.sequence_parallel=true needs Transformer Engine; set it false")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[params_dtype]
@@ -148,12 +156,12 @@ def build_transformer_config(
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # the only one megatron allows with variable lengths
         use_cpu_initialization=not on_gpu,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
+        gradient_accumulation_fusion=wgrad_fused,
+        bias_activation_fusion=fused,
+        bias_dropout_fusion=fused,
+        masked_softmax_fusion=fused,
+        persist_layer_norm=False,  # Apex's persistent LayerNorm; RMSNorm comes from TE / torch
+        apply_rope_fusion=fused,
         recompute_granularity=recompute_granularity,
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
@@ -193,8 +201,9 @@ def layer_spec(config: TransformerConfig, transformer_impl: str = "auto"):
 
 def build_model_chunks(
     hf: dict[str, Any], config: TransformerConfig, transformer_impl: str = "auto"
-) -> list[GPTModel]:
-    """One GPTModel per virtual pipeline stage of this rank (one chunk without VPP)."""
+) -> list[torch.nn.Module]:
+    """One GPTModel per virtual pipeline stage of this rank (one chunk without VPP), inside
+    megatron's Float16Module with bf16 params."""
     from megatron.core import parallel_state as mpu
 
     spec = layer_spec(config, transformer_impl)
@@ -217,11 +226,8 @@ def build_model_chunks(
             vp_stage=vp_stage if config.virtual_pipeline_model_parallel_size else None,
         )
         model.to(cpu_compat.default_device())
-        chunks.append(model)
+        # As megatron's own training does: every parameter in bf16 (norms included, whatever
+        # the layer spec created them in), inputs cast on the first stage, fp32 logits out.
+        chunks.append(Float16Module(config, model) if config.bf16 else model)
     return chunks
 
-
-def causal_mask(seq_len: int, device: torch.device | None = None) -> torch.Tensor:
-    """Megatron's attention mask convention: True where attention is NOT allowed, [1,1,s,s]."""
-    ones = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
-    return torch.triu(ones, diagonal=1)[None, None]

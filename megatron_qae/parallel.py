@@ -1,9 +1,11 @@
 """The parallel layout of the trainer and the one place that sets up megatron's groups.
 
 What it does: `ParallelDims` validates a (tp, pp, cp, dp) layout against the world size;
-`init_distributed` starts torch.distributed (gloo on CPU, nccl on GPU) and calls megatron's
+`init_distributed` starts torch.distributed (gloo for CPU tensors everywhere, plus nccl for
+device tensors on GPU: `process_group_backend` is the one rule) and calls megatron's
 `initialize_model_parallel` exactly once; `ParallelGroups` hands the process groups that code
-below needs explicitly. What it does not: read environment variables other than the
+below needs explicitly, including the hand-off group over which rank 0 gives the others what
+only it computed (`broadcast_from_driver`), whose wait is sized for rollouts. What it does not: read environment variables other than the
 torchrun ones at the entry point, or decide the layout (the config does).
 """
 
@@ -17,6 +19,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_qae import cpu_compat
+
+CP_UNSUPPORTED = ("context parallelism is not built: nothing splits sequences over cp ranks, so "
+                  "every cp rank would train on whole sequences with wrong attention and loss; set "
+                  "parallel.cp=1 (for long sequences use model.recompute_granularity=full and "
+                  "parallel.tp / parallel.sequence_parallel)")
+VPP_UNSUPPORTED = ("the interleaved schedule is not supported yet: with variable sequence lengths "
+                   "(every micro-batch its own length) it deadlocked in megatron-core 0.19's "
+                   "pipeline shape exchange in our pp=2 and pp=4 runs; set parallel.vpp=null "
+                   "(the 1F1B schedule)")
 
 
 @dataclass(frozen=True)
@@ -34,11 +45,15 @@ class ParallelDims:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"parallel.{name}={value} must be >= 1")
+        if self.cp != 1:
+            raise ValueError(f"parallel.cp={self.cp}: {CP_UNSUPPORTED}")
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
             raise ValueError(
                 f"parallel.vpp={self.vpp} needs pp >= 2 and vpp >= 2 (pp={self.pp}); "
                 "set parallel.vpp=null to disable interleaving"
             )
+        if self.vpp is not None:
+            raise ValueError(f"parallel.vpp={self.vpp}: {VPP_UNSUPPORTED}")
 
     @property
     def world_size(self) -> int:
@@ -69,6 +84,10 @@ class ParallelGroups:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    driver: dist.ProcessGroup | None = None
+    """All ranks, gloo, with the rollout wait as its timeout: what rank 0 hands to the others
+    after work only it does (rollout, eval) goes over this group, so that wait is bounded by
+    run.rollout_wait_timeout_s, not by the collective timeout (None: the default group)."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -79,22 +98,45 @@ class ParallelGroups:
         return self.pp_rank == self.dims.pp - 1
 
 
-def init_distributed(dims_fn, seed: int = 1234, timeout_minutes: int = 30) -> ParallelGroups:
+def process_group_backend(accelerator: str | None) -> str:
+    """The backend of every process group: gloo carries CPU tensors on every machine, the
+    accelerator's backend (nccl) carries device tensors where there is one.
+
+    The rule: a collective may take CPU tensors or device tensors on any group. Megatron's
+    groups inherit this backend (parallel_state.create_group passes backend=None), so small
+    host-side reductions (token counts, metrics, flags, object collectives) never reach an
+    NCCL-only group, and everything megatron does on device tensors still goes over NCCL.
+    """
+    return "gloo" if accelerator is None else f"cpu:gloo,cuda:{accelerator}"
+
+
+def init_distributed(
+    dims_fn,
+    seed: int = 1234,
+    collective_timeout_s: float = 1800.0,
+    rollout_wait_timeout_s: float = 21600.0,
+    accelerator_backend: str | None = None,
+) -> ParallelGroups:
     """Start torch.distributed from torchrun's environment and build megatron's groups.
 
     `dims_fn(world_size) -> ParallelDims` lets the caller validate the layout against the
     real world size before any group is made. Seeds megatron's model-parallel RNG tracker
     (same seed on every rank: weights are initialized on CPU in full, then sharded).
+    `accelerator_backend` defaults to nccl where CUDA is present, none on CPU (tests name a
+    CUDA-only stand-in to run the GPU's group rules on CPU).
     """
     from megatron.core import parallel_state as mpu
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    backend = "gloo" if cpu_compat.install() else "nccl"
+    on_cpu = cpu_compat.install()
+    if accelerator_backend is None and not on_cpu:
+        accelerator_backend = "nccl"
     if not dist.is_initialized():
-        if backend == "nccl":
+        if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
+            backend=process_group_backend(accelerator_backend),
+            timeout=datetime.timedelta(seconds=collective_timeout_s),
         )
     dims = dims_fn(dist.get_world_size())
     if dims.world_size != dist.get_world_size():
@@ -105,14 +147,16 @@ def init_distributed(dims_fn, seed: int = 1234, timeout_minutes: int = 30) -> Pa
             pipeline_model_parallel_size=dims.pp,
             virtual_pipeline_model_parallel_size=dims.vpp,
             context_parallel_size=dims.cp,
-            distributed_timeout_minutes=timeout_minutes,
+            distributed_timeout_minutes=collective_timeout_s / 60.0,
         )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    return current_groups(dims)
+    driver = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=rollout_wait_timeout_s),
+                            group_desc="QAE_DRIVER_HANDOFF")
+    return current_groups(dims, driver)
 
 
-def current_groups(dims: ParallelDims) -> ParallelGroups:
+def current_groups(dims: ParallelDims, driver: dist.ProcessGroup | None = None) -> ParallelGroups:
     """The groups megatron made for this rank (after `init_distributed`)."""
     from megatron.core import parallel_state as mpu
 
@@ -124,7 +168,16 @@ def current_groups(dims: ParallelDims) -> ParallelGroups:
         tp_rank=mpu.get_tensor_model_parallel_rank(),
         pp_rank=mpu.get_pipeline_model_parallel_rank(),
         dp_rank=mpu.get_data_parallel_rank(),
+        driver=driver,
     )
+
+
+def broadcast_from_driver(obj: object, groups: ParallelGroups) -> object:
+    """Rank 0's `obj` on every rank, over the hand-off group: the other ranks may wait here
+    for as long as rank 0's rollout takes (up to run.rollout_wait_timeout_s)."""
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0, group=groups.driver)
+    return holder[0]
 
 
 def destroy() -> None:

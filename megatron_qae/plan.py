@@ -24,8 +24,12 @@ micro-batch, sp = tp with sequence parallel else 1, q/kv = query/KV projection w
   (x (1 + (pp-1)/(pp*vpp)) interleaved). No recompute: m*L*a; full/uniform, r layers per
   unit: m*ceil(L/r)*i + r*a; full/block: m*(r*i + (L-r)*a) + a (L = layers per stage);
   selective: as none (flash attention already keeps no s^2 score matrix).
-Logits (last stage): t * vocab/tp * 12 bytes (bf16 logits, fp32 copy, fp32 softmax kept for
-  backward, bf16 gradient). Usable memory: (1 - 0.08) * GPU memory (CUDA context, NCCL
+Logits (last stage; e = 2 bytes bf16, 4 fp32; v = vocab/tp; c = min(train.logprob_chunk_tokens,
+  t)): 4*e*t*v + 16*c*v bytes: the logits over every position (Float16Module keeps them bf16),
+  their response rows (at most t), and the gradients of both; plus one chunk's fp32 work (the
+  entropy's upcast, shifted and exp'd copies in forward; in backward the recomputed chunk's
+  upcast copy, softmax and gradient), since log-probs and entropy run over response rows only,
+  a chunk at a time, each chunk recomputed in backward (logprobs.response_logprobs). Usable memory: (1 - 0.08) * GPU memory (CUDA context, NCCL
   buffers, allocator fragmentation).
 Engine GPU (SGLang): weights = params*2/engine_tp; KV cache = GPU*mem_fraction_static - weights;
   KV bytes/token = 2 (K, V) * layers * max(kv_heads/engine_tp, 1) * head_dim * 2.
@@ -152,6 +156,15 @@ def activation_bytes(cfg: Config, hf: dict[str, Any], stage: int) -> float:
     return in_flight * (r * i + (layers - r) * a) + a
 
 
+def logits_bytes(cfg: Config, hf: dict[str, Any]) -> float:
+    """Last-stage bytes of the logits and the log-prob / entropy code (module docstring)."""
+    t = cfg.train.micro_batch_max_tokens / cfg.parallel.cp
+    v = hf["vocab_size"] / cfg.parallel.tp
+    e = 2 if cfg.model.params_dtype == "bfloat16" else 4
+    c = min(cfg.train.logprob_chunk_tokens, t)
+    return 4 * e * t * v + 16 * c * v
+
+
 @dataclass(frozen=True)
 class StageMemory:
     """Trainer bytes on one GPU of one pipeline stage."""
@@ -181,8 +194,7 @@ def trainer_memory(cfg: Config, hf: dict[str, Any], shape: ModelShape, dp: int, 
     bf16 = m.params_dtype == "bfloat16"
     grad_bytes = 4 if p.ddp_overrides.get("grad_reduce_in_fp32", True) else (2 if bf16 else 4)
     shards = dp * p.cp if p.use_distributed_optimizer else 1
-    tokens = cfg.train.micro_batch_max_tokens / p.cp
-    logits = tokens * hf["vocab_size"] / p.tp * 12 if stage == p.pp - 1 else 0.0
+    logits = logits_bytes(cfg, hf) if stage == p.pp - 1 else 0.0
     return StageMemory(stage, n * (2 if bf16 else 4), n * grad_bytes, n * (12 if bf16 else 8) / shards,
                        n * 2 if m.fp8 else 0.0, activation_bytes(cfg, hf, stage), logits)
 

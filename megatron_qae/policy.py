@@ -45,12 +45,43 @@ def _finalize_grads_without_token_scaling(model, num_tokens, **kwargs) -> None:
     finalize_model_grads(model, None, **kwargs)
 
 
-def _checked(cls: type, overrides: dict[str, Any], where: str) -> dict[str, Any]:
+def _with_overrides(cls: type, ours: dict[str, Any], overrides: dict[str, Any], where: str):
+    """`cls(**ours)` with `overrides` taking precedence (an override of a field we also set
+    wins; unknown fields are an error)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"{where} has keys {unknown} that {cls.__name__} does not have")
-    return dict(overrides)
+    return cls(**{**ours, **overrides})
+
+
+def _wire_overlap(config: TransformerConfig, chunks: list[DistributedDataParallel],
+                  ddp_config: DistributedDataParallelConfig) -> None:
+    """Hand megatron's schedule the DDP hooks that make overlap_grad_reduce /
+    overlap_param_gather overlap, as megatron's own training loop does
+    (megatron/training/training.py: no_sync_func and grad_sync_func with overlap_grad_reduce,
+    param_sync_func with overlap_param_gather + align_param_gather). Without no_sync_func
+    every micro-batch's backward would start the gradient reduction."""
+    def one_or_list(funcs: list):
+        return funcs[0] if len(funcs) == 1 else funcs
+
+    if ddp_config.overlap_grad_reduce:
+        config.no_sync_func = one_or_list([c.no_sync for c in chunks])
+        config.grad_sync_func = one_or_list([c.start_grad_sync for c in chunks])
+    if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
+        config.param_sync_func = one_or_list([c.start_param_sync for c in chunks])
+
+
+def finish_param_sync(policy: Policy) -> None:
+    """Bring every parameter up to the optimizer's last step.
+
+    With overlap_param_gather the distributed optimizer updates only this rank's shard and
+    leaves the all-gather to the forward pre-hooks of the next training forward (after
+    zero_grad_buffer). Whatever reads parameters otherwise (the old-log-prob pass, weight
+    sync, checkpoints) calls this first; without overlap it does nothing."""
+    for chunk in policy.chunks:
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
 def transformer_config_from(cfg, hf: dict[str, Any], groups: ParallelGroups) -> TransformerConfig:
@@ -76,18 +107,18 @@ def build_policy(cfg, hf: dict[str, Any], groups: ParallelGroups, total_steps: i
     """Model chunks + DDP + optimizer + scheduler for this rank."""
     config = transformer_config_from(cfg, hf, groups)
     chunks = model_lib.build_model_chunks(hf, config, cfg.model.transformer_impl)
-    ddp_config = DistributedDataParallelConfig(
+    ddp_config = _with_overrides(DistributedDataParallelConfig, dict(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        **_checked(DistributedDataParallelConfig, dict(cfg.parallel.ddp_overrides), "parallel.ddp_overrides"),
-    )
+    ), dict(cfg.parallel.ddp_overrides), "parallel.ddp_overrides")
     wrapped = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk)
         for chunk in chunks
     ]
+    _wire_overlap(config, wrapped, ddp_config)
     o = cfg.optim
-    opt_config = OptimizerConfig(
+    opt_config = _with_overrides(OptimizerConfig, dict(
         optimizer="adam",
         lr=o.lr,
         min_lr=o.min_lr,
@@ -99,8 +130,9 @@ def build_policy(cfg, hf: dict[str, Any], groups: ParallelGroups, total_steps: i
         bf16=config.bf16,
         params_dtype=config.params_dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        **_checked(OptimizerConfig, dict(o.optimizer_overrides), "optim.optimizer_overrides"),
-    )
+        # The optimizer's copy of DDP's overlap flag: it decides whether step() all-gathers.
+        overlap_param_gather=ddp_config.overlap_param_gather,
+    ), dict(o.optimizer_overrides), "optim.optimizer_overrides")
     optimizer = get_megatron_optimizer(opt_config, wrapped)
     scheduler = OptimizerParamScheduler(
         optimizer,

@@ -18,30 +18,30 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_qae import cpu_compat
 from megatron_qae.batching import MicroBatch
-from megatron_qae.logprobs import token_entropy, token_logprobs
+from megatron_qae.logprobs import response_logprobs
 from megatron_qae.loss import LossConfig, policy_loss
-from megatron_qae.model import causal_mask
-from megatron_qae.policy import Policy
+from megatron_qae.policy import Policy, finish_param_sync
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm of a step was NaN or inf; the optimizer was not stepped."""
 
 
-def _to_device(mb: MicroBatch) -> MicroBatch:
-    device = cpu_compat.default_device()
-    if device.type == "cpu":
-        return mb
-    moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-             for k, v in vars(mb).items()}
-    return MicroBatch(**moved)
-
-
 def _run_schedule(policy: Policy, mbs: list[MicroBatch], loss_fn, forward_only: bool) -> list:
+    """megatron's schedule over `mbs`; returns the loss functions' dicts, one per micro-batch
+    in order, on the last pipeline stage (empty elsewhere)."""
+    device = cpu_compat.default_device()
+    # bf16 (Float16Module): keep the logits in bf16; the log-prob code upcasts what it uses.
+    out_kwargs = {"fp32_output": False} if policy.config.bf16 else {}
+
     def forward_step(data_iterator, model):
-        mb = _to_device(next(data_iterator))
-        seq = mb.tokens.shape[1]
-        output = model(mb.tokens, mb.position_ids, causal_mask(seq, mb.tokens.device))
+        # Every micro-batch goes through the device copy, on CPU as on GPU; the loss function
+        # sees the copy, and what it computes leaves through its return value only.
+        mb = next(data_iterator).to(device)
+        # No mask tensor: the layer specs' attention is AttnMaskType.causal, which builds its
+        # own mask (local softmax) or ignores one (Transformer Engine); right padding is
+        # never attended to by real tokens, so causal is exact.
+        output = model(mb.tokens, mb.position_ids, None, **out_kwargs)
         return output, partial(loss_fn, mb)
 
     chunks = policy.chunks
@@ -59,44 +59,59 @@ def _run_schedule(policy: Policy, mbs: list[MicroBatch], loss_fn, forward_only: 
 
 
 @torch.no_grad()
-def compute_logprobs(policy: Policy, mbs: list[MicroBatch], temperature: float = 1.0) -> None:
-    """Fill `mb.old_logprobs` [b, s] (on the last pipeline stage) with the policy's log-probs."""
+def compute_logprobs(
+    policy: Policy, mbs: list[MicroBatch], temperature: float = 1.0, chunk_tokens: int = 4096
+) -> list[torch.Tensor | None]:
+    """The policy's log-probs [b, s] of each micro-batch's targets (0 outside the response,
+    on CPU), in the order of `mbs`; None for every micro-batch on ranks outside the last
+    pipeline stage, which never see logits. Attach them with `batching.with_old_logprobs`.
+    Computed over response tokens only, `chunk_tokens` at a time (train.logprob_chunk_tokens)."""
     tp_group = policy.groups.tp
 
     def loss_fn(mb: MicroBatch, logits: torch.Tensor):
-        lp = token_logprobs(logits, mb.targets.to(logits.device), tp_group, temperature)
-        mb.old_logprobs = (lp * mb.loss_mask.to(lp.device)).cpu()
-        zero = torch.zeros((), device=logits.device)
-        return zero, {}
+        lp, _ = response_logprobs(logits, mb.targets, mb.loss_mask, tp_group, temperature, chunk_tokens)
+        full = torch.zeros(mb.loss_mask.shape, dtype=torch.float32, device=lp.device)
+        full[mb.loss_mask.bool()] = lp
+        return torch.zeros((), device=logits.device), {"logprobs": full.cpu()}
 
+    finish_param_sync(policy)  # no training forward (and its param all-gather) precedes this one
     for chunk in policy.chunks:
         chunk.eval()
-    _run_schedule(policy, mbs, loss_fn, forward_only=True)
+    out = _run_schedule(policy, mbs, loss_fn, forward_only=True)
+    if not policy.groups.is_last_stage:
+        return [None] * len(mbs)
+    assert len(out) == len(mbs), (len(out), len(mbs))
+    return [d["logprobs"] for d in out]
 
 
-def _loss_fn(cfg: LossConfig, global_tokens: int, temperature: float, tp_group, mb: MicroBatch, logits: torch.Tensor):
-    mask = mb.loss_mask.to(logits.device)
-    entropy = token_entropy(logits, tp_group, temperature)
-    lp = token_logprobs(logits, mb.targets.to(logits.device), tp_group, temperature)
-    old = mb.old_logprobs.to(logits.device) if mb.old_logprobs is not None else lp.detach()
+def _loss_fn(cfg: LossConfig, global_tokens: int, temperature: float, chunk_tokens: int, tp_group,
+             mb: MicroBatch, logits: torch.Tensor):
+    if mb.old_logprobs is None:
+        raise ValueError("a micro-batch reached the loss without old log-probs; pass the "
+                         "micro-batches through compute_logprobs and with_old_logprobs first")
+    # Everything below is over the response tokens only, flattened to [n].
+    pick = mb.loss_mask.bool()
+    lp, entropy = response_logprobs(logits, mb.targets, mb.loss_mask, tp_group, temperature,
+                                    chunk_tokens, with_entropy=True)
+    rollout = mb.rollout_logprobs[pick]
+    ones = torch.ones_like(lp.detach())
     loss, metrics = policy_loss(
-        lp, old, mb.advantages.to(logits.device), mask, global_tokens, cfg,
-        rollout_logprobs=mb.rollout_logprobs.to(logits.device),
+        lp, mb.old_logprobs[pick], mb.advantages[pick], ones, global_tokens, cfg, rollout_logprobs=rollout,
     )
-    metrics["loss/entropy_sum"] = (entropy * mask).sum()
-    metrics["loss/logprob_gap_sum"] = ((lp.detach() - mb.rollout_logprobs.to(lp.device)).abs() * mask).sum()
+    metrics["loss/entropy_sum"] = entropy.sum()
+    metrics["loss/logprob_gap_sum"] = (lp.detach() - rollout).abs().sum()
     metrics["loss/loss_sum"] = loss.detach()
-    metrics["loss/tokens"] = mask.sum()
+    metrics["loss/tokens"] = ones.sum()
     # 3-tuple + calculate_per_token_loss: megatron neither divides by micro-batch count
     # nor by tokens; the global token-mean is already in `loss`.
-    num_tokens = mask.sum().to(torch.int)
+    num_tokens = pick.sum().to(torch.int)
     return loss, num_tokens, metrics
 
 
 def _reduce_metrics(policy: Policy, per_mb: list[dict]) -> dict[str, float]:
     """Sum token-sum metrics over micro-batches and DP ranks; mean per trained response token
     (skipped zero-advantage samples are not in the forward pass, so not in these means)."""
-    names = ["loss/pg_clip_tokens", "loss/dual_clip_tokens", "loss/approx_kl_sum",
+    names = ["loss/pg_clip_tokens", "loss/dual_clip_tokens", "loss/approx_kl_sum", "loss/ratio_sum",
              "loss/entropy_sum", "loss/logprob_gap_sum", "loss/loss_sum", "loss/tokens"]
     sums = torch.zeros(len(names), dtype=torch.float64)
     for m in per_mb:
@@ -111,7 +126,7 @@ def _reduce_metrics(policy: Policy, per_mb: list[dict]) -> dict[str, float]:
         dist.broadcast(sums, src=src, group=groups.pp)
     trained = float(sums[names.index("loss/tokens")])
     out = {n.replace("_sum", "").replace("_tokens", "_frac"): float(v) / max(trained, 1.0)
-           for n, v in zip(names[:5], sums.tolist())}
+           for n, v in zip(names[:6], sums.tolist())}
     out["loss/loss"] = float(sums[names.index("loss/loss_sum")])
     out["loss/trained_tokens"] = trained
     return out
@@ -123,13 +138,14 @@ def forward_backward(
     global_tokens: int,
     loss_cfg: LossConfig,
     temperature: float = 1.0,
+    chunk_tokens: int = 4096,
 ) -> dict[str, float]:
     """Gradients of the global-token-mean loss over this rank's micro-batches (DP-reduced)."""
     for chunk in policy.chunks:
         chunk.train()
         chunk.zero_grad_buffer()
     policy.optimizer.zero_grad()
-    loss_fn = partial(_loss_fn, loss_cfg, global_tokens, temperature, policy.groups.tp)
+    loss_fn = partial(_loss_fn, loss_cfg, global_tokens, temperature, chunk_tokens, policy.groups.tp)
     per_mb = _run_schedule(policy, mbs, loss_fn, forward_only=False)
     return _reduce_metrics(policy, per_mb)
 
@@ -141,6 +157,7 @@ def train_step(
     loss_cfg: LossConfig,
     step: int,
     temperature: float = 1.0,
+    chunk_tokens: int = 4096,
 ) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches of a global mini-batch.
 
@@ -148,7 +165,7 @@ def train_step(
     Raises NonFiniteLossError (naming `step`) before the optimizer when the loss is not
     finite, and after it when the gradient norm is not (megatron then skips the update).
     """
-    metrics = forward_backward(policy, mbs, global_tokens, loss_cfg, temperature)
+    metrics = forward_backward(policy, mbs, global_tokens, loss_cfg, temperature, chunk_tokens)
     if not math.isfinite(metrics["loss/loss"]):
         raise NonFiniteLossError(
             f"step {step}: loss is {metrics['loss/loss']}; the optimizer was not stepped. "
@@ -168,7 +185,8 @@ def train_step(
 
 def logprob_gap(policy: Policy, mbs: list[MicroBatch]) -> float:
     """Mean |trainer - rollout| log-prob over the response tokens of `mbs` (all DP ranks),
-    taken after `compute_logprobs` with the weights the engines sampled with."""
+    from the old log-probs `with_old_logprobs` attached (the weights the engines sampled
+    with); every rank returns the last stage's value."""
     sums = torch.zeros(2, dtype=torch.float64)
     for mb in mbs:
         if mb.old_logprobs is not None:

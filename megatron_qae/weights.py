@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -59,15 +58,15 @@ def load_full_weights(
                 param.copy_(shard.to(param.dtype))
 
 
-def load_hf_state(
-    chunks: list[torch.nn.Module],
-    hf_state: Mapping[str, torch.Tensor],
-    hf: Mapping[str, Any],
-    tp_rank: int,
-    tp: int,
-) -> None:
-    """Load a full HF Qwen2 state dict (name -> tensor) into this rank's shards."""
-    load_full_weights(chunks, lambda name: qm.hf_to_megatron(name, hf_state, hf), tp_rank, tp)
+def load_hf_state(policy, hf_state: Mapping[str, torch.Tensor]) -> None:
+    """Load a full HF Qwen2 state dict (name -> tensor) into this rank's shards of the policy,
+    and into its optimizer's main params."""
+    hf = policy.hf_config
+    load_full_weights(policy.chunks, lambda name: qm.hf_to_megatron(name, hf_state, hf),
+                      policy.groups.tp_rank, policy.groups.dims.tp)
+    # With bf16 params the optimizer holds fp32 main copies, cloned from the init when it was
+    # built; re-read them, or the first step writes the init back over the loaded weights.
+    policy.optimizer.reload_model_params()
 
 
 def iter_full_params(
@@ -110,5 +109,5 @@ def load_hf_dir(policy, model_dir: str | Path) -> bool:
         def __getitem__(self, key: str) -> torch.Tensor:
             return handles[where[key]].get_tensor(key)
 
-    load_hf_state(policy.chunks, _Lazy(), policy.hf_config, policy.groups.tp_rank, policy.groups.dims.tp)
+    load_hf_state(policy, _Lazy())
     return True

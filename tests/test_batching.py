@@ -6,7 +6,10 @@ import random
 
 import torch
 
-from megatron_qae.batching import build_micro_batch, pack_by_budget, rank_micro_batches, split_by_tokens
+import pytest
+
+from megatron_qae.batching import (build_micro_batch, empty_micro_batch, pack_by_budget, rank_micro_batches,
+                                   schedule_multiple, seq_multiple, split_by_tokens)
 from rollout_sglang.types import Sample
 
 
@@ -62,3 +65,35 @@ def test_skip_zero_advantage_drops_exactly_the_zero_samples():
     assert kept == [1, 3]
     assert m["batch/skipped_samples_frac"] == 0.5
     assert m["batch/skipped_response_tokens"] == 5 + 7
+
+
+@pytest.mark.parametrize("tp,multiple", [(1, 16), (2, 16), (3, 48), (8, 16), (12, 48)])
+def test_sequence_lengths_are_padded_to_lcm_16_tp(tp, multiple):
+    assert seq_multiple(tp) == multiple
+    samples = [_sample(4, r, gid=i) for i, r in enumerate((3, 30, 7, 12, 25, 9, 50))]
+    mbs, _ = rank_micro_batches(samples, [1.0] * 7, 0, 1, max_tokens=200, seq_multiple=multiple)
+    assert sorted(i for mb in mbs for i in mb.sample_index) == list(range(7))
+    for mb in mbs:
+        assert mb.tokens.shape[1] % multiple == 0
+        assert mb.tokens.numel() <= 200 or mb.tokens.shape[0] == 1
+        for row, i in enumerate(mb.sample_index):
+            s = samples[i]
+            n = s.num_tokens
+            # The padding is all zeros and outside the loss.
+            assert mb.tokens[row, :n].tolist() == list(s.prompt_ids + s.response_ids)
+            assert not mb.tokens[row, n:].any() and not mb.loss_mask[row, n - 1:].any()
+            assert mb.loss_mask[row].sum() == len(s.response_ids)
+    assert empty_micro_batch(multiple).tokens.shape == (1, multiple)
+    assert empty_micro_batch(multiple).loss_mask.sum() == 0
+
+
+@pytest.mark.parametrize("n,budget", [(0, 64), (1, 64), (3, 1000), (5, 40), (12, 64)])
+def test_interleaved_schedule_gets_a_multiple_of_pp_micro_batches(n, budget):
+    assert schedule_multiple(2, None) == 1 and schedule_multiple(4, 2) == 4
+    samples = [_sample(4, 3 + 2 * i, gid=i) for i in range(n)]
+    for pp in (2, 4):
+        mbs, m = rank_micro_batches(samples, [1.0] * n, 0, 1, budget, seq_multiple=16,
+                                    count_multiple=schedule_multiple(pp, 2))
+        assert len(mbs) >= pp and len(mbs) % pp == 0 and m["batch/micro_batches"] == len(mbs)
+        assert sorted(i for mb in mbs for i in mb.sample_index) == list(range(n))
+        assert sum(mb.num_response_tokens for mb in mbs) == sum(len(s.response_ids) for s in samples)

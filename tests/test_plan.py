@@ -83,7 +83,9 @@ def test_trainer_memory_by_hand():
     layer = t * 2 * (4 * h / 8 + (2 * 5120 + 2 * 1024) / 8 + 3 * 27648 / 8)  # one layer's saved tensors
     assert m.activations == pytest.approx(2 * 32 * t * 2 * h / 8 + layer)  # 2 micro-batches of 32 inputs
     last = trainer_memory(cfg, hf, shape, dp=2, stage=1)
-    assert last.logits == t * 152064 / 8 * 12
+    v = 152064 / 8
+    # bf16 logits, their response rows and both gradients; one 4096-token chunk's fp32 work.
+    assert last.logits == 4 * 2 * t * v + 4 * 4 * 4096 * v
     assert last.activations == pytest.approx(32 * t * 2 * h / 8 + layer)
     no_recompute = load_config("configs/qwen2.5_32b_qae.yaml", ["model.recompute_granularity=null",
                                                                  "model.recompute_method=null"])

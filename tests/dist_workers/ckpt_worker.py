@@ -21,7 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_qae import checkpoint, parallel, weights  # noqa: E402
-from megatron_qae.batching import rank_micro_batches, response_tokens  # noqa: E402
+from megatron_qae.batching import rank_micro_batches, response_tokens, with_old_logprobs  # noqa: E402
 from megatron_qae.loss import LossConfig  # noqa: E402
 from megatron_qae.policy import build_policy  # noqa: E402
 from megatron_qae.train_step import compute_logprobs, train_step  # noqa: E402
@@ -31,7 +31,7 @@ from tests import tiny  # noqa: E402
 def step(policy, groups, k: int) -> float:
     samples, advs = tiny.synthetic_samples(seed=k)
     mbs, _ = rank_micro_batches(samples, advs, groups.dp_rank, groups.dims.dp, 64)
-    compute_logprobs(policy, mbs)
+    mbs = with_old_logprobs(mbs, compute_logprobs(policy, mbs))
     return train_step(policy, mbs, response_tokens(samples), LossConfig(), k)["loss/loss"]
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     policy = build_policy(tiny.run_config(a.tp, a.pp, a.dist_opt, lr=1e-2), hf, groups, total_steps=10)
     out = Path(a.run_dir)
     if a.mode == "save":
-        weights.load_hf_state(policy.chunks, tiny.tiny_hf_model(hf).state_dict(), hf, groups.tp_rank, a.tp)
+        weights.load_hf_state(policy, tiny.tiny_hf_model(hf).state_dict())
         for k in range(3):  # several optimizer steps, so Adam's step count matters after a resume
             step(policy, groups, 1)
         checkpoint.save_checkpoint(out, 1, policy, {"step": 1, "cursor": [3, 4]})

@@ -99,8 +99,7 @@ def main() -> None:
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, a.pp))
     hf = tiny.tiny_hf_config()
     policy = build_policy(tiny.run_config(a.tp, a.pp), hf, groups, total_steps=1)
-    weights.load_hf_state(policy.chunks, tiny.tiny_hf_model(hf, seed=7).state_dict(), hf,
-                          groups.tp_rank, a.tp)
+    weights.load_hf_state(policy, tiny.tiny_hf_model(hf, seed=7).state_dict())
     report = _push(a, policy)
     samples = [None]
     if dist.get_rank() == 0:
@@ -115,10 +114,10 @@ def main() -> None:
     for url, (prompt, ids, rollout_lp, version) in samples[0].items():
         mb = build_micro_batch([Sample(0, tuple(prompt), tuple(ids), tuple(rollout_lp), "stop", 0.0, 0.0, 3)],
                                [0], [0.0])
-        compute_logprobs(policy, [mb])
+        trainer_lp = compute_logprobs(policy, [mb])[0]
         if groups.is_last_stage:
             mask = mb.loss_mask[0].bool()
-            results[url] = {"rollout": rollout_lp, "trainer": mb.old_logprobs[0][mask].tolist(),
+            results[url] = {"rollout": rollout_lp, "trainer": trainer_lp[0][mask].tolist(),
                             "engine_version": version}
     if groups.is_last_stage and groups.tp_rank == 0 and groups.dp_rank == 0:
         Path(a.out).write_text(json.dumps({"engines": results, "report": report}))

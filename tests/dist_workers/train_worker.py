@@ -13,11 +13,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_qae import parallel, weights  # noqa: E402
-from megatron_qae.batching import rank_micro_batches, response_tokens  # noqa: E402
+from megatron_qae import checkpoint, parallel, weights  # noqa: E402
+from megatron_qae.batching import (rank_micro_batches, response_tokens, schedule_multiple,  # noqa: E402
+                                  seq_multiple, with_old_logprobs)
 from megatron_qae.loss import LossConfig  # noqa: E402
-from megatron_qae.policy import build_policy  # noqa: E402
-from megatron_qae.train_step import compute_logprobs, forward_backward, train_step  # noqa: E402
+from megatron_qae.policy import build_policy, finish_param_sync  # noqa: E402
+from megatron_qae.train_step import compute_logprobs, forward_backward, logprob_gap, train_step  # noqa: E402
 from tests import tiny  # noqa: E402
 
 
@@ -25,16 +26,33 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--seq-multiple", type=int, default=None, help="default: the loop's seq_multiple(tp)")
     ap.add_argument("--dist-opt", action="store_true")
     ap.add_argument("--max-tokens", type=int, nargs="+", default=[64])
     ap.add_argument("--learn-steps", type=int, default=0)
+    ap.add_argument("--mini-steps", type=int, default=0,
+                    help="optimizer steps on one rollout's old log-probs; writes params and metrics of each")
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--chunk-tokens", type=int, default=4096, help="train.logprob_chunk_tokens")
+    ap.add_argument("--overlap", action="store_true", help="overlap_grad_reduce + overlap_param_gather")
+    ap.add_argument("--bucket-size", type=int, default=None, help="DDP bucket size (parameters)")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 params (fp32 main params in the optimizer)")
+    ap.add_argument("--hf-dir", default=None, help="load weights from this HF safetensors directory")
+    ap.add_argument("--ckpt-dir", default=None, help="load weights from this run dir's (model-only) checkpoint")
     ap.add_argument("--skip-zero", action="store_true")
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, a.pp))
-    hf = tiny.tiny_hf_config(tied=a.tied)
-    cfg = tiny.run_config(a.tp, a.pp, a.dist_opt)
+    hf = tiny.tiny_hf_config(tied=a.tied, layers=a.layers)
+    cfg = tiny.run_config(a.tp, a.pp, a.dist_opt, lr=a.lr)
+    if a.overlap:  # names a field build_policy sets itself: the override must win
+        cfg.parallel.ddp_overrides = {"overlap_grad_reduce": True, "overlap_param_gather": True}
+    if a.bucket_size:
+        cfg.parallel.ddp_overrides = {**cfg.parallel.ddp_overrides, "bucket_size": a.bucket_size}
+    if a.bf16:
+        cfg.model.params_dtype = "bfloat16"
     for budget in a.max_tokens:
         result = run_once(a, groups, hf, cfg, budget)
         if groups.dp_rank == 0 and groups.tp_rank == 0:
@@ -44,25 +62,50 @@ def main() -> None:
 
 def run_once(a, groups, hf, cfg, budget: int) -> dict:
     policy = build_policy(cfg, hf, groups, total_steps=10)
-    weights.load_hf_state(policy.chunks, tiny.tiny_hf_model(hf).state_dict(), hf, groups.tp_rank, a.tp)
+    if a.ckpt_dir:
+        checkpoint.load_checkpoint(checkpoint.latest_checkpoint(a.ckpt_dir), policy)
+    elif a.hf_dir:
+        assert weights.load_hf_dir(policy, a.hf_dir)
+    else:
+        weights.load_hf_state(policy, tiny.tiny_hf_model(hf).state_dict())
     samples, advs = tiny.synthetic_samples()
-    mbs, batch_metrics = rank_micro_batches(samples, advs, groups.dp_rank, groups.dims.dp, budget, a.skip_zero)
-    compute_logprobs(policy, mbs)
-    before = [mb.old_logprobs for mb in mbs]
+    multiple = a.seq_multiple or seq_multiple(a.tp)
+    mbs, batch_metrics = rank_micro_batches(samples, advs, groups.dp_rank, groups.dims.dp, budget, a.skip_zero,
+                                            multiple, schedule_multiple(a.pp, None))
+    before = compute_logprobs(policy, mbs, chunk_tokens=a.chunk_tokens)
     if a.learn_steps:
+        mbs = with_old_logprobs(mbs, before)
         for step in range(a.learn_steps):
             train_step(policy, mbs, response_tokens(samples), LossConfig(), step)
-        compute_logprobs(policy, mbs)
-        return {"before": before, "after": [mb.old_logprobs for mb in mbs], "mbs": mbs}
-    for mb in mbs:
-        if mb.old_logprobs is not None:  # only the last pipeline stage computes them
-            mb.old_logprobs = mb.old_logprobs + tiny.old_logprob_noise(mb)
-    metrics = forward_backward(policy, mbs, response_tokens(samples), LossConfig())
+        return {"before": before, "after": compute_logprobs(policy, mbs), "mbs": mbs}
+    if a.mini_steps:
+        return mini_steps(a, policy, groups, with_old_logprobs(mbs, before), samples)
+    # Only the last pipeline stage has log-probs (None elsewhere).
+    noisy = [lp + tiny.old_logprob_noise(mb) if lp is not None else None for mb, lp in zip(mbs, before)]
+    mbs = with_old_logprobs(mbs, noisy)
+    metrics = forward_backward(policy, mbs, response_tokens(samples), LossConfig(), chunk_tokens=a.chunk_tokens)
     grads = {} if a.dist_opt else gather_full_grads(policy, groups)
     ok, grad_norm, _ = policy.optimizer.step()
+    finish_param_sync(policy)
     params = dict(weights.iter_full_params(policy.chunks, groups.tp))
     return {"metrics": metrics, "grads": grads, "params": params, "grad_norm": grad_norm,
             "micro_batches": len(mbs), "batch": batch_metrics}
+
+
+def mini_steps(a, policy, groups, mbs, samples) -> dict:
+    """Several optimizer steps against one rollout's old log-probs, as the mini-batches of a
+    rollout step take them: params before each step and the step's metrics."""
+    history = []
+    gap = logprob_gap(policy, mbs)
+    for k in range(a.mini_steps):
+        # Reading params between steps would force the param all-gather that --overlap
+        # leaves to the next forward; with --overlap only the steps' metrics are kept.
+        params = None if a.overlap else {n: t.clone() for n, t in weights.iter_full_params(policy.chunks, groups.tp)}
+        metrics = train_step(policy, mbs, response_tokens(samples), LossConfig(), k, chunk_tokens=a.chunk_tokens)
+        history.append({"params": params, "metrics": metrics})
+    finish_param_sync(policy)
+    return {"history": history, "gap": gap, "micro_batches": len(mbs),
+            "params": dict(weights.iter_full_params(policy.chunks, groups.tp)), "grads": {}, "metrics": {}}
 
 
 def gather_full_grads(policy, groups) -> dict:

@@ -1,0 +1,88 @@
+"""torchrun worker: the process-group rules of a GPU run, on CPU.
+
+--mode groups: the accelerator backend is a CUDA-only stand-in (gloo registered for the
+  `cuda` device type only, as NCCL is), so any collective that hands a CPU tensor to a group
+  without a CPU backend raises exactly as it would on GPU. Runs the loop's advantage and
+  train steps (advantage gathers, old log-probs, megatron's DDP and distributed optimizer,
+  metric and token-count reductions) and the hand-off broadcast.
+--mode wait: a test-sized collective timeout; rank 0 "rolls out" (sleeps) for longer than it
+  before handing its batch over. With --control, the others wait on the default group
+  instead of the hand-off group (what the loop did before), which must time out.
+"""
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from megatron_qae import loop, parallel  # noqa: E402
+from megatron_qae.config import load_config  # noqa: E402
+from megatron_qae.policy import build_policy  # noqa: E402
+from tests import tiny  # noqa: E402
+
+CUDA_ONLY = "cudaonlygloo"
+
+
+def _cuda_only_backend(store, rank: int, size: int, timeout: datetime.timedelta):
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
+
+
+def groups_mode(a) -> dict:
+    dist.Backend.register_backend(CUDA_ONLY, _cuda_only_backend, devices=["cuda"])
+    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, a.pp),
+                                       accelerator_backend=CUDA_ONLY)
+    cfg = load_config(None, ["rollout.n_samples_per_prompt=4", "rollout.prompts_per_step=3",
+                             "rollout.mini_batch_prompts=1", "train.micro_batch_max_tokens=64",
+                             "model.transformer_impl=local", "optim.lr=1e-2", "optim.warmup_steps=0",
+                             f"parallel.pp={a.pp}", "parallel.use_distributed_optimizer=true"])
+    hf = tiny.tiny_hf_config()
+    policy = build_policy(cfg, hf, groups, total_steps=3)
+    samples, _ = tiny.synthetic_samples()
+    samples = parallel.broadcast_from_driver(samples if dist.get_rank() == 0 else None, groups)
+    advantages, adv_metrics = loop._advantages(cfg, policy, samples)
+    metrics = loop._train(cfg, policy, SimpleNamespace(samples=samples), advantages, step=1)
+    return {"backend": dist.get_backend_config(), "adv": advantages,
+            "loss": metrics["loss/loss"], "tokens_per_s": metrics["train/tokens_per_s"]}
+
+
+def wait_mode(a) -> dict:
+    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, 1),
+                                       collective_timeout_s=a.timeout_s, rollout_wait_timeout_s=600.0)
+    t0 = time.perf_counter()
+    batch = {"samples": list(range(1000))} if dist.get_rank() == 0 else None
+    if dist.get_rank() == 0:
+        time.sleep(a.rollout_s)  # the rollout: longer than any collective may take
+    if a.control:
+        holder = [batch]
+        dist.broadcast_object_list(holder, src=0)
+        got = holder[0]
+    else:
+        got = loop._broadcast(batch, SimpleNamespace(groups=groups))
+    waited = time.perf_counter() - t0
+    dist.barrier()  # the default group still works afterwards
+    return {"waited_s": waited, "received": len(got["samples"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["groups", "wait"], required=True)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--timeout-s", type=float, default=5.0)
+    ap.add_argument("--rollout-s", type=float, default=15.0)
+    ap.add_argument("--control", action="store_true")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    result = groups_mode(a) if a.mode == "groups" else wait_mode(a)
+    Path(f"{a.out}.rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()
