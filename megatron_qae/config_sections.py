@@ -265,6 +265,8 @@ class RolloutConfig:
     """Prompts generated per generation batch (over-sampling for dynamic sampling)."""
     max_gen_batches: int = 10
     """Generation batches per rollout step before giving up on filling the batch."""
+    on_underfilled: str = "train"
+    """When max_gen_batches run out with fewer than prompts_per_step groups kept: 'train' on the groups kept (warns, logs rollout/underfilled), 'fail' stops (DAPO's strict behaviour)."""
     dynamic_sampling: bool = True
     """Drop groups whose accuracy is all-equal (all right or all wrong) and refill."""
     max_prompt_tokens: int = 2048
@@ -286,6 +288,7 @@ class RolloutConfig:
         for name in ("n_samples_per_prompt", "prompts_per_step", "mini_batch_prompts",
                      "gen_batch_prompts", "max_gen_batches", "max_prompt_tokens", "max_response_tokens"):
             _positive(f"rollout.{name}", getattr(self, name))
+        _one_of("rollout.on_underfilled", self.on_underfilled, ("train", "fail"))
         if self.prompts_per_step % self.mini_batch_prompts:
             _fail("rollout.mini_batch_prompts", self.mini_batch_prompts,
                   f"must divide rollout.prompts_per_step={self.prompts_per_step}")

@@ -85,6 +85,7 @@ def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, colocated:
     for step in range(start + 1, cfg.run.num_rollout_steps + 1):
         t0 = time.perf_counter()
         batch = _broadcast(rollout.generate(step - 1) if is_driver else None, policy)  # rollout + reward
+        _warn_underfilled(cfg, batch, step, is_driver)
         _release_engines(rollout, colocated)                                    # colocated: free GPUs
         advantages, adv_metrics = _advantages(cfg, policy, batch.samples)       # advantage
         train_metrics = _train(cfg, policy, batch, advantages, step)            # train
@@ -131,6 +132,8 @@ def _broadcast(obj, policy: Policy):
 
 def _advantages(cfg: Config, policy: Policy, samples: list[Sample]) -> tuple[list[float], dict]:
     """QAE advantages of every sample; each DP rank reduces only its own share."""
+    if not samples:  # dynamic sampling kept no group this step (rollout.on_underfilled=train)
+        return [], {}
     groups = policy.groups
     mine = split_by_tokens([s.num_tokens for s in samples], groups.dims.dp)[groups.dp_rank]
     source = "accuracy" if cfg.algo.quantile_source == "accuracy" else "reward"
@@ -152,7 +155,10 @@ def _advantages(cfg: Config, policy: Policy, samples: list[Sample]) -> tuple[lis
 
 
 def _train(cfg: Config, policy: Policy, batch: RolloutBatch, advantages: list[float], step: int) -> dict:
-    """Old log-probs for all mini-batches, then one optimizer step per mini-batch."""
+    """Old log-probs for all mini-batches, then one optimizer step per mini-batch (none when
+    dynamic sampling kept no group: the weights stay as they are)."""
+    if not batch.samples:
+        return {"train/optimizer_steps": 0.0}
     groups, loss_cfg = policy.groups, LossConfig(cfg.algo.clip_low, cfg.algo.clip_high,
                                                  cfg.algo.clip_c, cfg.algo.tis_cap)
     per_mini = cfg.rollout.mini_batch_prompts * cfg.rollout.n_samples_per_prompt
@@ -182,6 +188,15 @@ def _train(cfg: Config, policy: Policy, batch: RolloutBatch, advantages: list[fl
     dist.all_reduce(trained, group=groups.dp)
     return {**sums, "train/logprob_gap_rollout": gap, "train/step_s": elapsed,
             "train/tokens_per_s": float(trained) / elapsed, "train/optimizer_steps": float(len(plans))}
+
+
+def _warn_underfilled(cfg: Config, batch: RolloutBatch, step: int, is_driver: bool) -> None:
+    m = batch.metrics
+    if is_driver and m.get("rollout/underfilled"):
+        log.warning("step %d: dynamic sampling kept %d of rollout.prompts_per_step=%d groups after %d "
+                    "generation batches; training on those, if any (rollout.on_underfilled=train; 'fail' "
+                    "stops instead, more rollout.max_gen_batches fills the batch)", step,
+                    int(m["rollout/groups"]), cfg.rollout.prompts_per_step, int(m["rollout/gen_batches"]))
 
 
 def _release_engines(rollout: Rollout | None, colocated: ColocatedSync | None) -> None:

@@ -230,11 +230,8 @@ class RolloutManager:
         batches = 0
         while len(kept) < r.prompts_per_step:
             if batches == (r.max_gen_batches if r.dynamic_sampling else 1):
-                raise RuntimeError(
-                    f"dynamic sampling kept {len(kept)} of rollout.prompts_per_step={r.prompts_per_step} "
-                    f"groups after {batches} generation batches of {r.gen_batch_prompts} prompts "
-                    "(the rest were all-correct or all-wrong); raise rollout.max_gen_batches or "
-                    "rollout.gen_batch_prompts, or use easier/harder data")
+                self._underfilled(len(kept), batches)
+                break
             size = r.gen_batch_prompts if r.dynamic_sampling else r.prompts_per_step
             prompts = [self.train_prompts[i] for i in self.cursor.next_indices(size)]
             new = self._generate_groups(prompts, r.n_samples_per_prompt, params, policy_version)
@@ -250,11 +247,25 @@ class RolloutManager:
         metrics = self._metrics(groups, generated, dropped, batches, gen_s)
         metrics["rollout/groups_discarded_extra"] = float(len(kept) - len(groups))
         metrics["rollout/groups"] = float(len(groups))
+        metrics["rollout/underfilled"] = float(len(groups) < r.prompts_per_step)
         metrics["rollout/samples"] = float(sum(len(g.samples) for g in groups))
         metrics["rollout/requests_retried_total"] = float(self.requests_retried)
         metrics["rollout/engine_restarts_total"] = self.restarts_total()
         metrics["reward/errors"] = float(self.reward_errors - errors_before)
         return RolloutBatch(groups, policy_version, metrics)
+
+    def _underfilled(self, kept: int, batches: int) -> None:
+        """The generation batches are spent and the batch is not full: train on what was kept
+        (the loss is a token-mean over it; nothing kept = no update this step), or stop when
+        asked to."""
+        r = self.cfg.rollout
+        what = (f"dynamic sampling kept {kept} of rollout.prompts_per_step={r.prompts_per_step} groups "
+                f"after {batches} generation batches of {r.gen_batch_prompts} prompts (the rest were "
+                "all-correct or all-wrong)")
+        if r.on_underfilled == "fail":
+            raise RuntimeError(f"{what}; rollout.on_underfilled=fail. Raise rollout.max_gen_batches or "
+                               "rollout.gen_batch_prompts, or use easier/harder data")
+        log.warning("%s; training on those %d (rollout.on_underfilled=train)", what, kept)  # Ray's log
 
     def _metrics(self, groups, generated, dropped, batches, gen_s) -> dict[str, float]:
         every = [s for g in generated for s in g.samples]
