@@ -130,22 +130,19 @@ def test_skipping_zero_advantage_samples_gives_the_same_step(base, tmp_path, npr
     assert _max_diff(ours["params"], ref["params"]) < 1e-5
 
 
-def test_sequence_padding_does_not_change_the_step(base, tmp_path):
-    # base pads every micro-batch to a multiple of 16 (the loop's rule); this run does not pad.
-    out = str(tmp_path / "nopad")
-    tiny.torchrun(WORKER, 1, ["--seq-multiple", "1", "--max-tokens", "64", "--out", out])
+def _same_step_as_base(base: str, out: str, args: list[str]) -> None:
+    tiny.torchrun(WORKER, 1, [*args, "--max-tokens", "64", "--out", out])
     ours, ref = _load(out, 64), _load(base, 64)
     assert _max_diff(ours["grads"], ref["grads"]) < 1e-6
     assert abs(ours["metrics"]["loss/loss"] - ref["metrics"]["loss/loss"]) < 1e-7
     assert abs(ours["metrics"]["loss/entropy"] - ref["metrics"]["loss/entropy"]) < 1e-6
 
+
+def test_sequence_padding_does_not_change_the_step(base, tmp_path):
+    # base pads every micro-batch to a multiple of 16 (the loop's rule); this run does not pad.
+    _same_step_as_base(base, str(tmp_path / "nopad"), ["--seq-multiple", "1"])
 
 
 def test_logprob_chunks_do_not_change_the_gradient(base, tmp_path):
     # Chunks of 3 response tokens, each recomputed in backward, against base's single chunk.
-    out = str(tmp_path / "chunks")
-    tiny.torchrun(WORKER, 1, ["--chunk-tokens", "3", "--max-tokens", "64", "--out", out])
-    ours, ref = _load(out, 64), _load(base, 64)
-    assert _max_diff(ours["grads"], ref["grads"]) < 1e-6
-    assert abs(ours["metrics"]["loss/loss"] - ref["metrics"]["loss/loss"]) < 1e-7
-    assert abs(ours["metrics"]["loss/entropy"] - ref["metrics"]["loss/entropy"]) < 1e-6
+    _same_step_as_base(base, str(tmp_path / "chunks"), ["--chunk-tokens", "3"])
