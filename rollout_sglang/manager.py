@@ -255,17 +255,16 @@ class RolloutManager:
         return RolloutBatch(groups, policy_version, metrics)
 
     def _underfilled(self, kept: int, batches: int) -> None:
-        """The generation batches are spent and the batch is not full: train on what was kept
-        (the loss is a token-mean over it; nothing kept = no update this step), or stop when
-        asked to."""
+        """The generation batches are spent and the batch is not full: stop when asked to;
+        otherwise the step trains on what was kept (rank 0's loop warns on the terminal; the
+        loss is a token-mean over it; nothing kept = no update this step)."""
         r = self.cfg.rollout
-        what = (f"dynamic sampling kept {kept} of rollout.prompts_per_step={r.prompts_per_step} groups "
-                f"after {batches} generation batches of {r.gen_batch_prompts} prompts (the rest were "
-                "all-correct or all-wrong)")
         if r.on_underfilled == "fail":
-            raise RuntimeError(f"{what}; rollout.on_underfilled=fail. Raise rollout.max_gen_batches or "
-                               "rollout.gen_batch_prompts, or use easier/harder data")
-        log.warning("%s; training on those %d (rollout.on_underfilled=train)", what, kept)  # Ray's log
+            raise RuntimeError(
+                f"dynamic sampling kept {kept} of rollout.prompts_per_step={r.prompts_per_step} groups "
+                f"after {batches} generation batches of {r.gen_batch_prompts} prompts (the rest were "
+                "all-correct or all-wrong); rollout.on_underfilled=fail. Raise rollout.max_gen_batches "
+                "or rollout.gen_batch_prompts, or use easier/harder data")
 
     def _metrics(self, groups, generated, dropped, batches, gen_s) -> dict[str, float]:
         every = [s for g in generated for s in g.samples]

@@ -131,13 +131,12 @@ def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(saved_run, tmp_path,
 def test_a_start_that_fails_on_a_damaged_checkpoint_leaves_no_engine_behind(tmp_path):
     """A real run saves step 1; its shard is truncated; a strict-mode restart stops with the
     file named, and the CPU engine it had launched is gone (it used to stay orphaned)."""
-    from tests.test_e2e import _train
 
     run_dir = tmp_path / "run"
-    _train(run_dir, 1, ["run.num_rollout_steps=1", "run.save_interval_steps=1", "run.log_tensorboard=false"])
+    tiny.train_run(run_dir, 1, ["run.num_rollout_steps=1", "run.save_interval_steps=1", "run.log_tensorboard=false"])
     target = _one(run_dir / "checkpoints" / "step_1", "*.distcp")
     _truncate(target)
     with pytest.raises(AssertionError) as err:
-        _train(run_dir, 1, ["run.num_rollout_steps=2", "run.resume_from_damaged=fail"])
+        tiny.train_run(run_dir, 1, ["run.num_rollout_steps=2", "run.resume_from_damaged=fail"])
     assert target.name in str(err.value) and "truncated" in str(err.value)
     assert tiny.cpu_server_pids(str(tmp_path / "model")) == []

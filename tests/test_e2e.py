@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,29 +14,15 @@ from pathlib import Path
 import pytest
 
 from megatron_qae.metrics import read_metrics
-from rollout_sglang import demo_task
 from tests import tiny
 
 
-def _train(run_dir: Path, nproc: int, overrides: list[str], timeout_s: float = 420,
-           model_dir: Path | None = None) -> "subprocess.CompletedProcess":
-    model_dir = model_dir or demo_task.write_demo_model_dir(run_dir.parent / "model", seed=0)
-    train_path, val_path = demo_task.write_demo_data(run_dir.parent / "data", seed=0)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(tiny.ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={tiny.free_port()}", "-m", "megatron_qae.train",
-           "--config", "configs/test_tiny.yaml", f"run.run_dir={run_dir}", f"model.path={model_dir}",
-           f"data.train_path={train_path}", f"data.val_path={val_path}", *overrides]
-    proc = tiny.run_logged(cmd, env, timeout_s)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
 def e2e_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    proc = _train(run_dir, 2, ["run.num_rollout_steps=2", "run.eval_interval_steps=2"])
+    proc = tiny.train_run(run_dir, 2, ["run.num_rollout_steps=2", "run.eval_interval_steps=2"])
     (run_dir / "terminal.txt").write_text(proc.stdout + proc.stderr)
     return run_dir
 
@@ -70,7 +54,7 @@ def test_two_ranks_two_steps_write_metrics_and_sync_engines(e2e_run):
 
 def test_colocated_engines_get_weights_by_handle_each_step(tmp_path):
     run_dir = tmp_path / "run"
-    _train(run_dir, 2, ["engine.colocate=true", "engine.num_engines=2", "run.log_tensorboard=false"])
+    tiny.train_run(run_dir, 2, ["engine.colocate=true", "engine.num_engines=2", "run.log_tensorboard=false"])
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
@@ -98,7 +82,7 @@ def test_engine_killed_mid_run_comes_back_with_current_weights(tmp_path):
 
     watcher = threading.Thread(target=kill_after_first_step, daemon=True)
     watcher.start()
-    _train(run_dir, 2, ["engine.num_engines=2", "run.num_rollout_steps=3", "run.log_tensorboard=false",
+    tiny.train_run(run_dir, 2, ["engine.num_engines=2", "run.num_rollout_steps=3", "run.log_tensorboard=false",
                         f"rollout.n_samples_per_prompt={n}", f"rollout.prompts_per_step={prompts}",
                         "rollout.mini_batch_prompts=4", "rollout.gen_batch_prompts=16",
                         "rollout.max_gen_batches=20"])
@@ -121,9 +105,9 @@ def test_resume_after_step_k_repeats_the_uninterrupted_run(tmp_path):
             "loss/entropy", "train/grad_norm"]
     full, part = tmp_path / "a" / "run", tmp_path / "b" / "run"
     common = ["run.save_interval_steps=1", "run.log_tensorboard=false"]
-    _train(full, 1, [*common, "run.num_rollout_steps=3"])
-    _train(part, 1, [*common, "run.num_rollout_steps=2"])
-    _train(part, 1, [*common, "run.num_rollout_steps=3"])  # auto-resumes from step 2
+    tiny.train_run(full, 1, [*common, "run.num_rollout_steps=3"])
+    tiny.train_run(part, 1, [*common, "run.num_rollout_steps=2"])
+    tiny.train_run(part, 1, [*common, "run.num_rollout_steps=3"])  # auto-resumes from step 2
     a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in b] == [1, 2, 3]
     for k in keys:

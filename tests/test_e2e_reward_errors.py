@@ -5,12 +5,12 @@ sees) does not stop the run; the response gets reward.failure_score and the step
 from __future__ import annotations
 
 from megatron_qae.metrics import read_metrics
-from tests.test_e2e import _train
+from tests import tiny
 
 
 def test_a_reward_that_raises_on_one_response_is_counted_and_the_run_finishes(tmp_path):
     run_dir = tmp_path / "run"
-    _train(run_dir, 1, ["reward.name=tests.rewards_for_tests:raise_on_first_call", "reward.num_workers=1",
+    tiny.train_run(run_dir, 1, ["reward.name=tests.rewards_for_tests:raise_on_first_call", "reward.num_workers=1",
                         "run.num_rollout_steps=2", "run.eval_interval_steps=2", "run.log_tensorboard=false"])
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
@@ -22,7 +22,7 @@ def test_a_reward_that_raises_on_one_response_is_counted_and_the_run_finishes(tm
 
 def test_a_reward_module_that_does_not_import_stops_the_run_at_start_naming_it(tmp_path):
     try:
-        _train(tmp_path / "run", 1, ["reward.name=tests.reward_module_that_does_not_import:reward"], timeout_s=300)
+        tiny.train_run(tmp_path / "run", 1, ["reward.name=tests.reward_module_that_does_not_import:reward"], timeout_s=300)
     except AssertionError as exc:
         out = str(exc)
     else:

@@ -52,14 +52,13 @@ def test_two_steps_end_to_end_on_a_tiny_qwen3(tmp_path):
 
     from megatron_qae.metrics import read_metrics
     from rollout_sglang import demo_task
-    from tests.test_e2e import _train
 
     model_dir = demo_task.write_demo_model_dir(tmp_path / "model", seed=0)
     hf = json.loads((model_dir / "config.json").read_text())
     hf.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32, attention_bias=False)
     (model_dir / "config.json").write_text(json.dumps(hf))
     run_dir = tmp_path / "run"
-    _train(run_dir, 2, ["run.num_rollout_steps=2", "parallel.tp=2"], model_dir=model_dir)
+    tiny.train_run(run_dir, 2, ["run.num_rollout_steps=2", "parallel.tp=2"], model_dir=model_dir)
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:

@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 from megatron_qae.metrics import read_metrics
+from tests import tiny
 from tests.sglang_server import CPU_ARGS, sglang_python
-from tests.test_e2e import _train
 
 # A real SGLang server starts in ~100 s (longer on a busy machine), inside the first test.
 pytestmark = pytest.mark.timeout(2400)
@@ -50,7 +50,7 @@ def test_three_steps_with_real_sglang_and_an_engine_killed_mid_run(tmp_path):
     watcher.start()
     args = {**CPU_ARGS, "load_format": "dummy"}
     try:
-        _train(run_dir, 2, ["engine.backend=sglang", "engine.num_engines=2",
+        tiny.train_run(run_dir, 2, ["engine.backend=sglang", "engine.num_engines=2",
                             f"engine.sglang_python={sglang_python()}",
                             "engine.startup_timeout_s=900", "engine.request_timeout_s=300",
                             "run.num_rollout_steps=3", "run.log_tensorboard=false",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_qae.metrics import read_metrics
-from tests.test_e2e import _train
+from tests import tiny
 
 # At most 4 groups can be kept per step (one generation batch of 4 prompts) for a batch of 8:
 # every step is underfilled, whatever the policy samples.
@@ -16,7 +16,7 @@ UNDERFILLED = ["rollout.prompts_per_step=8", "rollout.gen_batch_prompts=4", "rol
 
 def test_an_underfilled_batch_is_trained_on_and_reported(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _train(run_dir, 1, UNDERFILLED)
+    proc = tiny.train_run(run_dir, 1, UNDERFILLED)
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
@@ -30,5 +30,5 @@ def test_an_underfilled_batch_is_trained_on_and_reported(tmp_path):
 
 def test_strict_mode_stops_naming_the_option(tmp_path):
     with pytest.raises(AssertionError) as err:
-        _train(tmp_path / "run", 1, [*UNDERFILLED, "rollout.on_underfilled=fail"])
+        tiny.train_run(tmp_path / "run", 1, [*UNDERFILLED, "rollout.on_underfilled=fail"])
     assert "rollout.on_underfilled=fail" in str(err.value) and "of rollout.prompts_per_step=8" in str(err.value)

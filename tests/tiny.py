@@ -137,3 +137,22 @@ def cpu_server_pids(arg: str) -> list[int]:
     return sorted(p.pid for p in psutil.process_iter(["cmdline"])
                   if "rollout_sglang.cpu_server" in (p.info["cmdline"] or [])
                   and arg in (p.info["cmdline"] or []))
+
+
+def train_run(run_dir: Path, nproc: int, overrides: list[str], timeout_s: float = 420,
+              model_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m megatron_qae.train` under torchrun with `nproc` ranks on the demo task (test
+    config, local Ray, CPU engines); raises with its output when the run fails."""
+    from rollout_sglang import demo_task
+
+    model_dir = model_dir or demo_task.write_demo_model_dir(run_dir.parent / "model", seed=0)
+    train_path, val_path = demo_task.write_demo_data(run_dir.parent / "data", seed=0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", "-m", "megatron_qae.train",
+           "--config", "configs/test_tiny.yaml", f"run.run_dir={run_dir}", f"model.path={model_dir}",
+           f"data.train_path={train_path}", f"data.val_path={val_path}", *overrides]
+    proc = run_logged(cmd, env, timeout_s)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
