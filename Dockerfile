@@ -48,6 +48,6 @@ COPY tools ./tools
 COPY configs ./configs
 COPY examples ./examples
 RUN pip install -c /etc/megatron-qae-base-pins.txt -e ".[gpu]" \
- && python -c 'import megatron.core, sglang, transformer_engine.pytorch, megatron_qae.loop'
+ && python -c 'import megatron.core, sglang, transformer_engine.pytorch, megatron_qae.run.loop'
 
 CMD ["bash", "examples/run_qwen2.5_32b_qae.sh"]

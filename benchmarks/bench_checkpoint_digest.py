@@ -18,8 +18,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
 
 from benchmarks.common import single_process_world
-from megatron_qae import cpu_compat
-from megatron_qae.checkpoint_verify import file_digests, verify
+from megatron_qae.model import cpu_compat
+from megatron_qae.run.checkpoint_verify import file_digests, verify
 
 
 def _state(gb: float) -> dict:

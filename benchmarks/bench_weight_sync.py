@@ -20,9 +20,10 @@ import torch
 
 from benchmarks.common import bench_hf_config, single_process_world, timed
 from benchmarks.server import CpuServer, write_model_dir
-from megatron_qae import parallel, weight_sync, weights
-from megatron_qae.colocated_sync import ColocatedSync
-from megatron_qae.policy import build_policy
+from megatron_qae.model import parallel, weights
+from megatron_qae.sync import weight_sync
+from megatron_qae.sync.colocated_sync import ColocatedSync
+from megatron_qae.model.policy import build_policy
 from tests.tiny import free_port, run_config
 
 

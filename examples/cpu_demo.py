@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from megatron_qae import train
-from megatron_qae.metrics import read_metrics
+from megatron_qae.run.metrics import read_metrics
 from rollout_sglang import demo_task
 
 

@@ -46,9 +46,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_qae import console
-from megatron_qae.config import Config, load_config, validate_against_model
-from megatron_qae.qwen2_mapping import attention_dims, has_qk_norm, has_qkv_bias
+from megatron_qae.run import console
+from megatron_qae.config.loading import Config, load_config, validate_against_model
+from megatron_qae.model.qwen2_mapping import attention_dims, has_qk_norm, has_qkv_bias
 
 GIB = 1024**3
 RESERVED_FRACTION = 0.08
@@ -91,7 +91,7 @@ def megatron_shape(hf: dict[str, Any]) -> ModelShape:
     """Build the GPTModel for `hf` on the meta device (no memory) and count its parameters."""
     import torch
 
-    from megatron_qae import model as model_lib, parallel
+    from megatron_qae.model import build as model_lib, parallel
 
     from megatron.core.models.gpt import GPTModel
 
@@ -327,8 +327,8 @@ def report(cfg: Config, hf: dict[str, Any], shape: ModelShape, n_params: int, wo
 
 def plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_gib: float, trainer_gpus: int | None) -> int:
     """Validate, print the plan, return the exit status (0 fits, 1 shortfall)."""
-    from megatron_qae.colocated_sync import check_colocated_layout
-    from megatron_qae.model import load_hf_config
+    from megatron_qae.sync.colocated_sync import check_colocated_layout
+    from megatron_qae.model.build import load_hf_config
 
     hf = load_hf_config(cfg.model.path)
     validate_against_model(cfg, hf)
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         status = 2
     finally:
-        from megatron_qae import parallel
+        from megatron_qae.model import parallel
 
         parallel.destroy()
     sys.exit(status)

@@ -12,8 +12,8 @@ import argparse
 import os
 import sys
 
-from megatron_qae import console
-from megatron_qae.parallel import single_process_env
+from megatron_qae.run import console
+from megatron_qae.model.parallel import single_process_env
 
 
 def local_ray_auth_default(ray_address: str | None, environ: dict) -> None:
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rank = int(os.environ["RANK"])
     console.setup(rank, args.verbose)  # before megatron-core is imported: it logs at import
-    from megatron_qae.config import load_config
-    from megatron_qae.loop import LaunchEnv, run
+    from megatron_qae.config.loading import load_config
+    from megatron_qae.run.loop import LaunchEnv, run
 
     cfg = load_config(args.config, args.overrides)
     console.attach_run_dir(cfg.run.run_dir, rank)

@@ -8,7 +8,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from megatron_qae.advantage import broadcast_to_tokens, compute_group_advantages
+from megatron_qae.algorithm.advantage import broadcast_to_tokens, compute_group_advantages
 
 
 def _adv(scores, gids=None, **kw):

@@ -8,7 +8,7 @@ import torch
 
 import pytest
 
-from megatron_qae.batching import (build_micro_batch, empty_micro_batch, pack_by_budget, rank_micro_batches,
+from megatron_qae.run.batching import (build_micro_batch, empty_micro_batch, pack_by_budget, rank_micro_batches,
                                    schedule_multiple, seq_multiple, split_by_tokens)
 from rollout_sglang.types import Sample
 

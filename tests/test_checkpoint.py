@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_qae.checkpoint import latest_checkpoint
+from megatron_qae.run.checkpoint import latest_checkpoint
 from tests import tiny
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "ckpt_worker.py"

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_qae import checkpoint
-from megatron_qae.checkpoint_verify import CheckpointDamaged
+from megatron_qae.run import checkpoint
+from megatron_qae.run.checkpoint_verify import CheckpointDamaged
 from tests import tiny
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "ckpt_worker.py"

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from megatron_qae.parallel import process_group_backend
+from megatron_qae.model.parallel import process_group_backend
 from tests import tiny
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "collectives_worker.py"

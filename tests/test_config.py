@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from megatron_qae.config import Config, load_config, save_config, to_dict, validate_against_model
+from megatron_qae.config.loading import Config, load_config, save_config, to_dict, validate_against_model
 from tests import tiny
 
 # Short lengths so that the tiny model's 128 positions are not the first error hit.
@@ -134,7 +134,7 @@ def test_overlong_buffer_check_is_off_with_the_buffer():
 
 
 def test_context_parallel_and_interleaving_are_refused_until_built():
-    from megatron_qae.parallel import ParallelDims
+    from megatron_qae.model.parallel import ParallelDims
 
     with pytest.raises(ValueError, match="parallel.cp=2: context parallelism is not built"):
         ParallelDims.from_world(4, tp=1, pp=1, cp=2)

@@ -29,14 +29,14 @@ def test_planner_output_is_ours_alone_unless_verbose():
 def test_console_shows_our_records_and_severe_ones_only(capsys, tmp_path):
     import logging
 
-    from megatron_qae import console
+    from megatron_qae.run import console
 
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
         console.setup(rank=0)
         logging.getLogger("megatron.core.models").warning("third-party notice")
-        logging.getLogger("megatron_qae.loop").info("our progress")
+        logging.getLogger("megatron_qae.run.loop").info("our progress")
         logging.getLogger("some_library.worker").error("third-party failure")  # one no test configures
         path = console.attach_run_dir(tmp_path, rank=0)
         logging.getLogger("torch.distributed").warning("later third-party notice")

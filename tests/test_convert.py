@@ -68,7 +68,7 @@ def test_training_checkpoint_saved_under_tp2_exports_the_same_model(tmp_path):
                  str(cfg_dir), "--out", str(tmp_path / "hf"), "--dtype", "float32")
     assert r.returncode == 0, r.stderr[-3000:]
     saved = torch.load(run / "saved.pp0.pt")["params"]  # full (TP-merged) params after step 1
-    from megatron_qae import qwen2_mapping as qm
+    from megatron_qae.model import qwen2_mapping as qm
 
     exported = _tensors(tmp_path / "hf")
     for name, full in saved.items():

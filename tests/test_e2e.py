@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_qae.metrics import read_metrics
+from megatron_qae.run.metrics import read_metrics
 from tests import tiny
 
 

@@ -4,7 +4,7 @@ sees) does not stop the run; the response gets reward.failure_score and the step
 
 from __future__ import annotations
 
-from megatron_qae.metrics import read_metrics
+from megatron_qae.run.metrics import read_metrics
 from tests import tiny
 
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from megatron_qae.loss import LossConfig, policy_loss
+from megatron_qae.algorithm.loss import LossConfig, policy_loss
 
 
 def _scalar_loss(lp, old, adv, cfg: LossConfig) -> float:

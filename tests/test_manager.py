@@ -9,7 +9,7 @@ import time
 import pytest
 import ray
 
-from megatron_qae.config import load_config
+from megatron_qae.config.loading import load_config
 from rollout_sglang import demo_task
 from rollout_sglang.manager import RolloutManager, select_groups
 from rollout_sglang.types import Group, Prompt, Sample

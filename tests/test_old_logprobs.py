@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_qae import qwen2_mapping as qm
+from megatron_qae.model import qwen2_mapping as qm
 from tests import tiny
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "train_worker.py"

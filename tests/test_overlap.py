@@ -7,7 +7,7 @@ import torch
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 
-from megatron_qae.policy import _with_overrides
+from megatron_qae.model.policy import _with_overrides
 from tests import tiny
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "train_worker.py"

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from megatron_qae.config import load_config
-from megatron_qae.model import load_hf_config
+from megatron_qae.config.loading import load_config
+from megatron_qae.model.build import load_hf_config
 from megatron_qae.plan import (
     GIB,
     ModelShape,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_qae import qwen2_mapping as qm
+from megatron_qae.model import qwen2_mapping as qm
 from tests import tiny
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "logits_worker.py"
@@ -50,7 +50,7 @@ def test_two_steps_end_to_end_on_a_tiny_qwen3(tmp_path):
     trainer's weights (q/k norms included) after every push."""
     import json
 
-    from megatron_qae.metrics import read_metrics
+    from megatron_qae.run.metrics import read_metrics
     from rollout_sglang import demo_task
 
     model_dir = demo_task.write_demo_model_dir(tmp_path / "model", seed=0)

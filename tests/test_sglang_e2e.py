@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from megatron_qae.metrics import read_metrics
+from megatron_qae.run.metrics import read_metrics
 from tests import tiny
 from tests.sglang_server import CPU_ARGS, sglang_python
 

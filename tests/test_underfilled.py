@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_qae.metrics import read_metrics
+from megatron_qae.run.metrics import read_metrics
 from tests import tiny
 
 # At most 4 groups can be kept per step (one generation batch of 4 prompts) for a batch of 8:

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from benchmarks.server import CpuServer, write_model_dir
-from megatron_qae import weight_sync
-from megatron_qae.colocated_sync import check_colocated_layout
+from megatron_qae.sync import weight_sync
+from megatron_qae.sync.colocated_sync import check_colocated_layout
 from rollout_sglang.client import SGLangClient
 from rollout_sglang.tensor_payload import serialize_named_tensors
 from tests import tiny

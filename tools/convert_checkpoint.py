@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_qae import console, parallel, qwen2_mapping as qm
+from megatron_qae.run import console
+
+from megatron_qae.model import parallel, qwen2_mapping as qm
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
@@ -38,8 +40,8 @@ def _policy(hf_dir: Path):
     """A TP=PP=1 model + optimizer skeleton of the HF config (to load / save sharded state)."""
     from types import SimpleNamespace
 
-    from megatron_qae.model import load_hf_config
-    from megatron_qae.policy import build_policy
+    from megatron_qae.model.build import load_hf_config
+    from megatron_qae.model.policy import build_policy
 
     hf = load_hf_config(hf_dir)
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, 1))
@@ -77,7 +79,9 @@ def hf_to_mcore(hf_dir: Path, out: Path) -> Path:
     from safetensors import safe_open
     from tqdm import tqdm
 
-    from megatron_qae import checkpoint, weights
+    from megatron_qae.run import checkpoint
+
+    from megatron_qae.model import weights
 
     parallel.single_process_env()
     policy, hf = _policy(hf_dir)
@@ -142,7 +146,9 @@ def mcore_to_hf(ckpt: Path, hf_config_dir: Path, out: Path, dtype: str, max_shar
     """Write an HF model directory from a Megatron checkpoint (saved in any layout)."""
     from tqdm import tqdm
 
-    from megatron_qae import checkpoint, weights
+    from megatron_qae.run import checkpoint
+
+    from megatron_qae.model import weights
 
     if out.exists():
         raise FileExistsError(f"--out {out} exists; choose a new directory")

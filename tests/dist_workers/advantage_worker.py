@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_qae.advantage import compute_group_advantages  # noqa: E402
+from megatron_qae.algorithm.advantage import compute_group_advantages  # noqa: E402
 
 
 def main() -> None:

@@ -25,11 +25,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_qae import parallel, qwen2_mapping, weight_sync, weights  # noqa: E402
-from megatron_qae.batching import build_micro_batch  # noqa: E402
-from megatron_qae.colocated_sync import ColocatedSync  # noqa: E402
-from megatron_qae.policy import build_policy  # noqa: E402
-from megatron_qae.train_step import compute_logprobs  # noqa: E402
+from megatron_qae.model import parallel, qwen2_mapping, weights  # noqa: E402
+
+from megatron_qae.sync import weight_sync  # noqa: E402
+from megatron_qae.run.batching import build_micro_batch  # noqa: E402
+from megatron_qae.sync.colocated_sync import ColocatedSync  # noqa: E402
+from megatron_qae.model.policy import build_policy  # noqa: E402
+from megatron_qae.run.train_step import compute_logprobs  # noqa: E402
 from rollout_sglang.client import SGLangClient  # noqa: E402
 from rollout_sglang.types import Sample  # noqa: E402
 from tests import tiny  # noqa: E402

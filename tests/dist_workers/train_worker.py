@@ -13,12 +13,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_qae import checkpoint, parallel, weights  # noqa: E402
-from megatron_qae.batching import (rank_micro_batches, response_tokens, schedule_multiple,  # noqa: E402
+from megatron_qae.run import checkpoint  # noqa: E402
+
+from megatron_qae.model import parallel, weights  # noqa: E402
+from megatron_qae.run.batching import (rank_micro_batches, response_tokens, schedule_multiple,  # noqa: E402
                                   seq_multiple, with_old_logprobs)
-from megatron_qae.loss import LossConfig  # noqa: E402
-from megatron_qae.policy import build_policy, finish_param_sync  # noqa: E402
-from megatron_qae.train_step import compute_logprobs, forward_backward, logprob_gap, train_step  # noqa: E402
+from megatron_qae.algorithm.loss import LossConfig  # noqa: E402
+from megatron_qae.model.policy import build_policy, finish_param_sync  # noqa: E402
+from megatron_qae.run.train_step import compute_logprobs, forward_backward, logprob_gap, train_step  # noqa: E402
 from tests import tiny  # noqa: E402
 
 
@@ -109,7 +111,7 @@ def mini_steps(a, policy, groups, mbs, samples) -> dict:
 
 
 def gather_full_grads(policy, groups) -> dict:
-    from megatron_qae import qwen2_mapping as qm
+    from megatron_qae.model import qwen2_mapping as qm
     out = {}
     for chunk in policy.chunks:
         for name, p in weights.global_named_parameters(chunk):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_qae import cpu_compat
+from megatron_qae.model import cpu_compat
 
 CP_UNSUPPORTED = ("context parallelism is not built: nothing splits sequences over cp ranks, so "
                   "every cp rank would train on whole sequences with wrong attention and loss; set "

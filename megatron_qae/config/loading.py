@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megatron_qae.config_sections import (
+from megatron_qae.config.sections import (
     AlgoConfig,
     DataConfig,
     EngineConfig,

@@ -137,7 +137,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp"):
             _positive(f"parallel.{name}", getattr(self, name))
-        from megatron_qae.parallel import CP_UNSUPPORTED, VPP_UNSUPPORTED
+        from megatron_qae.model.parallel import CP_UNSUPPORTED, VPP_UNSUPPORTED
 
         if self.cp != 1:
             _fail("parallel.cp", self.cp, CP_UNSUPPORTED)

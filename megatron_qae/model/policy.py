@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from megatron_qae import model as model_lib
-from megatron_qae.parallel import ParallelGroups
+from megatron_qae.model import build as model_lib
+from megatron_qae.model.parallel import ParallelGroups
 
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
 from megatron.core.distributed import finalize_model_grads  # noqa: E402

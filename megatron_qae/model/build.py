@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megatron_qae import cpu_compat
+from megatron_qae.model import cpu_compat
 
 cpu_compat.install()
 
@@ -28,8 +28,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  #
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.module import Float16Module  # noqa: E402
 
-from megatron_qae.parallel import ParallelDims  # noqa: E402
-from megatron_qae.qwen2_mapping import attention_dims, has_qk_norm, has_qkv_bias  # noqa: E402
+from megatron_qae.model.parallel import ParallelDims  # noqa: E402
+from megatron_qae.model.qwen2_mapping import attention_dims, has_qk_norm, has_qkv_bias  # noqa: E402
 
 _ARCHS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _REQUIRED_KEYS = (

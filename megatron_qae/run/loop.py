@@ -17,19 +17,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_qae import checkpoint, parallel, weights
-from megatron_qae.advantage import compute_group_advantages
-from megatron_qae.colocated_sync import ColocatedSync, engine_placements
-from megatron_qae.batching import (rank_micro_batches, response_tokens, schedule_multiple, seq_multiple,
+from megatron_qae.run import checkpoint
+
+from megatron_qae.model import parallel, weights
+from megatron_qae.algorithm.advantage import compute_group_advantages
+from megatron_qae.sync.colocated_sync import ColocatedSync, engine_placements
+from megatron_qae.run.batching import (rank_micro_batches, response_tokens, schedule_multiple, seq_multiple,
                                   split_by_tokens, with_old_logprobs)
-from megatron_qae.config import Config, save_config, to_dict, validate_against_model
-from megatron_qae.loss import LossConfig
-from megatron_qae.metrics import MetricsSink
-from megatron_qae.model import load_hf_config
-from megatron_qae.policy import Policy, build_policy, finish_param_sync
-from megatron_qae.rollout import Rollout
-from megatron_qae.train_step import compute_logprobs, logprob_gap, train_step
-from megatron_qae.weight_sync import push_weights
+from megatron_qae.config.loading import Config, save_config, to_dict, validate_against_model
+from megatron_qae.algorithm.loss import LossConfig
+from megatron_qae.run.metrics import MetricsSink
+from megatron_qae.model.build import load_hf_config
+from megatron_qae.model.policy import Policy, build_policy, finish_param_sync
+from megatron_qae.run.rollout import Rollout
+from megatron_qae.run.train_step import compute_logprobs, logprob_gap, train_step
+from megatron_qae.sync.weight_sync import push_weights
 from rollout_sglang.client import EngineError
 from rollout_sglang.types import RolloutBatch, Sample
 

@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_qae import cpu_compat
-from megatron_qae.batching import MicroBatch
-from megatron_qae.logprobs import response_logprobs
-from megatron_qae.loss import LossConfig, policy_loss
-from megatron_qae.policy import Policy, finish_param_sync
+from megatron_qae.model import cpu_compat
+from megatron_qae.run.batching import MicroBatch
+from megatron_qae.algorithm.logprobs import response_logprobs
+from megatron_qae.algorithm.loss import LossConfig, policy_loss
+from megatron_qae.model.policy import Policy, finish_param_sync
 
 
 class NonFiniteLossError(RuntimeError):

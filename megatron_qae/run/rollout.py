@@ -17,8 +17,8 @@ from pathlib import Path
 
 import ray
 
-from megatron_qae import cpu_compat
-from megatron_qae.weight_sync import EngineLink, connect_engines, disconnect
+from megatron_qae.model import cpu_compat
+from megatron_qae.sync.weight_sync import EngineLink, connect_engines, disconnect
 from rollout_sglang.manager import RolloutManager
 from rollout_sglang.client import SGLangClient
 from rollout_sglang.types import EnginePlacement, RolloutBatch

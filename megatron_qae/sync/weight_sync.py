@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatron_qae import qwen2_mapping as qm
-from megatron_qae.policy import Policy
-from megatron_qae.weights import iter_full_params
+from megatron_qae.model import qwen2_mapping as qm
+from megatron_qae.model.policy import Policy
+from megatron_qae.model.weights import iter_full_params
 from rollout_sglang.client import EngineError, SGLangClient
 from rollout_sglang.weight_group import destroy_weight_group, init_weight_group
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_qae import qwen2_mapping as qm
+from megatron_qae.model import qwen2_mapping as qm
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:

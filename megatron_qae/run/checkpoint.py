@@ -29,10 +29,10 @@ from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_qae.checkpoint_verify import CheckpointDamaged, file_digests, table_from_json, table_to_json, verify
+from megatron_qae.run.checkpoint_verify import CheckpointDamaged, file_digests, table_from_json, table_to_json, verify
 
-from megatron_qae.policy import Policy
-from megatron_qae.weights import unwrap
+from megatron_qae.model.policy import Policy
+from megatron_qae.model.weights import unwrap
 
 log = logging.getLogger(__name__)
 _DONE = "complete.json"

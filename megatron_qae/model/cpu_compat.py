@@ -4,7 +4,7 @@ What it does: when CUDA is absent, `install()` redirects the handful of CUDA-onl
 megatron-core makes unconditionally (current device, RNG state, streams, `device="cuda"`
 factories, `.cuda()`, `Tensor.type()` checks of the optimizers) to their CPU equivalents.
 What it does not: change numerics, or do anything at all when CUDA is available. It must be
-imported before `megatron.core` builds models or optimizers; `megatron_qae.model` does that.
+imported before `megatron.core` builds models or optimizers; `megatron_qae.model.build` does that.
 
 The redirect is a TorchFunctionMode pushed for the whole process: it rewrites device
 arguments of tensor factories and the `Tensor.cuda()` / `Tensor.type()` methods only.
