@@ -18,6 +18,7 @@ over HTTP).
 
 from __future__ import annotations
 
+import ctypes
 import difflib
 import os
 import signal
@@ -44,6 +45,23 @@ def _free_port(host: str, start: int) -> int:
                 continue
             return port
     raise RuntimeError(f"no free port in [{start}, {start + 2000}) on {host}; change engine.port_base")
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with(parent_pid: int):
+    """A `preexec_fn` for the server: the kernel sends it SIGKILL when the process that launched
+    it dies, however it dies (Ray kills an actor with SIGKILL, which runs no cleanup). SGLang's
+    scheduler and detokenizer arm the same signal against the launcher, so the whole server
+    goes with the actor. Linux only (prctl); the launcher thread must outlive the server, which
+    holds for an actor's methods (they run on the worker's main thread)."""
+    def arm() -> None:
+        if sys.platform == "linux":
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the launcher died between fork and prctl
+            os._exit(1)
+    return arm
 
 
 def engine_host(configured: str, node_ip: str, num_nodes: int) -> str:
@@ -165,6 +183,7 @@ class RolloutEngine:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             with open(self.log_path(), "ab") as log:
                 self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                             preexec_fn=_die_with(os.getpid()),
                                              env=server_env(self.backend, self.extra_args, self.devices))
             if self._wait_ready(cmd):
                 break

@@ -6,6 +6,7 @@ sized; the entry point leaves Ray auth alone on a cluster."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -80,3 +81,27 @@ def test_ray_auth_is_turned_off_only_for_the_local_embedded_ray():
     chosen = {"RAY_AUTH_MODE": "token"}
     local_ray_auth_default(None, chosen)
     assert chosen == {"RAY_AUTH_MODE": "token"}  # an explicit choice is kept
+
+
+def test_server_dies_with_its_engine_actor(tmp_path):
+    # The actor's worker process killed outright (the OOM killer, a crash, a dead raylet): no
+    # cleanup runs in it, Ray's own child reaping included. Before, the server (its own session)
+    # kept running, orphaned, holding its port (and on GPU its memory).
+    import psutil
+    import ray
+
+    model = write_model_dir(tmp_path / "model", tiny.tiny_hf_config(), seed=0)
+    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        actor = ray.remote(RolloutEngine).options(num_cpus=0).remote(
+            str(model), backend="cpu", port=33100, log_dir=str(tmp_path), api_key="k")
+        first = ray.get(actor.pid.remote())
+        ray.get(actor.restart.remote())  # a server started by a later method call, too
+        server = ray.get(actor.pid.remote())
+        assert server != first and not psutil.pid_exists(first)
+        assert ray.get(actor.is_alive.remote())  # outlives the method call that started it
+        os.kill(psutil.Process(server).ppid(), signal.SIGKILL)
+        psutil.Process(server).wait(timeout=30)  # raises TimeoutExpired if it stays up
+    finally:
+        ray.shutdown()
+    assert tiny.cpu_server_pids(str(model)) == []
