@@ -72,6 +72,14 @@ class Config:
             _fail("engine.engine_tp", self.engine.engine_tp, "the CPU rollout server runs tp=1; set 1")
         if self.model.fp8 and self.model.params_dtype != "bfloat16":
             _fail("model.fp8", self.model.fp8, "FP8 training needs model.params_dtype=bfloat16")
+        if r.async_steps and self.algo.tis_cap is None:
+            # The trainer's old log-probs are one version newer than the policy that sampled:
+            # without the truncated importance weight the loss is biased by the staleness.
+            _fail("rollout.async_steps", r.async_steps, "one-step off-policy needs truncated importance "
+                  "sampling against the rollout log-probs: set algo.tis_cap (e.g. 2.0)")
+        if r.async_steps and self.engine.colocate:
+            _fail("rollout.async_steps", r.async_steps, "colocated engines share the trainer's GPUs, so "
+                  "generation cannot overlap training: set engine.colocate=false or rollout.async_steps=0")
 
 
 def _fail(name: str, value: Any, fix: str) -> None:

@@ -283,12 +283,15 @@ class RolloutConfig:
     """Sampling temperature of evaluation."""
     val_top_p: float = 0.7
     """Nucleus sampling of evaluation."""
+    async_steps: int = 0
+    """1: one-step off-policy -- the engines generate step k+1's batch while the trainer trains on step k (samples at most one policy_version old; needs algo.tis_cap). 0: generate, then train."""
 
     def __post_init__(self) -> None:
         for name in ("n_samples_per_prompt", "prompts_per_step", "mini_batch_prompts",
                      "gen_batch_prompts", "max_gen_batches", "max_prompt_tokens", "max_response_tokens"):
             _positive(f"rollout.{name}", getattr(self, name))
         _one_of("rollout.on_underfilled", self.on_underfilled, ("train", "fail"))
+        _one_of("rollout.async_steps", self.async_steps, (0, 1))
         if self.prompts_per_step % self.mini_batch_prompts:
             _fail("rollout.mini_batch_prompts", self.mini_batch_prompts,
                   f"must divide rollout.prompts_per_step={self.prompts_per_step}")

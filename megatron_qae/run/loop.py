@@ -26,6 +26,7 @@ from megatron_qae.run.batching import (rank_micro_batches, response_tokens, sche
                                   split_by_tokens, with_old_logprobs)
 from megatron_qae.config.loading import Config, save_config, to_dict, validate_against_model
 from megatron_qae.algorithm.loss import LossConfig
+from megatron_qae.run.ledger import GroupLedger
 from megatron_qae.run.metrics import MetricsSink
 from megatron_qae.model.build import load_hf_config
 from megatron_qae.model.policy import Policy, build_policy, finish_param_sync
@@ -61,14 +62,21 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
     if is_driver:
         save_config(cfg, run_dir)
     total_steps = cfg.run.num_rollout_steps * cfg.rollout.steps_per_rollout
-    policy = build_policy(cfg, hf, groups, total_steps)
-    colocated, placements = None, None
-    if cfg.engine.colocate:
-        placements = engine_placements(cfg.engine.num_engines, cfg.engine.engine_tp)
-        colocated = ColocatedSync(cfg.engine.num_engines, cfg.engine.engine_tp, cfg.engine.request_timeout_s)
-    rollout = Rollout.start(cfg, env.master_address, placements) if is_driver else None
+    colocated, rollout = None, None
+    if is_driver and not cfg.engine.colocate:
+        # Engines on their own devices start (SGLang: minutes at scale) while the policy is built
+        # and restored; colocated ones wait for the trainer's memory to be allocated first, as
+        # SGLang sizes its KV cache from the memory free when it starts.
+        rollout = Rollout.start(cfg, env.master_address, None, wait=False)
     try:  # whatever fails from here on (a damaged checkpoint included) tears the engines down
+        policy = build_policy(cfg, hf, groups, total_steps)
+        if cfg.engine.colocate:
+            placements = engine_placements(cfg.engine.num_engines, cfg.engine.engine_tp)
+            colocated = ColocatedSync(cfg.engine.num_engines, cfg.engine.engine_tp, cfg.engine.request_timeout_s)
+            rollout = Rollout.start(cfg, env.master_address, placements) if is_driver else None
         start, _ = _restore(cfg, policy, rollout)
+        if rollout is not None:
+            rollout.wait_ready()
         return _train_loop(cfg, policy, rollout, colocated, start, run_dir, is_driver)
     finally:
         if rollout is not None:
@@ -80,6 +88,8 @@ def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, colocated:
     sink = MetricsSink(run_dir, enabled=is_driver, tensorboard=cfg.run.log_tensorboard,
                        wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
     sink.truncate_after(start)
+    ledger = GroupLedger(run_dir, enabled=is_driver)
+    ledger.truncate_after(start)
     stop = checkpoint.install_sigterm_save()
     history: list[dict[str, float]] = []
     _sync(policy, rollout, colocated, version=start, cfg=cfg)  # engines start from the trainer's weights
@@ -87,13 +97,21 @@ def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, colocated:
     for step in range(start + 1, cfg.run.num_rollout_steps + 1):
         t0 = time.perf_counter()
         batch = _broadcast(rollout.generate(step - 1) if is_driver else None, policy)  # rollout + reward
+        ahead = cfg.rollout.async_steps and step < cfg.run.num_rollout_steps
+        if ahead and is_driver:
+            rollout.generate_ahead(step - 1)  # step+1's batch, while this one trains
+        wait_s = time.perf_counter() - t0
         _warn_underfilled(cfg, batch, step, is_driver)
+        ledger.record(step, batch)
         _release_engines(rollout, colocated)                                    # colocated: free GPUs
         advantages, adv_metrics = _advantages(cfg, policy, batch.samples)       # advantage
         train_metrics = _train(cfg, policy, batch, advantages, step)            # train
+        if ahead:
+            _wait_ahead(rollout, policy)
         sync_metrics = _sync(policy, rollout, colocated, version=step, cfg=cfg)  # weight sync
-        metrics = {**batch.metrics, **adv_metrics, **train_metrics, **sync_metrics,
-                   "time/step_s": time.perf_counter() - t0, "train/policy_version": float(step)}
+        metrics = {**batch.metrics, **adv_metrics, **train_metrics, **sync_metrics, **_staleness(batch, step),
+                   "time/step_s": time.perf_counter() - t0, "time/rollout_wait_s": wait_s,
+                   "train/policy_version": float(step)}
         if cfg.run.eval_interval_steps and step % cfg.run.eval_interval_steps == 0 and is_driver:
             metrics.update(rollout.evaluate(cfg.run.eval_n_samples))            # eval
         sink.log(step, metrics)
@@ -190,6 +208,23 @@ def _train(cfg: Config, policy: Policy, batch: RolloutBatch, advantages: list[fl
     dist.all_reduce(trained, group=groups.dp)
     return {**sums, "train/logprob_gap_rollout": gap, "train/step_s": elapsed,
             "train/tokens_per_s": float(trained) / elapsed, "train/optimizer_steps": float(len(plans))}
+
+
+def _wait_ahead(rollout: Rollout | None, policy: Policy) -> None:
+    """Rank 0 waits for the batch generated ahead before new weights go out; the other ranks wait
+    in the hand-off group, whose wait is not bounded by the collective timeout."""
+    if rollout is not None:
+        rollout.wait_ahead()
+    _broadcast(None, policy)
+
+
+def _staleness(batch: RolloutBatch, step: int) -> dict[str, float]:
+    """Versions between the weights that sampled each response and the weights trained at
+    `step` (version step-1): 0 generating synchronously, 1 one step off-policy."""
+    lag = [step - 1 - s.policy_version for s in batch.samples]
+    if not lag:
+        return {}
+    return {"rollout/staleness_mean": sum(lag) / len(lag), "rollout/staleness_max": float(max(lag))}
 
 
 def _warn_underfilled(cfg: Config, batch: RolloutBatch, step: int, is_driver: bool) -> None:

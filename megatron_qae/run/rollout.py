@@ -43,10 +43,16 @@ class Rollout:
         self.master_address = master_address
         self.link: EngineLink | None = None
         self._endpoints: list[tuple[str, int]] = []
+        self._ahead: ray.ObjectRef | None = None
+        """The batch being generated ahead of training (rollout.async_steps=1), until taken."""
+        self._state_before_ahead: dict | None = None
+        """The manager's data state before that batch drew its prompts (what a checkpoint keeps)."""
 
     @classmethod
-    def start(cls, cfg, master_address: str, placements: list[EnginePlacement] | None = None) -> Rollout:
-        """Join or start Ray and the rollout manager; `placements` pins colocated engines."""
+    def start(cls, cfg, master_address: str, placements: list[EnginePlacement] | None = None,
+              wait: bool = True) -> Rollout:
+        """Join or start Ray and the rollout manager; `placements` pins colocated engines.
+        `wait=False` returns while the engines start; `wait_ready` (or any later call) waits."""
         if not ray.is_initialized():
             if cfg.ray.address:
                 ray.init(address=cfg.ray.address, log_to_driver=False, configure_logging=False)
@@ -59,11 +65,36 @@ class Rollout:
         log_dir = str(Path(cfg.run.run_dir) / "engine_logs")
         api_key = secrets.token_urlsafe(24)
         manager = actor.remote(cfg, cfg.model.path, log_dir, placements, api_key)
-        ray.get(manager.ready.remote())
-        return cls(cfg, manager, master_address, api_key)
+        rollout = cls(cfg, manager, master_address, api_key)
+        if wait:
+            rollout.wait_ready()
+        return rollout
+
+    def wait_ready(self) -> None:
+        """Block until every engine serves (raises what the manager's start-up raised)."""
+        ray.get(self.manager.ready.remote())
 
     def generate(self, policy_version: int) -> RolloutBatch:
+        """The batch generated ahead, if one is pending; else generate one now."""
+        if self._ahead is not None:
+            batch = ray.get(self._ahead)
+            self._ahead = self._state_before_ahead = None
+            return batch
         return ray.get(self.manager.generate.remote(policy_version))
+
+    def generate_ahead(self, policy_version: int) -> None:
+        """Start generating the next batch with the engines' current weights and return at once
+        (one-step off-policy); `generate` takes it. A checkpoint taken meanwhile keeps the data
+        state from before this batch, so a resumed run generates it again: no group is lost or
+        trained twice."""
+        self._state_before_ahead = self.state_dict()
+        self._ahead = self.manager.generate.remote(policy_version)
+
+    def wait_ahead(self) -> None:
+        """Block until the batch generated ahead is done: new weights must not reach an engine
+        that is still generating it (each sample keeps one policy_version)."""
+        if self._ahead is not None:
+            ray.wait([self._ahead], num_returns=1, timeout=None, fetch_local=False)
 
     def evaluate(self, n_samples: int) -> dict[str, float]:
         return ray.get(self.manager.evaluate.remote(n_samples))
@@ -116,6 +147,8 @@ class Rollout:
         return ray.get(self.manager.restarts_total.remote())
 
     def state_dict(self) -> dict:
+        if self._state_before_ahead is not None:
+            return self._state_before_ahead
         return ray.get(self.manager.state_dict.remote())
 
     def load_state_dict(self, state: dict) -> None:
@@ -125,4 +158,7 @@ class Rollout:
         if self.link is not None:
             disconnect(self.link)
             self.link = None
-        ray.get(self.manager.shutdown.remote())
+        try:
+            ray.get(self.manager.shutdown.remote())
+        except ray.exceptions.RayActorError:
+            pass  # the manager failed to start or died: its engines went with it (fate-sharing)
