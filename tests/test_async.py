@@ -31,6 +31,7 @@ def test_async_needs_truncated_importance_sampling_and_separate_engines():
         load_config("configs/test_tiny.yaml", ["rollout.async_steps=2", "algo.tis_cap=2"])
 
 
+@pytest.mark.timeout(1800)  # three 2-rank runs: about 4 minutes on an idle 2-core machine
 def test_one_step_off_policy_staleness_first_step_and_resume(tmp_path):
     sync_dir, async_dir = tmp_path / "s" / "run", tmp_path / "a" / "run"
     tiny.train_run(sync_dir, 2, [*COMMON, "run.num_rollout_steps=2"])
