@@ -1,5 +1,6 @@
 """Each loss variant gives the same gradient over 1 / 2 / 4+ micro-batches, DP=2 (with
-zero-advantage skipping where it is exact) and TP=2, on a tiny Qwen2 through megatron."""
+zero-advantage skipping where it is exact) and TP=2, on a tiny Qwen2 through megatron; the
+frozen reference holds the run's initial weights (HF directory or the policy's init)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,15 @@ def test_layout_reproduces_the_single_rank_gradient(base, tmp_path, layout):
         # Skipping happens exactly where it is exact: DAPO/GSPO without KL / entropy terms.
         exact = layout == "dp2_skip" and name == "gspo"
         assert (skipped > 0) == exact, (name, skipped)
+
+
+def test_reference_from_an_hf_directory_is_the_loaded_policy(tmp_path):
+    hf_dir = tmp_path / "hf"
+    tiny.tiny_hf_model(tiny.tiny_hf_config(), seed=5).save_pretrained(hf_dir)
+    out = str(tmp_path / "ref")
+    tiny.torchrun(WORKER, 2, ["--tp", "2", "--hf-dir", str(hf_dir), "--out", out])
+    res = torch.load(f"{out}.hf.pt", weights_only=False)
+    for before, ref, after in zip(res["before"], res["ref"], res["after"]):
+        assert torch.equal(ref, after)  # the reference is what the policy becomes when it loads the HF weights
+        assert (ref - before).abs().max() > 1e-3  # and not the policy's own init it was copied from
+    assert not res["ref_grads"]

@@ -15,7 +15,12 @@ DP ranks (run/token_selection.py) or apply the selection (clip_cov.py, kl_cov.py
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # objective.py imports this module
+    from megatron_qae.algorithm.objective import LossConfig
 
 
 def token_covariance(advantages: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
@@ -27,7 +32,7 @@ def clip_cov_pick(
     advantages: torch.Tensor,
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
-    cfg,
+    cfg: LossConfig,
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Bool [n]: the tokens whose gradient Clip-Cov drops. Inputs are flat [n], no gradient;
@@ -48,7 +53,7 @@ def clip_cov_pick(
     return picked
 
 
-def kl_cov_pick(advantages: torch.Tensor, logprobs: torch.Tensor, cfg) -> torch.Tensor:
+def kl_cov_pick(advantages: torch.Tensor, logprobs: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """Bool [n]: the tokens KL-Cov penalizes with kl_cov_coef * |log p - log p_old|, the
     max(1, int(kl_cov_ratio * n)) of largest covariance. Inputs flat [n], no gradient."""
     n = advantages.numel()

@@ -11,10 +11,15 @@ What it does not: dual-clip (GSPO has none) or add KL / entropy terms (objective
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from megatron_qae.algorithm.aggregation import Aggregation
 from megatron_qae.algorithm.loss import truncated_is_weight
+
+if TYPE_CHECKING:  # objective.py imports this module
+    from megatron_qae.algorithm.objective import LossConfig
 
 
 def gspo_loss(
@@ -23,7 +28,7 @@ def gspo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     agg: Aggregation,
-    cfg,
+    cfg: LossConfig,
     rollout_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO loss of one micro-batch; tensors [b, t], `mask` 1 on response tokens.

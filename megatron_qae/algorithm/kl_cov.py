@@ -10,10 +10,15 @@ zero-advantage skipping is off with this loss. What it does not: pick the tokens
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from megatron_qae.algorithm.aggregation import Aggregation
 from megatron_qae.algorithm.loss import truncated_is_weight
+
+if TYPE_CHECKING:  # objective.py imports this module
+    from megatron_qae.algorithm.objective import LossConfig
 
 
 def kl_cov_loss(
@@ -23,7 +28,7 @@ def kl_cov_loss(
     mask: torch.Tensor,
     selected: torch.Tensor,
     agg: Aggregation,
-    cfg,
+    cfg: LossConfig,
     rollout_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KL-Cov loss of one micro-batch; tensors [b, t], `mask` 1 on response tokens,

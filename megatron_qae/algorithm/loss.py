@@ -10,9 +10,14 @@ megatron's schedule (train_step.py does).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from megatron_qae.algorithm.aggregation import Aggregation
+
+if TYPE_CHECKING:  # objective.py imports this module
+    from megatron_qae.algorithm.objective import LossConfig
 
 
 def truncated_is_weight(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor | None,
@@ -29,7 +34,7 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     agg: Aggregation,
-    cfg,
+    cfg: LossConfig,
     rollout_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DAPO loss of one micro-batch; tensors [b, t] over positions, `mask` 1 on response tokens.

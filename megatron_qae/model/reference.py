@@ -21,6 +21,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron_qae.model import build as model_lib
 from megatron_qae.model import weights
 from megatron_qae.model.parallel import ParallelGroups
+from megatron_qae.model.policy import Policy
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Reference:
     groups: ParallelGroups
 
 
-def build_reference(policy, transformer_impl: str, hf_dir: str | Path | None) -> Reference:
+def build_reference(policy: Policy, transformer_impl: str, hf_dir: str | Path | None) -> Reference:
     """The reference for `policy`; call right after `build_policy`, before any checkpoint is
     loaded. `hf_dir`: the HF weights the run starts from (model.load_weights), else None."""
     config = policy.config

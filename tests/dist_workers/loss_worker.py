@@ -59,17 +59,40 @@ def run_once(a, groups, hf, cfg, loss_cfg: LossConfig, budget: int) -> dict:
             "batch": batch_metrics, "reference_equals_initial_policy": same_as_policy}
 
 
+def reference_from_hf(a, groups, hf, cfg) -> dict:
+    """The reference built from an HF directory equals the policy loaded from it, while the
+    policy itself keeps its own weights until it loads them (as on a resume, which loads a
+    checkpoint into the policy only)."""
+    policy = build_policy(cfg, hf, groups, total_steps=10)
+    reference = build_reference(policy, "local", a.hf_dir)
+    samples, advs = tiny.synthetic_samples()
+    mbs, _ = rank_micro_batches(samples, advs, groups.dp_rank, groups.dims.dp, 1000, False, seq_multiple(a.tp))
+    before = compute_logprobs(policy, mbs)
+    ref = compute_logprobs(reference, mbs)
+    assert weights.load_hf_dir(policy, a.hf_dir)
+    after = compute_logprobs(policy, mbs)
+    return {"before": before, "ref": ref, "after": after,
+            "ref_grads": any(p.requires_grad for c in reference.chunks for p in c.parameters())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--max-tokens", type=int, nargs="+", default=[64])
     ap.add_argument("--skip-zero", action="store_true", help="skip zero-advantage samples where exact")
+    ap.add_argument("--hf-dir", default=None, help="check the reference built from this HF directory instead")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, 1))
     hf = tiny.tiny_hf_config()
     cfg = tiny.run_config(a.tp, 1)
+    if a.hf_dir:
+        result = reference_from_hf(a, groups, hf, cfg)
+        if groups.dp_rank == 0 and groups.tp_rank == 0:
+            torch.save(result, f"{a.out}.hf.pt")
+        parallel.destroy()
+        return
     for name in a.variants:
         for budget in a.max_tokens:
             result = run_once(a, groups, hf, cfg, VARIANTS[name], budget)
