@@ -21,7 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from benchmarks.common import bench_hf_config, single_process_world, timed
 from megatron_qae.model import cpu_compat, parallel
 from megatron_qae.run.batching import rank_micro_batches, response_tokens, with_old_logprobs
-from megatron_qae.algorithm.loss import LossConfig
+from megatron_qae.algorithm.objective import LossConfig
 from megatron_qae.model.policy import build_policy
 from megatron_qae.run.train_step import compute_logprobs, train_step
 from rollout_sglang.types import Sample

@@ -15,7 +15,8 @@ below, not a measurement, and it does not decide where Ray places engines.
 Trainer bytes per GPU of pipeline stage s (n = that stage's parameters on one GPU):
   params n*2 (bf16) or n*4; grads n*4 (fp32 grad buffer, megatron's grad_reduce_in_fp32);
   optimizer n*12 (fp32 master + Adam m, v; n*8 for fp32 params) / (dp*cp) with the
-  distributed optimizer; FP8: + n*2 (Transformer Engine's fp8 weight copy and its transpose).
+  distributed optimizer; FP8: + n*2 (Transformer Engine's fp8 weight copy and its transpose);
+  KL penalty (algo.kl_coef > 0): reference n*2 or n*4 (the frozen initial policy's weights).
 Activations (bf16, flash attention, t = train.micro_batch_max_tokens / cp tokens per
 micro-batch, sp = tp with sequence parallel else 1, q/kv = query/KV projection widths):
   one layer keeps  a = t * 2 * (4h/sp + (2q + 2kv)/tp + 3*ffn/tp)  bytes (norm and linear
@@ -174,13 +175,14 @@ class StageMemory:
     grads: float
     optimizer: float
     fp8_weights: float
+    reference: float
     activations: float
     logits: float
 
     @property
     def resident(self) -> float:
         """Bytes that stay between steps (what colocated engines share the GPU with)."""
-        return self.params + self.grads + self.optimizer + self.fp8_weights
+        return self.params + self.grads + self.optimizer + self.fp8_weights + self.reference
 
     @property
     def total(self) -> float:
@@ -195,8 +197,10 @@ def trainer_memory(cfg: Config, hf: dict[str, Any], shape: ModelShape, dp: int, 
     grad_bytes = 4 if p.ddp_overrides.get("grad_reduce_in_fp32", True) else (2 if bf16 else 4)
     shards = dp * p.cp if p.use_distributed_optimizer else 1
     logits = logits_bytes(cfg, hf) if stage == p.pp - 1 else 0.0
-    return StageMemory(stage, n * (2 if bf16 else 4), n * grad_bytes, n * (12 if bf16 else 8) / shards,
-                       n * 2 if m.fp8 else 0.0, activation_bytes(cfg, hf, stage), logits)
+    params = n * (2 if bf16 else 4)
+    reference = params if cfg.algo.kl_coef > 0 else 0.0
+    return StageMemory(stage, params, n * grad_bytes, n * (12 if bf16 else 8) / shards,
+                       n * 2 if m.fp8 else 0.0, reference, activation_bytes(cfg, hf, stage), logits)
 
 
 @dataclass(frozen=True)
@@ -309,7 +313,7 @@ def report(cfg: Config, hf: dict[str, Any], shape: ModelShape, n_params: int, wo
     for s in mem:
         print(f"trainer GPU, pp stage {s.stage} (GiB): " + ", ".join(
             f"{k} {getattr(s, k) / GIB:.1f}" for k in
-            ("params", "grads", "optimizer", "fp8_weights", "activations", "logits")) + f"; total {s.total / GIB:.1f}")
+            ("params", "grads", "optimizer", "fp8_weights", "reference", "activations", "logits")) + f"; total {s.total / GIB:.1f}")
     seq = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
     print(f"engine GPU (GiB): weights {eng.weights / GIB:.1f}, KV cache {max(eng.kv_cache, 0) / GIB:.1f} = "
           f"{eng.kv_tokens:,} tokens ({eng.kv_bytes_per_token / 1024:.0f} KiB/token), "

@@ -18,7 +18,8 @@ def test_defaults_are_the_dapo_qae_recipe():
     assert cfg == Config()
     assert (cfg.algo.quantile_k, cfg.rollout.n_samples_per_prompt, cfg.rollout.prompts_per_step) == (0.4, 16, 512)
     assert cfg.rollout.steps_per_rollout == 512 // 32
-    assert cfg.algo.effective_quantile_k == 0.4 and cfg.algo.can_skip_zero_advantage
+    assert cfg.algo.effective_quantile_k == 0.4 and cfg.algo.skip_zero_advantage
+    assert cfg.algo.policy_loss == "dapo" and cfg.algo.kl_coef == 0.0 and cfg.algo.entropy_coef == 0.0
 
 
 def test_yaml_then_overrides_and_derived_values():
@@ -92,8 +93,14 @@ def test_the_32b_recipe_is_dapo_plus_qae():
     (["algo.clip_c=0.5"], "algo.clip_c=0.5: dual clip needs c > 1"),
     (["algo.tis_cap=0"], "algo.tis_cap=0.0"),
     (["algo.clip_high=0"], "algo.clip_high=0.0"),
-    (["algo.kl_coef=0.1"], "algo.kl_coef=0.1"),
-    (["algo.entropy_coef=0.01"], "algo.entropy_coef=0.01"),
+    (["algo.kl_coef=-0.1"], "algo.kl_coef=-0.1: must be >= 0"),
+    (["algo.entropy_coef=-0.01"], "algo.entropy_coef=-0.01: must be >= 0"),
+    (["algo.policy_loss=ppo"], "algo.policy_loss='ppo'"),
+    (["algo.kl_estimator=k4"], "algo.kl_estimator='k4'"),
+    (["algo.clip_cov_ratio=0"], "algo.clip_cov_ratio=0.0: must be in \\(0, 1\\]"),
+    (["algo.kl_cov_ratio=2"], "algo.kl_cov_ratio=2.0"),
+    (["algo.clip_cov_lb=6"], "algo.clip_cov_lb=6.0: must be below algo.clip_cov_ub=5.0"),
+    (["algo.gspo_clip_low=0"], "algo.gspo_clip_low=0.0"),
     # rollout
     (["rollout.mini_batch_prompts=7"], "rollout.mini_batch_prompts=7: must divide rollout.prompts_per_step=512"),
     (["rollout.n_samples_per_prompt=0"], "rollout.n_samples_per_prompt=0"),

@@ -6,7 +6,9 @@ import math
 
 import torch
 
-from megatron_qae.algorithm.loss import LossConfig, policy_loss
+from megatron_qae.algorithm.aggregation import Aggregation
+from megatron_qae.algorithm.loss import policy_loss
+from megatron_qae.algorithm.objective import LossConfig
 
 
 def _scalar_loss(lp, old, adv, cfg: LossConfig) -> float:
@@ -25,7 +27,7 @@ def test_policy_loss_matches_scalar_formula_and_global_token_mean():
     adv = torch.tensor([[1.5] * 6, [-0.8] * 6, [-3.0] * 6])
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.float32)
     cfg = LossConfig(clip_c=3.0)
-    loss, m = policy_loss(lp, old, adv, mask, global_tokens=40, cfg=cfg)
+    loss, m = policy_loss(lp, old, adv, mask, Aggregation("token-mean", 40), cfg)
     expect = sum(_scalar_loss(lp[i, j].item(), old[i, j].item(), adv[i, j].item(), cfg)
                  for i in range(3) for j in range(6) if mask[i, j]) / 40
     assert abs(loss.item() - expect) < 1e-6
@@ -35,7 +37,8 @@ def test_policy_loss_matches_scalar_formula_and_global_token_mean():
 def test_zero_advantage_tokens_have_exactly_zero_gradient():
     lp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
     old = torch.tensor([[-1.3, -1.0, -0.1]])
-    loss, _ = policy_loss(lp, old, torch.tensor([[0.0, 0.0, 2.0]]), torch.ones(1, 3), 3, LossConfig())
+    loss, _ = policy_loss(lp, old, torch.tensor([[0.0, 0.0, 2.0]]), torch.ones(1, 3), Aggregation("token-mean", 3),
+                          LossConfig())
     loss.backward()
     assert lp.grad[0, 0].item() == 0.0 and lp.grad[0, 1].item() == 0.0 and lp.grad[0, 2].item() != 0.0
 
@@ -43,7 +46,7 @@ def test_zero_advantage_tokens_have_exactly_zero_gradient():
 def test_truncated_importance_sampling_caps_the_weight():
     lp = torch.tensor([[-1.0]])
     cfg = LossConfig(tis_cap=2.0)
-    base, _ = policy_loss(lp, lp, torch.tensor([[1.0]]), torch.ones(1, 1), 1, LossConfig())
-    capped, _ = policy_loss(lp, lp, torch.tensor([[1.0]]), torch.ones(1, 1), 1, cfg,
+    base, _ = policy_loss(lp, lp, torch.tensor([[1.0]]), torch.ones(1, 1), Aggregation("token-mean", 1), LossConfig())
+    capped, _ = policy_loss(lp, lp, torch.tensor([[1.0]]), torch.ones(1, 1), Aggregation("token-mean", 1), cfg,
                             rollout_logprobs=torch.tensor([[-5.0]]))  # exp(4) > cap
     assert abs(capped.item() - 2.0 * base.item()) < 1e-6

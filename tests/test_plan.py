@@ -79,6 +79,9 @@ def test_trainer_memory_by_hand():
     n = stage_parameters(shape, 8, 2, 0)
     m = trainer_memory(cfg, hf, shape, dp=2, stage=0)
     assert (m.params, m.grads, m.optimizer, m.fp8_weights, m.logits) == (2 * n, 4 * n, 12 * n / 2, 2 * n, 0.0)
+    assert m.reference == 0.0
+    with_kl = trainer_memory(load_config("configs/qwen2.5_32b_qae.yaml", ["algo.kl_coef=0.001"]), hf, shape, 2, 0)
+    assert with_kl.reference == 2 * n and with_kl.resident == m.resident + 2 * n  # the frozen bf16 copy
     t, h = 24576, 5120
     layer = t * 2 * (4 * h / 8 + (2 * 5120 + 2 * 1024) / 8 + 3 * 27648 / 8)  # one layer's saved tensors
     assert m.activations == pytest.approx(2 * 32 * t * 2 * h / 8 + layer)  # 2 micro-batches of 32 inputs

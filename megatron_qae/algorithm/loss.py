@@ -1,32 +1,31 @@
-"""The DAPO clipped policy-gradient loss with a global token-mean.
+"""The DAPO clipped policy-gradient loss (verl's 'vanilla' policy loss).
 
 What it does: per-token clipped surrogate with asymmetric clip (clip-higher), dual-clip for
 negative advantages, optional truncated importance sampling against the rollout engine's
-log-probs, summed over response tokens and divided by the token count of the whole global
-mini-batch, so the gradient is independent of how the mini-batch is split into micro-batches
-and DP ranks. What it does not: compute advantages or log-probs, or talk to megatron's
-schedule (train_step.py does).
+log-probs, reduced by the mini-batch's `Aggregation` (the global token-mean), so the gradient
+is independent of how the mini-batch is split into micro-batches and DP ranks. What it does
+not: compute advantages or log-probs, add KL / entropy terms (objective.py), or talk to
+megatron's schedule (train_step.py does).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from megatron_qae.algorithm.aggregation import Aggregation
 
-@dataclass(frozen=True)
-class LossConfig:
-    """Knobs of the policy loss (from config.algo)."""
+if TYPE_CHECKING:  # objective.py imports this module
+    from megatron_qae.algorithm.objective import LossConfig
 
-    clip_low: float = 0.2
-    """Lower clip: ratio >= 1 - clip_low for positive advantages."""
-    clip_high: float = 0.28
-    """Upper clip (DAPO clip-higher): ratio <= 1 + clip_high."""
-    clip_c: float | None = 10.0
-    """Dual-clip bound for negative advantages (> 1), None disables it."""
-    tis_cap: float | None = None
-    """Truncated importance sampling cap on exp(old - rollout) log-prob; None disables it."""
+
+def truncated_is_weight(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor | None,
+                        cap: float | None) -> torch.Tensor | None:
+    """exp(old - rollout) capped at `cap` (no gradient), or None when TIS is off."""
+    if rollout_logprobs is None or cap is None:
+        return None
+    return (old_logprobs - rollout_logprobs).clamp(max=20.0).exp().clamp(max=cap).detach()
 
 
 def policy_loss(
@@ -34,15 +33,14 @@ def policy_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    global_tokens: int,
+    agg: Aggregation,
     cfg: LossConfig,
     rollout_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sum over masked tokens of the clipped loss, divided by `global_tokens`.
+    """DAPO loss of one micro-batch; tensors [b, t] over positions, `mask` 1 on response tokens.
 
-    All tensors are [b, t] over response positions; `mask` is 1 on response tokens.
-    Returns (loss, metrics); metrics are token sums (divide by `global_tokens` after a
-    cross-rank sum to get the mini-batch mean).
+    `cfg` has clip_low, clip_high, clip_c and tis_cap (objective.LossConfig). Returns (loss,
+    metrics); metrics are token sums (divided by the trained token count after a cross-rank sum).
     """
     mask = mask.to(logprobs.dtype)
     log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
@@ -58,10 +56,10 @@ def policy_loss(
         dual_active = (advantages < 0) & (per_token > bound)
         per_token = torch.where(advantages < 0, torch.minimum(per_token, bound), per_token)
         dual_frac = dual_active.to(mask.dtype)
-    if rollout_logprobs is not None and cfg.tis_cap is not None:
-        tis = (old_logprobs - rollout_logprobs).clamp(max=20.0).exp().clamp(max=cfg.tis_cap)
-        per_token = per_token * tis.detach()
-    loss = (per_token * mask).sum() / global_tokens
+    tis = truncated_is_weight(old_logprobs, rollout_logprobs, cfg.tis_cap)
+    if tis is not None:
+        per_token = per_token * tis
+    loss = agg.reduce(per_token, mask)
     with torch.no_grad():
         metrics = {
             "loss/pg_clip_tokens": (clip_frac * mask).sum(),

@@ -88,14 +88,14 @@ def iter_full_params(
             yield name, qm.tp_merge(name, shards)
 
 
-def load_hf_dir(policy, model_dir: str | Path) -> bool:
-    """Load `<model_dir>/*.safetensors` (sharded or not) into the policy; False when the
-    directory has no weights (the seeded random init is kept, e.g. the CPU demo)."""
+def _open_hf_dir(model_dir: str | Path) -> Mapping[str, torch.Tensor] | None:
+    """A lazy name -> tensor view of `<model_dir>/*.safetensors` (sharded or not); None when
+    the directory has no weights."""
     from safetensors import safe_open
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        return False
+        return None
     handles = {}
     where: dict[str, Path] = {}
     for f in files:
@@ -109,5 +109,24 @@ def load_hf_dir(policy, model_dir: str | Path) -> bool:
         def __getitem__(self, key: str) -> torch.Tensor:
             return handles[where[key]].get_tensor(key)
 
-    load_hf_state(policy, _Lazy())
+    return _Lazy()
+
+
+def load_hf_dir(policy, model_dir: str | Path) -> bool:
+    """Load `<model_dir>/*.safetensors` (sharded or not) into the policy; False when the
+    directory has no weights (the seeded random init is kept, e.g. the CPU demo)."""
+    state = _open_hf_dir(model_dir)
+    if state is None:
+        return False
+    load_hf_state(policy, state)
+    return True
+
+
+def load_hf_dir_into(chunks: list[torch.nn.Module], hf: dict, groups, model_dir: str | Path) -> bool:
+    """Load `<model_dir>/*.safetensors` into bare model chunks (no optimizer: the frozen
+    reference policy); False when the directory has no weights."""
+    state = _open_hf_dir(model_dir)
+    if state is None:
+        return False
+    load_full_weights(chunks, lambda name: qm.hf_to_megatron(name, state, hf), groups.tp_rank, groups.dims.tp)
     return True

@@ -46,6 +46,10 @@ class MicroBatch:
     old_logprobs: torch.Tensor | None = None
     """Trainer log-probs before this rollout step's updates (`compute_logprobs`), 0 outside
     the response; None until `with_old_logprobs` attaches them."""
+    ref_logprobs: torch.Tensor | None = None
+    """Reference policy log-probs (KL penalty), 0 outside the response; None without KL."""
+    cov_selected: torch.Tensor | None = None
+    """1.0 on the tokens the Clip-Cov / KL-Cov selection picked (run/token_selection.py)."""
 
     @property
     def num_response_tokens(self) -> int:
@@ -69,6 +73,13 @@ def with_old_logprobs(mbs: list[MicroBatch], old: list[torch.Tensor | None]) -> 
     if len(mbs) != len(old):
         raise ValueError(f"{len(old)} old log-prob tensors for {len(mbs)} micro-batches")
     return [dataclasses.replace(mb, old_logprobs=lp) for mb, lp in zip(mbs, old)]
+
+
+def with_ref_logprobs(mbs: list[MicroBatch], ref: list[torch.Tensor | None]) -> list[MicroBatch]:
+    """New micro-batches carrying the reference policy's log-probs (KL penalty)."""
+    if len(mbs) != len(ref):
+        raise ValueError(f"{len(ref)} reference log-prob tensors for {len(mbs)} micro-batches")
+    return [dataclasses.replace(mb, ref_logprobs=lp) for mb, lp in zip(mbs, ref)]
 
 
 def split_by_tokens(lengths: list[int], parts: int) -> list[list[int]]:

@@ -23,13 +23,14 @@ from megatron_qae.model import parallel, weights
 from megatron_qae.algorithm.advantage import compute_group_advantages
 from megatron_qae.sync.colocated_sync import ColocatedSync, engine_placements
 from megatron_qae.run.batching import (rank_micro_batches, response_tokens, schedule_multiple, seq_multiple,
-                                  split_by_tokens, with_old_logprobs)
+                                  split_by_tokens, with_old_logprobs, with_ref_logprobs)
 from megatron_qae.config.loading import Config, save_config, to_dict, validate_against_model
-from megatron_qae.algorithm.loss import LossConfig
+from megatron_qae.algorithm.objective import LossConfig, zero_advantage_gradient
 from megatron_qae.run.ledger import GroupLedger
 from megatron_qae.run.metrics import MetricsSink
 from megatron_qae.model.build import load_hf_config
 from megatron_qae.model.policy import Policy, build_policy, finish_param_sync
+from megatron_qae.model.reference import Reference, build_reference
 from megatron_qae.run.rollout import Rollout
 from megatron_qae.run.train_step import compute_logprobs, logprob_gap, train_step
 from megatron_qae.sync.weight_sync import push_weights
@@ -63,6 +64,7 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
         save_config(cfg, run_dir)
     total_steps = cfg.run.num_rollout_steps * cfg.rollout.steps_per_rollout
     colocated, rollout = None, None
+    _log_zero_advantage_skip(cfg, is_driver)
     if is_driver and not cfg.engine.colocate:
         # Engines on their own devices start (SGLang: minutes at scale) while the policy is built
         # and restored; colocated ones wait for the trainer's memory to be allocated first, as
@@ -70,6 +72,9 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
         rollout = Rollout.start(cfg, env.master_address, None, wait=False)
     try:  # whatever fails from here on (a damaged checkpoint included) tears the engines down
         policy = build_policy(cfg, hf, groups, total_steps)
+        # Before any checkpoint is loaded: the reference is the initial policy, resumed or not.
+        reference = build_reference(policy, cfg.model.transformer_impl,
+                                    cfg.model.path if cfg.model.load_weights else None) if cfg.algo.kl_coef > 0 else None
         if cfg.engine.colocate:
             placements = engine_placements(cfg.engine.num_engines, cfg.engine.engine_tp)
             colocated = ColocatedSync(cfg.engine.num_engines, cfg.engine.engine_tp, cfg.engine.request_timeout_s)
@@ -77,14 +82,14 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
         start, _ = _restore(cfg, policy, rollout)
         if rollout is not None:
             rollout.wait_ready()
-        return _train_loop(cfg, policy, rollout, colocated, start, run_dir, is_driver)
+        return _train_loop(cfg, policy, reference, rollout, colocated, start, run_dir, is_driver)
     finally:
         if rollout is not None:
             rollout.shutdown()
 
 
-def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, colocated: ColocatedSync | None,
-                start: int, run_dir: Path, is_driver: bool) -> list[dict[str, float]]:
+def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollout: Rollout | None,
+                colocated: ColocatedSync | None, start: int, run_dir: Path, is_driver: bool) -> list[dict[str, float]]:
     sink = MetricsSink(run_dir, enabled=is_driver, tensorboard=cfg.run.log_tensorboard,
                        wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
     sink.truncate_after(start)
@@ -105,7 +110,7 @@ def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, colocated:
         ledger.record(step, batch)
         _release_engines(rollout, colocated)                                    # colocated: free GPUs
         advantages, adv_metrics = _advantages(cfg, policy, batch.samples)       # advantage
-        train_metrics = _train(cfg, policy, batch, advantages, step)            # train
+        train_metrics = _train(cfg, policy, reference, batch, advantages, step)  # train
         if ahead:
             _wait_ahead(rollout, policy)
         sync_metrics = _sync(policy, rollout, colocated, version=step, cfg=cfg)  # weight sync
@@ -174,13 +179,33 @@ def _advantages(cfg: Config, policy: Policy, samples: list[Sample]) -> tuple[lis
     return out, metrics
 
 
-def _train(cfg: Config, policy: Policy, batch: RolloutBatch, advantages: list[float], step: int) -> dict:
-    """Old log-probs for all mini-batches, then one optimizer step per mini-batch (none when
-    dynamic sampling kept no group: the weights stay as they are)."""
+def loss_config(cfg: Config) -> LossConfig:
+    """The objective's knobs from config.algo (Clip-Cov's draw seeded by run.seed)."""
+    a = cfg.algo
+    return LossConfig(a.clip_low, a.clip_high, a.clip_c, a.tis_cap, a.policy_loss, a.gspo_clip_low,
+                      a.gspo_clip_high, a.clip_cov_ratio, a.clip_cov_lb, a.clip_cov_ub, a.kl_cov_ratio,
+                      a.kl_cov_coef, a.kl_coef, a.kl_estimator, a.entropy_coef, cfg.run.seed)
+
+
+def skips_zero_advantage(cfg: Config) -> bool:
+    """algo.skip_zero_advantage, unless the loss gives zero-advantage responses a gradient."""
+    return cfg.algo.skip_zero_advantage and zero_advantage_gradient(loss_config(cfg)) is None
+
+
+def _log_zero_advantage_skip(cfg: Config, is_driver: bool) -> None:
+    reason = zero_advantage_gradient(loss_config(cfg))
+    if is_driver and cfg.algo.skip_zero_advantage and reason is not None:
+        log.info("algo.skip_zero_advantage is off for this run: a zero-advantage response still "
+                 "has a gradient (%s), so leaving it out would change the step", reason)
+
+
+def _train(cfg: Config, policy: Policy, reference: Reference | None, batch: RolloutBatch,
+           advantages: list[float], step: int) -> dict:
+    """Old (and reference) log-probs for all mini-batches, then one optimizer step per
+    mini-batch (none when dynamic sampling kept no group: the weights stay as they are)."""
     if not batch.samples:
         return {"train/optimizer_steps": 0.0}
-    groups, loss_cfg = policy.groups, LossConfig(cfg.algo.clip_low, cfg.algo.clip_high,
-                                                 cfg.algo.clip_c, cfg.algo.tis_cap)
+    groups, loss_cfg = policy.groups, loss_config(cfg)
     per_mini = cfg.rollout.mini_batch_prompts * cfg.rollout.n_samples_per_prompt
     samples = batch.samples
     plans = []
@@ -188,18 +213,21 @@ def _train(cfg: Config, policy: Policy, batch: RolloutBatch, advantages: list[fl
         part, adv = samples[lo: lo + per_mini], advantages[lo: lo + per_mini]
         mbs, bmetrics = rank_micro_batches(part, adv, groups.dp_rank, groups.dims.dp,
                                            cfg.train.micro_batch_max_tokens,
-                                           cfg.algo.can_skip_zero_advantage, seq_multiple(groups.dims.tp),
+                                           skips_zero_advantage(cfg), seq_multiple(groups.dims.tp),
                                            schedule_multiple(groups.dims.pp, groups.dims.vpp))
-        plans.append((mbs, response_tokens(part), bmetrics))
+        plans.append((mbs, (response_tokens(part), len(part)), bmetrics))
     t0 = time.perf_counter()
     chunk = cfg.train.logprob_chunk_tokens
     plans = [(with_old_logprobs(mbs, compute_logprobs(policy, mbs, cfg.rollout.temperature, chunk)), tokens, bm)
              for mbs, tokens, bm in plans]
+    if reference is not None:
+        plans = [(with_ref_logprobs(mbs, compute_logprobs(reference, mbs, cfg.rollout.temperature, chunk)), tokens, bm)
+                 for mbs, tokens, bm in plans]
     gap = logprob_gap(policy, [mb for mbs, _, _ in plans for mb in mbs])
     sums: dict[str, float] = {}
-    for i, (mbs, tokens, bmetrics) in enumerate(plans):
+    for i, (mbs, (tokens, responses), bmetrics) in enumerate(plans):
         m = train_step(policy, mbs, tokens, loss_cfg, (step - 1) * len(plans) + i,
-                       cfg.rollout.temperature, chunk)
+                       cfg.rollout.temperature, chunk, global_samples=responses)
         for k, v in {**m, **bmetrics}.items():
             sums[k] = sums.get(k, 0.0) + v / len(plans)
     finish_param_sync(policy)  # weight sync and checkpoints read the parameters next

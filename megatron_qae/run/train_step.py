@@ -2,9 +2,9 @@
 
 What it does: feeds micro-batches to `get_forward_backward_func` (which runs the micro-batch
 and pipeline schedule), computes per-token log-probs on the last pipeline stage, applies the
-DAPO loss with the global token-mean denominator, stops on a non-finite loss before the
-optimizer, clips gradients and steps optimizer + LR schedule. What it does not: build batches
-(batching.py) or compute advantages (advantage.py).
+objective (algorithm/objective.py) with the global token- or sequence-mean denominator, stops
+on a non-finite loss before the optimizer, clips gradients and steps optimizer + LR schedule.
+What it does not: build batches (batching.py) or compute advantages (advantage.py).
 """
 
 from __future__ import annotations
@@ -18,16 +18,19 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_qae.model import cpu_compat
 from megatron_qae.run.batching import MicroBatch
+from megatron_qae.algorithm.aggregation import Aggregation
 from megatron_qae.algorithm.logprobs import response_logprobs
-from megatron_qae.algorithm.loss import LossConfig, policy_loss
+from megatron_qae.algorithm.objective import LossConfig, LossInputs, metric_names, total_loss
 from megatron_qae.model.policy import Policy, finish_param_sync
+from megatron_qae.model.reference import Reference
+from megatron_qae.run.token_selection import with_cov_selection
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm of a step was NaN or inf; the optimizer was not stepped."""
 
 
-def _run_schedule(policy: Policy, mbs: list[MicroBatch], loss_fn, forward_only: bool) -> list:
+def _run_schedule(policy: Policy | Reference, mbs: list[MicroBatch], loss_fn, forward_only: bool) -> list:
     """megatron's schedule over `mbs`; returns the loss functions' dicts, one per micro-batch
     in order, on the last pipeline stage (empty elsewhere)."""
     device = cpu_compat.default_device()
@@ -60,12 +63,13 @@ def _run_schedule(policy: Policy, mbs: list[MicroBatch], loss_fn, forward_only: 
 
 @torch.no_grad()
 def compute_logprobs(
-    policy: Policy, mbs: list[MicroBatch], temperature: float = 1.0, chunk_tokens: int = 4096
+    policy: Policy | Reference, mbs: list[MicroBatch], temperature: float = 1.0, chunk_tokens: int = 4096
 ) -> list[torch.Tensor | None]:
     """The policy's log-probs [b, s] of each micro-batch's targets (0 outside the response,
     on CPU), in the order of `mbs`; None for every micro-batch on ranks outside the last
     pipeline stage, which never see logits. Attach them with `batching.with_old_logprobs`.
-    Computed over response tokens only, `chunk_tokens` at a time (train.logprob_chunk_tokens)."""
+    Computed over response tokens only, `chunk_tokens` at a time (train.logprob_chunk_tokens).
+    With the frozen `Reference` these are the reference log-probs of the KL penalty."""
     tp_group = policy.groups.tp
 
     def loss_fn(mb: MicroBatch, logits: torch.Tensor):
@@ -74,7 +78,8 @@ def compute_logprobs(
         full[mb.loss_mask.bool()] = lp
         return torch.zeros((), device=logits.device), {"logprobs": full.cpu()}
 
-    finish_param_sync(policy)  # no training forward (and its param all-gather) precedes this one
+    if isinstance(policy, Policy):
+        finish_param_sync(policy)  # no training forward (and its param all-gather) precedes this one
     for chunk in policy.chunks:
         chunk.eval()
     out = _run_schedule(policy, mbs, loss_fn, forward_only=True)
@@ -84,35 +89,37 @@ def compute_logprobs(
     return [d["logprobs"] for d in out]
 
 
-def _loss_fn(cfg: LossConfig, global_tokens: int, temperature: float, chunk_tokens: int, tp_group,
+def _loss_fn(cfg: LossConfig, agg: Aggregation, temperature: float, chunk_tokens: int, tp_group,
              mb: MicroBatch, logits: torch.Tensor):
     if mb.old_logprobs is None:
         raise ValueError("a micro-batch reached the loss without old log-probs; pass the "
                          "micro-batches through compute_logprobs and with_old_logprobs first")
-    # Everything below is over the response tokens only, flattened to [n].
     pick = mb.loss_mask.bool()
     lp, entropy = response_logprobs(logits, mb.targets, mb.loss_mask, tp_group, temperature,
-                                    chunk_tokens, with_entropy=True)
+                                    chunk_tokens, with_entropy=True, entropy_grad=cfg.entropy_coef > 0)
+
+    def rows(flat: torch.Tensor) -> torch.Tensor:
+        # Back to [b, s] (0 outside the response), differentiably: the losses work per response.
+        return torch.zeros(pick.shape, dtype=flat.dtype, device=flat.device).masked_scatter(pick, flat)
+
+    loss, metrics = total_loss(LossInputs(
+        rows(lp), mb.old_logprobs, mb.advantages, mb.loss_mask, mb.rollout_logprobs, rows(entropy),
+        mb.ref_logprobs, mb.cov_selected), agg, cfg)
     rollout = mb.rollout_logprobs[pick]
-    ones = torch.ones_like(lp.detach())
-    loss, metrics = policy_loss(
-        lp, mb.old_logprobs[pick], mb.advantages[pick], ones, global_tokens, cfg, rollout_logprobs=rollout,
-    )
-    metrics["loss/entropy_sum"] = entropy.sum()
+    metrics["loss/entropy_sum"] = entropy.detach().sum()
     metrics["loss/logprob_gap_sum"] = (lp.detach() - rollout).abs().sum()
     metrics["loss/loss_sum"] = loss.detach()
-    metrics["loss/tokens"] = ones.sum()
+    metrics["loss/tokens"] = pick.sum().to(lp.dtype)
     # 3-tuple + calculate_per_token_loss: megatron neither divides by micro-batch count
-    # nor by tokens; the global token-mean is already in `loss`.
+    # nor by tokens; the global mean is already in `loss`.
     num_tokens = pick.sum().to(torch.int)
     return loss, num_tokens, metrics
 
 
-def _reduce_metrics(policy: Policy, per_mb: list[dict]) -> dict[str, float]:
+def _reduce_metrics(policy: Policy, per_mb: list[dict], cfg: LossConfig) -> dict[str, float]:
     """Sum token-sum metrics over micro-batches and DP ranks; mean per trained response token
     (skipped zero-advantage samples are not in the forward pass, so not in these means)."""
-    names = ["loss/pg_clip_tokens", "loss/dual_clip_tokens", "loss/approx_kl_sum", "loss/ratio_sum",
-             "loss/entropy_sum", "loss/logprob_gap_sum", "loss/loss_sum", "loss/tokens"]
+    names = [*metric_names(cfg), "loss/entropy_sum", "loss/logprob_gap_sum", "loss/loss_sum", "loss/tokens"]
     sums = torch.zeros(len(names), dtype=torch.float64)
     for m in per_mb:
         if m:
@@ -126,7 +133,7 @@ def _reduce_metrics(policy: Policy, per_mb: list[dict]) -> dict[str, float]:
         dist.broadcast(sums, src=src, group=groups.pp)
     trained = float(sums[names.index("loss/tokens")])
     out = {n.replace("_sum", "").replace("_tokens", "_frac"): float(v) / max(trained, 1.0)
-           for n, v in zip(names[:6], sums.tolist())}
+           for n, v in zip(names[:-2], sums.tolist())}
     out["loss/loss"] = float(sums[names.index("loss/loss_sum")])
     out["loss/trained_tokens"] = trained
     return out
@@ -139,15 +146,26 @@ def forward_backward(
     loss_cfg: LossConfig,
     temperature: float = 1.0,
     chunk_tokens: int = 4096,
+    global_samples: int = 0,
+    step: int = 0,
 ) -> dict[str, float]:
-    """Gradients of the global-token-mean loss over this rank's micro-batches (DP-reduced)."""
+    """Gradients of the global-mean loss over this rank's micro-batches (DP-reduced).
+
+    `global_tokens` / `global_samples`: response tokens / responses of the whole mini-batch
+    (samples only for GSPO's sequence-mean). Clip-Cov / KL-Cov first run a forward-only pass
+    for the current log-probs their mini-batch-wide token selection needs (seeded by `step`)."""
+    agg = Aggregation(loss_cfg.agg_mode, global_tokens, global_samples)
+    if loss_cfg.needs_selection:
+        current = compute_logprobs(policy, mbs, temperature, chunk_tokens)
+        if policy.groups.is_last_stage:
+            mbs = with_cov_selection(mbs, current, loss_cfg, step, policy.groups.dp)
     for chunk in policy.chunks:
         chunk.train()
         chunk.zero_grad_buffer()
     policy.optimizer.zero_grad()
-    loss_fn = partial(_loss_fn, loss_cfg, global_tokens, temperature, chunk_tokens, policy.groups.tp)
+    loss_fn = partial(_loss_fn, loss_cfg, agg, temperature, chunk_tokens, policy.groups.tp)
     per_mb = _run_schedule(policy, mbs, loss_fn, forward_only=False)
-    return _reduce_metrics(policy, per_mb)
+    return _reduce_metrics(policy, per_mb, loss_cfg)
 
 
 def train_step(
@@ -158,14 +176,17 @@ def train_step(
     step: int,
     temperature: float = 1.0,
     chunk_tokens: int = 4096,
+    global_samples: int = 0,
 ) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches of a global mini-batch.
 
-    `global_tokens` is the response-token count of the whole mini-batch over all DP ranks.
+    `global_tokens` / `global_samples` are the response-token / response counts of the whole
+    mini-batch over all DP ranks (skipped samples included).
     Raises NonFiniteLossError (naming `step`) before the optimizer when the loss is not
     finite, and after it when the gradient norm is not (megatron then skips the update).
     """
-    metrics = forward_backward(policy, mbs, global_tokens, loss_cfg, temperature, chunk_tokens)
+    metrics = forward_backward(policy, mbs, global_tokens, loss_cfg, temperature, chunk_tokens,
+                               global_samples, step)
     if not math.isfinite(metrics["loss/loss"]):
         raise NonFiniteLossError(
             f"step {step}: loss is {metrics['loss/loss']}; the optimizer was not stepped. "

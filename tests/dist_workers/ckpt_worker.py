@@ -24,7 +24,7 @@ from megatron_qae.run import checkpoint  # noqa: E402
 
 from megatron_qae.model import parallel, weights  # noqa: E402
 from megatron_qae.run.batching import rank_micro_batches, response_tokens, with_old_logprobs  # noqa: E402
-from megatron_qae.algorithm.loss import LossConfig  # noqa: E402
+from megatron_qae.algorithm.objective import LossConfig  # noqa: E402
 from megatron_qae.model.policy import build_policy  # noqa: E402
 from megatron_qae.run.train_step import compute_logprobs, train_step  # noqa: E402
 from tests import tiny  # noqa: E402
