@@ -17,7 +17,8 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_qae.model import cpu_compat
-from megatron_qae.run.batching import MicroBatch
+from megatron_qae.run.micro_batch import MicroBatch
+from megatron_qae.run.packing import packed_seq_params
 from megatron_qae.algorithm.logprobs import response_logprobs
 from megatron_qae.algorithm.loss import LossConfig, policy_loss
 from megatron_qae.model.policy import Policy, finish_param_sync
@@ -40,8 +41,9 @@ def _run_schedule(policy: Policy, mbs: list[MicroBatch], loss_fn, forward_only: 
         mb = next(data_iterator).to(device)
         # No mask tensor: the layer specs' attention is AttnMaskType.causal, which builds its
         # own mask (local softmax) or ignores one (Transformer Engine); right padding is
-        # never attended to by real tokens, so causal is exact.
-        output = model(mb.tokens, mb.position_ids, None, **out_kwargs)
+        # never attended to by real tokens, so causal is exact. A packed micro-batch instead
+        # carries its sequence boundaries in THD parameters (packing.py), on CPU as on GPU.
+        output = model(mb.tokens, mb.position_ids, None, packed_seq_params=packed_seq_params(mb), **out_kwargs)
         return output, partial(loss_fn, mb)
 
     chunks = policy.chunks
