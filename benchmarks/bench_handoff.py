@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--max-response", type=int, default=2048)
     ap.add_argument("--mini-batch-prompts", type=int, default=8)
+    ap.add_argument("--no-skip", action="store_true", help="train zero-advantage samples too (a loss with KL)")
     a = ap.parse_args()
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, 1))
     batch = synthetic_batch(a.prompts, a.n, a.prompt_tokens, a.max_response) if dist.get_rank() == 0 else None
@@ -73,7 +74,7 @@ def main() -> None:
     mine = batch.samples if batch is not None else None
     header = handoff.hand_off_header(batch, groups, sent)
     handoff.hand_off_scores(mine, "reward", groups, sent)
-    share = handoff.hand_off_train_share(mine, advantages, a.mini_batch_prompts * a.n, True, groups, sent)
+    share = handoff.hand_off_train_share(mine, advantages, a.mini_batch_prompts * a.n, not a.no_skip, groups, sent)
     after_s = time.perf_counter() - t0
     received = sum(len(s) for s in share.samples)
     counts = [torch.zeros(1) for _ in range(world)]
@@ -81,7 +82,9 @@ def main() -> None:
     if dist.get_rank() == 0:
         adv = advantage_gather_bytes(header.num_samples, groups.dims.dp)
         tokens = sum(s.num_tokens for s in samples)
-        print(f"world {world} (tp {a.tp}, dp {groups.dims.dp}); {header.num_samples} samples, {tokens:,} tokens; "
+        zero = sum(x == 0.0 for x in advantages) / len(advantages)
+        print(f"world {world} (tp {a.tp}, dp {groups.dims.dp}); {header.num_samples} samples, {tokens:,} tokens, "
+              f"{zero:.0%} zero advantages ({'trained' if a.no_skip else 'skipped'}); "
               f"samples received per rank {[int(c) for c in counts]}")
         print(f"before: whole batch pickled to every rank {before:,} B (+ advantage all-gather {adv:,} B), "
               f"{before_s:.3f} s")

@@ -72,7 +72,7 @@ def main() -> None:
         mbs = with_old_logprobs(mbs, compute_logprobs(policy, mbs))
         step()
         grads = {n: p.main_grad.detach().clone() for n, p in weights.global_named_parameters(policy.chunks[0])}
-        results[pack] = (timed(step, repeats=2), bm, grads)
+        results[pack] = (timed(step, repeats=1), bm, grads)
     lengths = sorted(s.num_tokens for s in samples)
     print(f"{len(samples)} samples, {real:,} tokens, lengths {lengths[0]}..{lengths[-1]} "
           f"({lengths[-1] / lengths[0]:.1f}x spread), budget {a.budget} tokens per micro-batch")

@@ -101,3 +101,4 @@ def test_two_rank_run_with_packing(tmp_path):
     for r in rows:
         assert torch.isfinite(torch.tensor(r["loss/loss"])) and r["loss/trained_tokens"] > 0
         assert r["batch/padding_frac"] < 0.5
+        assert r["handoff/sent_bytes"] > 0  # rank 0 sent rank 1 its share (handoff.py)
