@@ -63,12 +63,16 @@ def main() -> None:
             start = {n: p.detach().clone() for n, p in weights.global_named_parameters(policy.chunks[0])}
         mbs, bm = rank_micro_batches(samples, advs, 0, 1, a.budget, False, seq_multiple(1), 1, pack)
 
-        def step() -> None:
+        def reset() -> None:
             with torch.no_grad():
                 for n, p in weights.global_named_parameters(policy.chunks[0]):
                     p.copy_(start[n])
+
+        def step() -> None:
+            reset()
             train_step(policy, mbs, response_tokens(samples), LossConfig(), step=0)
 
+        reset()  # each setting's fresh policy starts from the same weights, old log-probs included
         mbs = with_old_logprobs(mbs, compute_logprobs(policy, mbs))
         step()
         grads = {n: p.main_grad.detach().clone() for n, p in weights.global_named_parameters(policy.chunks[0])}
