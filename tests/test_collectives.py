@@ -34,6 +34,7 @@ def test_loop_collectives_run_under_the_gpu_group_rules(tmp_path, pp):
     ranks = _results(out)
     assert all(r["backend"] == "cpu:gloo,cuda:cudaonlygloo" for r in ranks)
     assert ranks[0]["adv"] == ranks[1]["adv"] and any(a != 0.0 for a in ranks[0]["adv"])
+    assert all(r["same_micro_batches"] for r in ranks)  # the lean hand-off changes no input bit
     assert ranks[0]["loss"] == ranks[1]["loss"] and ranks[0]["loss"] != 0.0
 
 

@@ -80,10 +80,16 @@ def synthetic_samples(n: int = 12, vocab: int = 64, seed: int = 0) -> tuple[list
 
 
 def old_logprob_noise(mb) -> torch.Tensor:
-    """Deterministic per-(sample, position) offsets so ratios differ from 1 and clipping acts."""
-    rows = [[math.sin(31.0 * i + 7.0 * pos) * 0.4 for pos in range(mb.tokens.shape[1])]
-            for i in mb.sample_index] or [[0.0] * mb.tokens.shape[1]]
-    return torch.tensor(rows) * mb.loss_mask
+    """Deterministic per-(sample, position in its sequence) offsets so ratios differ from 1 and
+    clipping acts; the same values for a sample in a padded row or in a packed one."""
+    if mb.cu_seqlens is None:
+        index = torch.tensor(mb.sample_index or [0], dtype=torch.float64)[:, None].expand(mb.tokens.shape)
+    else:  # packed: the tail after the last sample gets index -1 (its loss mask is 0)
+        lengths = (mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).long()
+        ids = torch.tensor(mb.sample_index + [-1] * (lengths.numel() - len(mb.sample_index)), dtype=torch.float64)
+        index = torch.repeat_interleave(ids, lengths)[None]
+    noise = torch.sin(31.0 * index + 7.0 * mb.position_ids.double()) * 0.4
+    return noise.float() * mb.loss_mask
 
 
 def run_config(tp: int = 1, pp: int = 1, dist_opt: bool = False, lr: float = 1e-2) -> SimpleNamespace:

@@ -435,9 +435,12 @@ class RayConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     micro_batch_max_tokens: int = 8192
-    """Token budget of a micro-batch (rows x longest row), padding kept small by sorting."""
+    """Token budget of a micro-batch: its packed row's length, or rows x longest row when padded."""
     logprob_chunk_tokens: int = 4096
     """Response tokens per chunk of the log-prob / entropy computation (bounds its fp32 temporaries)."""
+    pack_sequences: bool = True
+    """Pack a micro-batch's samples end to end in one row (THD, no padding between them; the
+    budget is then the row's total tokens); false: one right-padded row per sample."""
 
     def __post_init__(self) -> None:
         _positive("train.micro_batch_max_tokens", self.micro_batch_max_tokens)

@@ -28,6 +28,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  #
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.module import Float16Module  # noqa: E402
 
+from megatron_qae.model.packed_attention import PackedDotProductAttention  # noqa: E402
 from megatron_qae.model.parallel import ParallelDims  # noqa: E402
 from megatron_qae.model.qwen2_mapping import attention_dims, has_qk_norm, has_qkv_bias  # noqa: E402
 
@@ -179,7 +180,8 @@ def build_transformer_config(
 
 
 def layer_spec(config: TransformerConfig, transformer_impl: str = "auto"):
-    """Local spec on CPU; Transformer Engine spec on GPU when TE imports (or when asked)."""
+    """Local spec on CPU; Transformer Engine spec on GPU when TE imports (or when asked).
+    Both take packed micro-batches (`PackedSeqParams`, qkv_format='thd')."""
     use_te = transformer_impl == "transformer_engine" or (
         transformer_impl == "auto"
         and cpu_compat.cuda_available()
@@ -196,7 +198,11 @@ def layer_spec(config: TransformerConfig, transformer_impl: str = "auto"):
         )
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+    # The local attention refuses packed (THD) micro-batches; ours takes them through a
+    # block-diagonal causal mask and is the parent class otherwise (packed_attention.py).
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return spec
 
 
 def build_model_chunks(

@@ -88,6 +88,9 @@ class ParallelGroups:
     """All ranks, gloo, with the rollout wait as its timeout: what rank 0 hands to the others
     after work only it does (rollout, eval) goes over this group, so that wait is bounded by
     run.rollout_wait_timeout_s, not by the collective timeout (None: the default group)."""
+    dp_rank_of: tuple[int, ...] = ()
+    """The DP rank of every global rank (index = global rank): whom rank 0 sends which data
+    share in the hand-off (run/handoff.py); empty when made without `init_distributed`."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -153,14 +156,18 @@ def init_distributed(
     model_parallel_cuda_manual_seed(seed)
     driver = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=rollout_wait_timeout_s),
                             group_desc="QAE_DRIVER_HANDOFF")
-    return current_groups(dims, driver)
+    dp_rank_of = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(dp_rank_of, torch.tensor([mpu.get_data_parallel_rank()]), group=driver)
+    return current_groups(dims, driver, tuple(int(t) for t in dp_rank_of))
 
 
-def current_groups(dims: ParallelDims, driver: dist.ProcessGroup | None = None) -> ParallelGroups:
+def current_groups(dims: ParallelDims, driver: dist.ProcessGroup | None = None,
+                   dp_rank_of: tuple[int, ...] = ()) -> ParallelGroups:
     """The groups megatron made for this rank (after `init_distributed`)."""
     from megatron.core import parallel_state as mpu
 
     return ParallelGroups(
+        dp_rank_of=dp_rank_of,
         dims=dims,
         tp=mpu.get_tensor_model_parallel_group(),
         pp=mpu.get_pipeline_model_parallel_group(),

@@ -20,7 +20,7 @@ class GroupLedger:
         self.path = Path(run_dir) / "trained_groups.jsonl"
         self.enabled = enabled
 
-    def record(self, step: int, batch: RolloutBatch) -> None:
+    def record(self, step: int, batch: RolloutBatch | None) -> None:
         if not self.enabled:
             return
         line = {"step": step, "prompt_index": [g.prompt.index for g in batch.groups],

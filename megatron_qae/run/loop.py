@@ -1,9 +1,9 @@
 """The RL loop: rollout -> reward -> advantage -> train -> weight sync -> eval / checkpoint.
 
 What it does: `run(cfg, env)` drives one training run on every trainer rank. Global rank 0
-owns the Ray side (rollout manager, engines) and hands each rollout batch to all ranks; the
-advantage is the DP-aware QAE reduction; training runs the step's mini-batches through
-megatron; then weights go to the engines. What it does not: parse arguments or read the
+owns the Ray side (rollout manager, engines) and hands each rank only its share of the rollout
+batch (handoff.py); the advantage is the DP-aware QAE reduction; training runs the step's
+mini-batches through megatron; then weights go to the engines. What it does not: parse arguments or read the
 environment (train.py does), or implement any of the steps (each is a call).
 """
 
@@ -22,8 +22,10 @@ from megatron_qae.run import checkpoint
 from megatron_qae.model import parallel, weights
 from megatron_qae.algorithm.advantage import compute_group_advantages
 from megatron_qae.sync.colocated_sync import ColocatedSync, engine_placements
-from megatron_qae.run.batching import (rank_micro_batches, response_tokens, schedule_multiple, seq_multiple,
-                                  split_by_tokens, with_old_logprobs, with_ref_logprobs)
+from megatron_qae.run.batching import (build_micro_batches, schedule_multiple, seq_multiple, skip_metrics,
+                                       with_old_logprobs, with_ref_logprobs)
+from megatron_qae.run.handoff import (HandoffBytes, hand_off_header, hand_off_scores, hand_off_train_share,
+                                      score_source)
 from megatron_qae.config.loading import Config, save_config, to_dict, validate_against_model
 from megatron_qae.algorithm.objective import LossConfig, zero_advantage_gradient
 from megatron_qae.run.ledger import GroupLedger
@@ -35,7 +37,7 @@ from megatron_qae.run.rollout import Rollout
 from megatron_qae.run.train_step import compute_logprobs, logprob_gap, train_step
 from megatron_qae.sync.weight_sync import push_weights
 from rollout_sglang.client import EngineError
-from rollout_sglang.types import RolloutBatch, Sample
+from rollout_sglang.types import Sample
 
 log = logging.getLogger(__name__)
 
@@ -101,22 +103,25 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
     progress = _progress(cfg, start, is_driver)
     for step in range(start + 1, cfg.run.num_rollout_steps + 1):
         t0 = time.perf_counter()
-        batch = _broadcast(rollout.generate(step - 1) if is_driver else None, policy)  # rollout + reward
+        batch = rollout.generate(step - 1) if is_driver else None               # rollout + reward
         ahead = cfg.rollout.async_steps and step < cfg.run.num_rollout_steps
         if ahead and is_driver:
             rollout.generate_ahead(step - 1)  # step+1's batch, while this one trains
+        sent = HandoffBytes()  # rank 0 hands each DP rank its share only (handoff.py)
+        header = hand_off_header(batch, policy.groups, sent)
         wait_s = time.perf_counter() - t0
-        _warn_underfilled(cfg, batch, step, is_driver)
+        samples = batch.samples if batch is not None else None
+        _warn_underfilled(cfg, header.metrics, step, is_driver)
         ledger.record(step, batch)
         _release_engines(rollout, colocated)                                    # colocated: free GPUs
-        advantages, adv_metrics = _advantages(cfg, policy, batch.samples)       # advantage
-        train_metrics = _train(cfg, policy, reference, batch, advantages, step)  # train
+        advantages, adv_metrics = _advantages(cfg, policy, samples, header.num_samples, sent)  # advantage
+        train_metrics = _train(cfg, policy, reference, samples, advantages, step, sent)  # train
         if ahead:
             _wait_ahead(rollout, policy)
         sync_metrics = _sync(policy, rollout, colocated, version=step, cfg=cfg)  # weight sync
-        metrics = {**batch.metrics, **adv_metrics, **train_metrics, **sync_metrics, **_staleness(batch, step),
+        metrics = {**header.metrics, **adv_metrics, **train_metrics, **sync_metrics, **_staleness(samples, step),
                    "time/step_s": time.perf_counter() - t0, "time/rollout_wait_s": wait_s,
-                   "train/policy_version": float(step)}
+                   "train/policy_version": float(step), "handoff/sent_bytes": float(sent.sent)}
         if cfg.run.eval_interval_steps and step % cfg.run.eval_interval_steps == 0 and is_driver:
             metrics.update(rollout.evaluate(cfg.run.eval_n_samples))            # eval
         sink.log(step, metrics)
@@ -155,24 +160,25 @@ def _broadcast(obj, policy: Policy):
     return parallel.broadcast_from_driver(obj, policy.groups)
 
 
-def _advantages(cfg: Config, policy: Policy, samples: list[Sample]) -> tuple[list[float], dict]:
-    """QAE advantages of every sample; each DP rank reduces only its own share."""
-    if not samples:  # dynamic sampling kept no group this step (rollout.on_underfilled=train)
+def _advantages(cfg: Config, policy: Policy, samples: list[Sample] | None, num_samples: int,
+                sent: HandoffBytes) -> tuple[list[float], dict]:
+    """QAE advantages of every sample (`samples` on rank 0, None elsewhere); each DP rank
+    receives and reduces only its own share."""
+    if not num_samples:  # dynamic sampling kept no group this step (rollout.on_underfilled=train)
         return [], {}
     groups = policy.groups
-    mine = split_by_tokens([s.num_tokens for s in samples], groups.dims.dp)[groups.dp_rank]
-    source = "accuracy" if cfg.algo.quantile_source == "accuracy" else "reward"
-    scores = torch.tensor([getattr(samples[i], source) for i in mine], dtype=torch.float32)
-    ids = torch.tensor([samples[i].group_id for i in mine], dtype=torch.int64)
+    share = hand_off_scores(samples, score_source(cfg.algo.quantile_source), groups, sent)
+    mine = share.index.tolist()
     adv, metrics = compute_group_advantages(
-        scores, ids, quantile_k=cfg.algo.effective_quantile_k,
+        share.scores, share.group_ids, quantile_k=cfg.algo.effective_quantile_k,
         quantile_method=cfg.algo.quantile_method, norm_by_std=cfg.algo.norm_adv_by_std,
         eps=cfg.algo.adv_eps, dp_group=groups.dp,
     )
-    # Mini-batches re-split samples over DP ranks, so every rank needs every advantage.
+    # Mini-batches re-split samples over DP ranks (`batching.dispatch` skips zero advantages
+    # first), so every rank needs every advantage: the one collective over all samples.
     shares: list = [None] * groups.dims.dp
     dist.all_gather_object(shares, (mine, adv.tolist()), group=groups.dp)
-    out = [0.0] * len(samples)
+    out = [0.0] * num_samples
     for idx, values in shares:
         for i, v in zip(idx, values):
             out[i] = v
@@ -199,23 +205,27 @@ def _log_zero_advantage_skip(cfg: Config, is_driver: bool) -> None:
                  "has a gradient (%s), so leaving it out would change the step", reason)
 
 
-def _train(cfg: Config, policy: Policy, reference: Reference | None, batch: RolloutBatch,
-           advantages: list[float], step: int) -> dict:
+def _train(cfg: Config, policy: Policy, reference: Reference | None, samples: list[Sample] | None,
+           advantages: list[float], step: int, sent: HandoffBytes) -> dict:
     """Old (and reference) log-probs for all mini-batches, then one optimizer step per
-    mini-batch (none when dynamic sampling kept no group: the weights stay as they are)."""
-    if not batch.samples:
+    mini-batch (none when dynamic sampling kept no group: the weights stay as they are).
+    `samples` on rank 0, None elsewhere; each rank receives the samples it trains on."""
+    if not advantages:
         return {"train/optimizer_steps": 0.0}
     groups, loss_cfg = policy.groups, loss_config(cfg)
     per_mini = cfg.rollout.mini_batch_prompts * cfg.rollout.n_samples_per_prompt
-    samples = batch.samples
+    skip = skips_zero_advantage(cfg)
+    share = hand_off_train_share(samples, advantages, per_mini, skip, groups, sent)
     plans = []
-    for lo in range(0, len(samples), per_mini):
-        part, adv = samples[lo: lo + per_mini], advantages[lo: lo + per_mini]
-        mbs, bmetrics = rank_micro_batches(part, adv, groups.dp_rank, groups.dims.dp,
-                                           cfg.train.micro_batch_max_tokens,
-                                           skips_zero_advantage(cfg), seq_multiple(groups.dims.tp),
-                                           schedule_multiple(groups.dims.pp, groups.dims.vpp))
-        plans.append((mbs, (response_tokens(part), len(part)), bmetrics))
+    for k, (part, mine, tokens) in enumerate(zip(share.samples, share.mine, share.response_tokens)):
+        adv = advantages[k * per_mini: (k + 1) * per_mini]
+        mbs, bmetrics = build_micro_batches(part, adv, mine, cfg.train.micro_batch_max_tokens,
+                                            seq_multiple(groups.dims.tp),
+                                            schedule_multiple(groups.dims.pp, groups.dims.vpp),
+                                            cfg.train.pack_sequences)
+        if samples is not None:  # whole-mini-batch counts: rank 0 logs them
+            bmetrics.update(skip_metrics(samples[k * per_mini: (k + 1) * per_mini], adv, skip))
+        plans.append((mbs, (tokens, len(adv)), bmetrics))
     t0 = time.perf_counter()
     chunk = cfg.train.logprob_chunk_tokens
     plans = [(with_old_logprobs(mbs, compute_logprobs(policy, mbs, cfg.rollout.temperature, chunk)), tokens, bm)
@@ -246,17 +256,16 @@ def _wait_ahead(rollout: Rollout | None, policy: Policy) -> None:
     _broadcast(None, policy)
 
 
-def _staleness(batch: RolloutBatch, step: int) -> dict[str, float]:
+def _staleness(samples: list[Sample] | None, step: int) -> dict[str, float]:
     """Versions between the weights that sampled each response and the weights trained at
-    `step` (version step-1): 0 generating synchronously, 1 one step off-policy."""
-    lag = [step - 1 - s.policy_version for s in batch.samples]
+    `step` (version step-1): 0 generating synchronously, 1 one step off-policy. Rank 0 only."""
+    lag = [step - 1 - s.policy_version for s in samples or []]
     if not lag:
         return {}
     return {"rollout/staleness_mean": sum(lag) / len(lag), "rollout/staleness_max": float(max(lag))}
 
 
-def _warn_underfilled(cfg: Config, batch: RolloutBatch, step: int, is_driver: bool) -> None:
-    m = batch.metrics
+def _warn_underfilled(cfg: Config, m: dict[str, float], step: int, is_driver: bool) -> None:
     if is_driver and m.get("rollout/underfilled"):
         log.warning("step %d: dynamic sampling kept %d of rollout.prompts_per_step=%d groups after %d "
                     "generation batches; training on those, if any (rollout.on_underfilled=train; 'fail' "

@@ -27,9 +27,10 @@ def _rows(mbs: list[MicroBatch], current: list[torch.Tensor]) -> dict[int, torch
     """sample index -> [3, r] (advantage, current log-prob, old log-prob) of its response."""
     out = {}
     for mb, lp in zip(mbs, current):
-        for row, sample in enumerate(mb.sample_index):
-            pick = mb.loss_mask[row].bool()
-            out[sample] = torch.stack([mb.advantages[row][pick], lp[row][pick], mb.old_logprobs[row][pick]])
+        for sample, row, cols in mb.sample_spans():
+            pick = mb.loss_mask[row, cols].bool()
+            out[sample] = torch.stack([mb.advantages[row, cols][pick], lp[row, cols][pick],
+                                       mb.old_logprobs[row, cols][pick]])
     return out
 
 
@@ -63,9 +64,9 @@ def with_cov_selection(mbs: list[MicroBatch], current: list[torch.Tensor | None]
     out = []
     for mb in mbs:
         sel = torch.zeros_like(mb.loss_mask)
-        for row, sample in enumerate(mb.sample_index):
-            pick = mb.loss_mask[row].bool()
+        for sample, row, cols in mb.sample_spans():
+            pick = mb.loss_mask[row, cols].bool()
             n = int(pick.sum())
-            sel[row][pick] = picked[starts[sample]: starts[sample] + n].to(sel.dtype)
+            sel[row, cols][pick] = picked[starts[sample]: starts[sample] + n].to(sel.dtype)
         out.append(dataclasses.replace(mb, cov_selected=sel))
     return out

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_qae.model import cpu_compat
-from megatron_qae.run.batching import MicroBatch
+from megatron_qae.run.micro_batch import MicroBatch
+from megatron_qae.run.packing import packed_seq_params
 from megatron_qae.algorithm.aggregation import Aggregation
 from megatron_qae.algorithm.logprobs import response_logprobs
 from megatron_qae.algorithm.objective import LossConfig, LossInputs, metric_names, total_loss
@@ -43,8 +44,9 @@ def _run_schedule(policy: Policy | Reference, mbs: list[MicroBatch], loss_fn, fo
         mb = next(data_iterator).to(device)
         # No mask tensor: the layer specs' attention is AttnMaskType.causal, which builds its
         # own mask (local softmax) or ignores one (Transformer Engine); right padding is
-        # never attended to by real tokens, so causal is exact.
-        output = model(mb.tokens, mb.position_ids, None, **out_kwargs)
+        # never attended to by real tokens, so causal is exact. A packed micro-batch instead
+        # carries its sequence boundaries in THD parameters (packing.py), on CPU as on GPU.
+        output = model(mb.tokens, mb.position_ids, None, packed_seq_params=packed_seq_params(mb), **out_kwargs)
         return output, partial(loss_fn, mb)
 
     chunks = policy.chunks
@@ -102,9 +104,11 @@ def _loss_fn(cfg: LossConfig, agg: Aggregation, temperature: float, chunk_tokens
         # Back to [b, s] (0 outside the response), differentiably: the losses work per response.
         return torch.zeros(pick.shape, dtype=flat.dtype, device=flat.device).masked_scatter(pick, flat)
 
+    # One row per response whether padded or packed: the losses reduce per response.
+    view = mb.per_sample
     loss, metrics = total_loss(LossInputs(
-        rows(lp), mb.old_logprobs, mb.advantages, mb.loss_mask, mb.rollout_logprobs, rows(entropy),
-        mb.ref_logprobs, mb.cov_selected), agg, cfg)
+        view(rows(lp)), view(mb.old_logprobs), view(mb.advantages), view(mb.loss_mask),
+        view(mb.rollout_logprobs), view(rows(entropy)), view(mb.ref_logprobs), view(mb.cov_selected)), agg, cfg)
     rollout = mb.rollout_logprobs[pick]
     metrics["loss/entropy_sum"] = entropy.detach().sum()
     metrics["loss/logprob_gap_sum"] = (lp.detach() - rollout).abs().sum()

@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_qae.run import loop  # noqa: E402
+from megatron_qae.run import batching, handoff, loop  # noqa: E402
 
 from megatron_qae.model import parallel  # noqa: E402
 from megatron_qae.config.loading import load_config  # noqa: E402
@@ -46,12 +47,36 @@ def groups_mode(a) -> dict:
                              f"parallel.pp={a.pp}", "parallel.use_distributed_optimizer=true"])
     hf = tiny.tiny_hf_config()
     policy = build_policy(cfg, hf, groups, total_steps=3)
-    samples, _ = tiny.synthetic_samples()
-    samples = parallel.broadcast_from_driver(samples if dist.get_rank() == 0 else None, groups)
-    advantages, adv_metrics = loop._advantages(cfg, policy, samples)
-    metrics = loop._train(cfg, policy, SimpleNamespace(samples=samples), advantages, step=1)
-    return {"backend": dist.get_backend_config(), "adv": advantages,
+    everything, _ = tiny.synthetic_samples()
+    samples = everything if dist.get_rank() == 0 else None  # only rank 0 holds the rollout batch
+    sent = handoff.HandoffBytes()
+    header = handoff.hand_off_header(SimpleNamespace(samples=samples, metrics={}) if samples else None, groups, sent)
+    advantages, adv_metrics = loop._advantages(cfg, policy, samples, header.num_samples, sent)
+    same = _same_micro_batches_as_whole_batch(cfg, groups, everything, samples, advantages)
+    metrics = loop._train(cfg, policy, samples, advantages, 1, sent)
+    return {"backend": dist.get_backend_config(), "adv": advantages, "same_micro_batches": same,
             "loss": metrics["loss/loss"], "tokens_per_s": metrics["train/tokens_per_s"]}
+
+
+def _same_micro_batches_as_whole_batch(cfg, groups, everything, samples, advantages) -> bool:
+    """The micro-batches built from this rank's hand-off share are bit for bit those the
+    loop built when every rank held the whole batch (rank_micro_batches)."""
+    per_mini = cfg.rollout.mini_batch_prompts * cfg.rollout.n_samples_per_prompt
+    skip, multiple = cfg.algo.can_skip_zero_advantage, batching.seq_multiple(groups.dims.tp)
+    share = handoff.hand_off_train_share(samples, advantages, per_mini, skip, groups, handoff.HandoffBytes())
+    for k, (part, mine) in enumerate(zip(share.samples, share.mine)):
+        lo, hi = k * per_mini, (k + 1) * per_mini
+        ours, _ = batching.build_micro_batches(part, advantages[lo:hi], mine, cfg.train.micro_batch_max_tokens,
+                                               multiple, 1, cfg.train.pack_sequences)
+        whole, _ = batching.rank_micro_batches(everything[lo:hi], advantages[lo:hi], groups.dp_rank, groups.dims.dp,
+                                               cfg.train.micro_batch_max_tokens, skip, multiple, 1, cfg.train.pack_sequences)
+        if len(ours) != len(whole):
+            return False
+        for a, b in zip(ours, whole):
+            tensors = ("tokens", "position_ids", "targets", "loss_mask", "advantages", "rollout_logprobs")
+            if a.sample_index != b.sample_index or not all(torch.equal(getattr(a, n), getattr(b, n)) for n in tensors):
+                return False
+    return True
 
 
 def wait_mode(a) -> dict:

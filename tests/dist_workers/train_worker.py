@@ -43,7 +43,9 @@ def main() -> None:
     ap.add_argument("--hf-dir", default=None, help="load weights from this HF safetensors directory")
     ap.add_argument("--ckpt-dir", default=None, help="load weights from this run dir's (model-only) checkpoint")
     ap.add_argument("--skip-zero", action="store_true")
+    ap.add_argument("--pack", action="store_true", help="packed micro-batches (train.pack_sequences)")
     ap.add_argument("--tied", action="store_true")
+    ap.add_argument("--policy-loss", default="dapo", help="algo.policy_loss of the forward/backward")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, a.pp))
@@ -73,7 +75,7 @@ def run_once(a, groups, hf, cfg, budget: int) -> dict:
     samples, advs = tiny.synthetic_samples()
     multiple = a.seq_multiple or seq_multiple(a.tp)
     mbs, batch_metrics = rank_micro_batches(samples, advs, groups.dp_rank, groups.dims.dp, budget, a.skip_zero,
-                                            multiple, schedule_multiple(a.pp, None))
+                                            multiple, schedule_multiple(a.pp, None), pack=a.pack)
     before = compute_logprobs(policy, mbs, chunk_tokens=a.chunk_tokens)
     if a.learn_steps:
         mbs = with_old_logprobs(mbs, before)
@@ -85,13 +87,31 @@ def run_once(a, groups, hf, cfg, budget: int) -> dict:
     # Only the last pipeline stage has log-probs (None elsewhere).
     noisy = [lp + tiny.old_logprob_noise(mb) if lp is not None else None for mb, lp in zip(mbs, before)]
     mbs = with_old_logprobs(mbs, noisy)
-    metrics = forward_backward(policy, mbs, response_tokens(samples), LossConfig(), chunk_tokens=a.chunk_tokens)
+    metrics = forward_backward(policy, mbs, response_tokens(samples), LossConfig(policy_loss=a.policy_loss),
+                               chunk_tokens=a.chunk_tokens, global_samples=len(samples))
     grads = {} if a.dist_opt else gather_full_grads(policy, groups)
     ok, grad_norm, _ = policy.optimizer.step()
     finish_param_sync(policy)
     params = dict(weights.iter_full_params(policy.chunks, groups.tp))
     return {"metrics": metrics, "grads": grads, "params": params, "grad_norm": grad_norm,
-            "micro_batches": len(mbs), "batch": batch_metrics}
+            "micro_batches": len(mbs), "batch": batch_metrics, "logprobs": per_sample_logprobs(mbs, before, samples)}
+
+
+def per_sample_logprobs(mbs, lps, samples) -> dict:
+    """Each sample's response log-probs [r], whatever the micro-batch layout (padded rows or
+    one packed row, where the samples' response positions follow in sample_index order)."""
+    out = {}
+    for mb, lp in zip(mbs, lps):
+        if lp is None:
+            continue
+        if mb.cu_seqlens is None:
+            for row, i in enumerate(mb.sample_index):
+                out[i] = lp[row][mb.loss_mask[row].bool()]
+        else:
+            flat = lp[0][mb.loss_mask[0].bool()]
+            parts = flat.split([len(samples[i].response_ids) for i in mb.sample_index])
+            out.update(zip(mb.sample_index, parts))
+    return out
 
 
 def mini_steps(a, policy, groups, mbs, samples) -> dict:

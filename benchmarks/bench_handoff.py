@@ -1,0 +1,98 @@
+"""Bytes rank 0 sends per rollout step: the whole batch pickled to every rank vs the lean hand-off.
+
+Runs under torchrun (gloo, no model): rank 0 holds a synthetic rollout batch (G responses per
+prompt, responses spread over a range of lengths, QAE-like advantages with many exact zeros),
+then (a) today's baseline: `broadcast_from_driver` of the whole RolloutBatch (pickled, sent to
+every other rank); (b) the lean hand-off (run/handoff.py): header, each DP rank's score share,
+the advantage all-gather, each DP rank's training share as tensors. Prints the bytes of both,
+the advantage all-gather's bytes (the same in both), their ratio and wall times.
+
+    python -m torch.distributed.run --nproc_per_node=4 -m benchmarks.bench_handoff --tp 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_qae.model import parallel
+from megatron_qae.run import handoff
+from rollout_sglang.types import Group, Prompt, RolloutBatch, Sample
+
+
+def synthetic_batch(prompts: int, n: int, prompt_tokens: int, max_response: int, seed: int = 0) -> RolloutBatch:
+    g = torch.Generator().manual_seed(seed)
+    groups = []
+    for gid in range(prompts):
+        samples = []
+        for _ in range(n):
+            r = int(torch.randint(max_response // 10, max_response + 1, (1,), generator=g))
+            ids = torch.randint(1, 150_000, (prompt_tokens + r,), generator=g).tolist()
+            acc = float(torch.rand(1, generator=g) < 0.5)
+            samples.append(Sample(gid, tuple(ids[:prompt_tokens]), tuple(ids[prompt_tokens:]),
+                                  tuple((-torch.rand(r, generator=g)).tolist()), "stop", 2 * acc - 1, acc, 0))
+        prompt = Prompt(gid, samples[0].prompt_ids, "42", "Q" * 400)
+        groups.append(Group(gid, prompt, tuple(samples)))
+    return RolloutBatch(groups, 0, {"rollout/accuracy_all": 0.5})
+
+
+def advantage_gather_bytes(n: int, dp: int) -> int:
+    """What the advantage all-gather moves (pickled (indices, advantages) of each DP share to
+    every other DP rank), the same before and after."""
+    share = (list(range(n // dp)), [0.5] * (n // dp))
+    return len(pickle.dumps(share)) * dp * (dp - 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--max-response", type=int, default=2048)
+    ap.add_argument("--mini-batch-prompts", type=int, default=8)
+    ap.add_argument("--no-skip", action="store_true", help="train zero-advantage samples too (a loss with KL)")
+    a = ap.parse_args()
+    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, 1))
+    batch = synthetic_batch(a.prompts, a.n, a.prompt_tokens, a.max_response) if dist.get_rank() == 0 else None
+    world = dist.get_world_size()
+
+    t0 = time.perf_counter()
+    whole = parallel.broadcast_from_driver(batch, groups)
+    before_s = time.perf_counter() - t0
+    before = len(pickle.dumps(batch)) * (world - 1) if batch is not None else 0
+    samples = whole.samples
+    advantages = [float((i % 5) - 2) * (i % 3 == 0) for i in range(len(samples))]  # ~70% exact zeros
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    sent = handoff.HandoffBytes()
+    mine = batch.samples if batch is not None else None
+    header = handoff.hand_off_header(batch, groups, sent)
+    handoff.hand_off_scores(mine, "reward", groups, sent)
+    share = handoff.hand_off_train_share(mine, advantages, a.mini_batch_prompts * a.n, not a.no_skip, groups, sent)
+    after_s = time.perf_counter() - t0
+    received = sum(len(s) for s in share.samples)
+    counts = [torch.zeros(1) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([float(received)]))
+    if dist.get_rank() == 0:
+        adv = advantage_gather_bytes(header.num_samples, groups.dims.dp)
+        tokens = sum(s.num_tokens for s in samples)
+        zero = sum(x == 0.0 for x in advantages) / len(advantages)
+        print(f"world {world} (tp {a.tp}, dp {groups.dims.dp}); {header.num_samples} samples, {tokens:,} tokens, "
+              f"{zero:.0%} zero advantages ({'trained' if a.no_skip else 'skipped'}); "
+              f"samples received per rank {[int(c) for c in counts]}")
+        print(f"before: whole batch pickled to every rank {before:,} B (+ advantage all-gather {adv:,} B), "
+              f"{before_s:.3f} s")
+        print(f"after:  lean hand-off {sent.sent:,} B {sent.by_part} (+ advantage all-gather {adv:,} B), "
+              f"{after_s:.3f} s")
+        print(f"bytes ratio before/after (hand-off + all-gather): {(before + adv) / (sent.sent + adv):.2f}x")
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()
