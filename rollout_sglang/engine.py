@@ -5,7 +5,8 @@ may live in its own venv) or `python -m rollout_sglang.cpu_server` (the same HTT
 free port, with the run's API key, waits until it serves our model (/model_info; a server
 that lost its port to another process is relaunched on the next), checks its SGLang version once
 per start, reports its URL and process id, tells whether the process is alive, restarts it
-after a crash, and stops it by terminating the process group it started (never by name).
+after a crash, kills a hung one (SIGKILL of its process group), and stops it by terminating
+the process group it started (never by name).
 Extra SGLang arguments are SGLang's own server-argument names (`engine.sglang_args`), checked
 against SGLang's argument parser when sglang is importable here. `sglang_args.device=cpu`
 serves real SGLang on CPU: SGLANG_USE_CPU_ENGINE=1 and the `sgl_kernel` stand-in of
@@ -226,6 +227,17 @@ class RolloutEngine:
         self._start()
         return self.url()
 
+    def kill(self) -> None:
+        """SIGKILL the server's whole process group at once: a hung server (stopped, or
+        wedged in a lock) would not act on SIGTERM. `restart` starts it again."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
     def stop(self) -> None:
         """Terminate the server's whole process group, also after its leader died (a killed
         SGLang launcher leaves its scheduler and detokenizer processes behind)."""
@@ -233,6 +245,8 @@ class RolloutEngine:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
+            # A stopped process keeps SIGTERM pending until it runs again.
+            os.killpg(self.proc.pid, signal.SIGCONT)
         except ProcessLookupError:
             return
         try:
