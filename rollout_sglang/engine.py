@@ -81,12 +81,15 @@ def validate_server_args(extra_args: dict[str, Any]) -> None:
 def server_command(backend: str, model_path: str, host: str, port: int, tp_size: int,
                    mem_fraction_static: float, extra_args: dict[str, Any], seed: int,
                    colocated: bool = False, python: str | None = None,
-                   api_key: str | None = None) -> list[str]:
+                   api_key: str | None = None, weight_sync_hosts: tuple[str, ...] = ()) -> list[str]:
     """The command line of one server process (colocated SGLang can release its memory).
-    `python` runs SGLang (default: this interpreter); the CPU server always runs here."""
+    `python` runs SGLang (default: this interpreter); the CPU server always runs here, and
+    dials for weight sync only `weight_sync_hosts` (the trainer's address; default loopback)."""
     if backend == "cpu":
         cmd = [sys.executable, "-m", "rollout_sglang.cpu_server", "--model-path", model_path,
                "--host", host, "--port", str(port), "--tp-size", str(tp_size), "--random-seed", str(seed)]
+        if weight_sync_hosts:
+            cmd += ["--weight-sync-hosts", ",".join(weight_sync_hosts)]
     elif backend == "sglang":
         if extra_args.get("device") == "cpu" and "max_total_tokens" not in extra_args:
             raise ValueError("engine.sglang_args.device=cpu needs engine.sglang_args.max_total_tokens "
@@ -130,13 +133,15 @@ class RolloutEngine:
                  extra_args: dict[str, Any] | None = None, startup_timeout_s: float = 300.0,
                  request_timeout_s: float = 600.0, log_dir: str = ".", seed: int = 0,
                  devices: tuple[str, ...] = (), colocated: bool = False, python: str | None = None,
-                 api_key: str | None = None, bind_node_ip: bool = False) -> None:
+                 api_key: str | None = None, bind_node_ip: bool = False,
+                 weight_sync_hosts: tuple[str, ...] = ()) -> None:
         if bind_node_ip:  # inside a Ray actor on a multi-node cluster
             import ray
 
             host = engine_host(host, ray.util.get_node_ip_address(), 2)
         self.model_path, self.backend, self.host = model_path, backend, host
         self.python, self.api_key = python, api_key
+        self.weight_sync_hosts = tuple(weight_sync_hosts)
         self.port_base, self.tp_size = port, tp_size
         self.mem_fraction_static = mem_fraction_static
         self.extra_args = dict(extra_args or {})
@@ -162,7 +167,7 @@ class RolloutEngine:
             self.port = _free_port(self.host, first)
             cmd = server_command(self.backend, self.model_path, self.host, self.port, self.tp_size,
                                  self.mem_fraction_static, self.extra_args, self.seed, self.colocated,
-                                 self.python, self.api_key)
+                                 self.python, self.api_key, self.weight_sync_hosts)
             self.log_dir.mkdir(parents=True, exist_ok=True)
             with open(self.log_path(), "ab") as log:
                 self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -98,7 +98,8 @@ class RolloutManager:
     """Owns the engines and the prompt stream of one run."""
 
     def __init__(self, cfg, model_path: str, log_dir: str,
-                 placements: list[EnginePlacement] | None = None, api_key: str | None = None) -> None:
+                 placements: list[EnginePlacement] | None = None, api_key: str | None = None,
+                 trainer_address: str | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.cfg, self.api_key = cfg, api_key
@@ -119,7 +120,8 @@ class RolloutManager:
                 model_path, e.backend, e.host, e.port_base + 100 * i, e.engine_tp,
                 e.mem_fraction_static, dict(e.sglang_args), e.startup_timeout_s, e.request_timeout_s,
                 log_dir, cfg.run.seed + i, place.devices if place else (), place is not None,
-                python=e.sglang_python, api_key=api_key, bind_node_ip=multi_node))
+                python=e.sglang_python, api_key=api_key, bind_node_ip=multi_node,
+                weight_sync_hosts=(trainer_address,) if trainer_address else ()))
         self.engines = [_Engine(h, ray.get(h.url.remote()), e.engine_tp) for h in handles]
         self.requests_retried = 0
         self.watch = engine_watch_policy(e)

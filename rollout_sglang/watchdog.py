@@ -86,7 +86,8 @@ class HealthWatch:
     def __init__(self, clients: list[SGLangClient], policy: WatchPolicy) -> None:
         self.policy = policy
         now = time.monotonic()
-        self.clients = clients
+        # Probes on their own sessions: a requests.Session is not shared between threads.
+        self.probes = {c.base_url: SGLangClient(c.base_url) for c in clients}
         self.alive_at = {c.base_url: now for c in clients}
         self.missed = {c.base_url: 0 for c in clients}
         self.last_probe = now
@@ -99,7 +100,7 @@ class HealthWatch:
             return None
         self.last_probe = now
         for c in pending:
-            if c.health(timeout_s=self.policy.probe_timeout_s):
+            if self.probes[c.base_url].health(timeout_s=self.policy.probe_timeout_s):
                 self.alive_at[c.base_url], self.missed[c.base_url] = time.monotonic(), 0
                 continue
             self.missed[c.base_url] += 1

@@ -30,10 +30,10 @@ def _signal_after_first_step(run_dir: Path, model_dir: Path, sig: int, done: lis
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and not done:
         metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file() and metrics.read_text().strip():
-            pid = tiny.cpu_server_pids(str(model_dir))[0]
-            os.kill(pid, sig)
-            done.append(pid)
+        pids = tiny.cpu_server_pids(str(model_dir))
+        if pids and metrics.is_file() and metrics.read_text().strip():
+            os.kill(pids[0], sig)
+            done.append(pids[0])
         time.sleep(0.02)
 
 

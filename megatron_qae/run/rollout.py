@@ -59,7 +59,7 @@ class Rollout:
         actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4)
         log_dir = str(Path(cfg.run.run_dir) / "engine_logs")
         api_key = secrets.token_urlsafe(24)
-        manager = actor.remote(cfg, cfg.model.path, log_dir, placements, api_key)
+        manager = actor.remote(cfg, cfg.model.path, log_dir, placements, api_key, master_address)
         ray.get(manager.ready.remote())
         return cls(cfg, manager, master_address, api_key)
 
