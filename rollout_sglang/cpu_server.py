@@ -267,7 +267,7 @@ def _weight_routes(app: FastAPI, state: ServerState) -> None:
             group = init_weight_group(req["master_address"], int(req["master_port"]),
                                       int(req["rank_offset"]), int(req["world_size"]),
                                       req.get("group_name", "weight_update_group"), "gloo",
-                                      timeout_s=state.limits.weight_sync_timeout_s)
+                                      rendezvous_timeout_s=state.limits.weight_sync_timeout_s)
         except Exception as exc:  # noqa: BLE001 - reported to the trainer
             return _fail(f"init_weights_update_group failed: {exc}")
         state.groups[req.get("group_name", "weight_update_group")] = group

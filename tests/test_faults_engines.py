@@ -79,7 +79,7 @@ def test_engine_stopped_or_killed_mid_sync_fails_the_push_naming_it(tmp_path, si
         (pid,) = tiny.cpu_server_pids(doomed.rsplit(":", 1)[1])
         try:
             tiny.torchrun(SYNC_WORKER, 2, ["--tp", "2", "--signal-pid", str(pid), "--send-signal", str(int(sig)),
-                                           "--urls", f"{live},{doomed}", "--out", str(out)])
+                                           "--urls", f"{live},{doomed}", "--out", str(out)], timeout_s=600)
         finally:
             if sig == signal.SIGSTOP:  # the rollout manager kills a hung engine; here the test does
                 os.kill(pid, signal.SIGKILL)
