@@ -71,6 +71,7 @@ def test_engine_stopped_mid_rollout_is_killed_restarted_and_no_group_is_lost(tmp
         {"stuck_s": stuck_s, "run_s": elapsed, "generate_s": [r["rollout/generate_s"] for r in rows]}))
 
 
+@pytest.mark.timeout(1200)  # two servers and a 2-rank torchrun: slow on a busy machine
 @pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["SIGSTOP", "SIGKILL"])
 def test_engine_stopped_or_killed_mid_sync_fails_the_push_naming_it(tmp_path, sig):
     model_dir = write_model_dir(tmp_path / "model", tiny.tiny_hf_config(), seed=0)
@@ -91,9 +92,11 @@ def test_engine_stopped_or_killed_mid_sync_fails_the_push_naming_it(tmp_path, si
         assert f"engine {doomed} is hung: no answer to /health for" in report["failed"]
         assert report["failed_after_s"] < 30.0
     else:
-        # gloo sees the dead peer at once (its error names no engine; the loop restarts
-        # whatever engine is dead).
-        assert report["hung"] == [] and report["failed"].startswith("broadcast to the engines failed")
+        # Whichever sees the dead engine first: gloo's broadcast (its error names no engine;
+        # the loop restarts whatever engine is dead) or the engine's refused HTTP update.
+        assert report["hung"] == []
+        assert (report["failed"].startswith("broadcast to the engines failed")
+                or report["failed"].startswith(f"engine {doomed} refused the weight update")), report["failed"]
         assert report["failed_after_s"] < 10.0
     assert report["live"] == [live] and report["second_failed"] is None
     gaps = [abs(a - b) for a, b in zip(res["engines"][live]["rollout"], res["engines"][live]["trainer"])]
