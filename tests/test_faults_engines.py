@@ -37,6 +37,7 @@ def _signal_after_first_step(run_dir: Path, model_dir: Path, sig: int, done: lis
         time.sleep(0.02)
 
 
+@pytest.mark.timeout(1200)
 def test_engine_stopped_mid_rollout_is_killed_restarted_and_no_group_is_lost(tmp_path):
     run_dir, model_dir = tmp_path / "run", tmp_path / "model"
     n, prompts = 8, 8
