@@ -30,14 +30,10 @@ trainer's client and weight-sync path run for real on a CPU-only machine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import argparse
 import contextlib
 import hmac
 import logging
-import os
-import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -49,6 +45,7 @@ from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from rollout_sglang.request_bounds import BadRequest, Bounds, check_generate
+from rollout_sglang.server_limits import Busy, Limits, StoppableServer, refused_peer
 from rollout_sglang.sampling import generate_batch
 from rollout_sglang.tensor_payload import deserialize_named_tensors
 from rollout_sglang.weight_group import init_weight_group
@@ -58,26 +55,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 CONTRACT_VERSION = "0.5.23"
 """The SGLang release whose HTTP contract this server implements (reported by /server_info)."""
 _TAGS = ("weights", "kv_cache", "cuda_graph")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask of the server (its command-line bounds)."""
-
-    max_sequences: int = 1024
-    """Sequences (rows x n) one /generate may ask for."""
-    max_body_bytes: int = 16 * 1024 * 1024
-    """Bytes of one request body."""
-    lock_timeout_s: float = 300.0
-    """Seconds a request may wait for the model lock, or while generation is paused."""
-    weight_sync_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
-    """The only addresses /init_weights_update_group dials (the trainer's)."""
-    weight_sync_timeout_s: float = 60.0
-    """Seconds the weight-group rendezvous may take."""
-
-
-class Busy(RuntimeError):
-    """The model lock (or the end of a pause) did not come within --lock-timeout-s."""
 
 
 class ServerState:
@@ -260,7 +237,7 @@ def _weight_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/init_weights_update_group")
     def init_group(req: dict[str, Any] = Body(...)) -> Any:
-        refused = _refused_peer(str(req.get("master_address")), state.limits.weight_sync_hosts)
+        refused = refused_peer(str(req.get("master_address")), state.limits.weight_sync_hosts)
         if refused:
             return _fail(refused)
         try:
@@ -349,21 +326,6 @@ def _memory_routes(app: FastAPI, state: ServerState) -> None:
         return None
 
 
-def _refused_peer(address: str, allowed: tuple[str, ...]) -> str | None:
-    """Why the weight-group rendezvous must not dial `address`, or None: only the trainer
-    addresses this server was started with (by name or by the address they resolve to)."""
-    def resolved(host: str) -> set[str]:
-        try:
-            return {info[4][0] for info in socket.getaddrinfo(host, None)}
-        except OSError:
-            return set()
-
-    if address in allowed or resolved(address) & set().union(*(resolved(h) for h in allowed)):
-        return None
-    return (f"init_weights_update_group: master_address={address!r} is not a trainer address this "
-            f"server may dial ({list(allowed)}); start it with --weight-sync-hosts {address}")
-
-
 def _apply_update(state: ServerState, named: list[tuple[str, torch.Tensor]], version: Any) -> Any:
     with state.locked():
         error = _load(state, named)
@@ -415,25 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     state = ServerState(a.model_path, a.random_seed, a.api_key, limits)
     config = uvicorn.Config(build_app(state), host=a.host, port=a.port, log_level="warning",
                             timeout_graceful_shutdown=5)
-    _StoppableServer(config, state).run()
-
-
-class _StoppableServer(uvicorn.Server):
-    """uvicorn, but SIGTERM / SIGINT also abort in-flight generation (uvicorn alone waits for
-    running requests), and the process exits within seconds whatever a request is doing (a
-    weight broadcast, a rendezvous)."""
-
-    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
-        super().__init__(config)
-        self.state = state
-
-    def handle_exit(self, sig: int, frame) -> None:
-        self.state.abort.set()
-        self.state.running.set()  # a request waiting out a pause ends too
-        deadline = threading.Timer(10.0, os._exit, args=(1,))
-        deadline.daemon = True
-        deadline.start()
-        super().handle_exit(sig, frame)
+    StoppableServer(config, state.abort, state.running).run()
 
 
 if __name__ == "__main__":
