@@ -26,18 +26,18 @@ def write_model_dir(path: Path, hf: dict, seed: int = 0) -> Path:
 class CpuServer:
     """`with CpuServer(model_dir) as url:` runs `python -m rollout_sglang.cpu_server`."""
 
-    def __init__(self, model_dir: Path, threads: int = 1) -> None:
-        self.model_dir, self.threads = model_dir, threads
+    def __init__(self, model_dir: Path, threads: int = 1, extra_args: tuple[str, ...] = ()) -> None:
+        self.model_dir, self.threads, self.extra_args = model_dir, threads, tuple(extra_args)
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> str:
         cmd = [sys.executable, "-m", "rollout_sglang.cpu_server", "--model-path", str(self.model_dir),
-               "--host", "127.0.0.1", "--port", str(self.port), "--num-threads", str(self.threads)]
+               "--host", "127.0.0.1", "--port", str(self.port), "--num-threads", str(self.threads), *self.extra_args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{self.port}"
         client = SGLangClient(url, timeout_s=5.0)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a busy shared machine starts it slowly
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"cpu_server exited with {self.proc.returncode}: {' '.join(cmd)}")
@@ -47,7 +47,9 @@ class CpuServer:
             except Exception:  # noqa: BLE001 - not up yet
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"cpu_server at {url} not healthy within 120 s")
+        self.proc.kill()  # never leave a server that did not come up behind
+        self.proc.wait()
+        raise TimeoutError(f"cpu_server at {url} not healthy within 300 s")
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None:

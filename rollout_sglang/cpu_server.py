@@ -15,6 +15,13 @@ bodies (tests/test_conformance.py holds it to the real server): updates only ins
 /get_weights_by_name absent (404). One deliberate difference: resuming a tag that was not
 released is a 400 here, where SGLang's scheduler dies (KeyError); callers must never send it.
 Sampling honours `sampling_seed` always (SGLang only with --enable-deterministic-inference).
+Bounded like a production server: every /generate is checked before it runs
+(request_bounds.py: ids in the vocabulary, prompt + max_new_tokens within the context, n and
+sequences per request, sampling-parameter types and ranges; 400 naming the field and bound) and
+bodies over --max-body-bytes are refused (400); nothing waits on the model lock, or while
+paused, longer than --lock-timeout-s (then 503); SIGTERM aborts in-flight generation and the
+server exits within seconds; /init_weights_update_group dials only the trainer addresses of
+--weight-sync-hosts (default loopback) and gives up after --weight-sync-timeout-s.
 What it does not: paged attention, continuous batching or any GPU feature: it exists so the
 trainer's client and weight-sync path run for real on a CPU-only machine.
 
@@ -24,6 +31,7 @@ trainer's client and weight-sync path run for real on a CPU-only machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import logging
 import threading
@@ -36,6 +44,8 @@ import uvicorn
 from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from rollout_sglang.request_bounds import BadRequest, Bounds, check_generate
+from rollout_sglang.server_limits import Busy, Limits, StoppableServer, refused_peer
 from rollout_sglang.sampling import generate_batch
 from rollout_sglang.tensor_payload import deserialize_named_tensors
 from rollout_sglang.weight_group import init_weight_group
@@ -50,10 +60,12 @@ _TAGS = ("weights", "kv_cache", "cuda_graph")
 class ServerState:
     """The model and everything the endpoints share, guarded by one lock."""
 
-    def __init__(self, model_path: str, seed: int, api_key: str | None = None) -> None:
+    def __init__(self, model_path: str, seed: int, api_key: str | None = None,
+                 limits: Limits = Limits()) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_path = model_path
+        self.limits = limits
         self.lock = threading.Lock()
         self.running = threading.Event()
         self.running.set()
@@ -65,6 +77,8 @@ class ServerState:
             self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
         self.model.eval()
         self.eos_ids = _eos_ids(self.model.config, model_path)
+        cfg = self.model.config
+        self.bounds = Bounds(cfg.vocab_size, cfg.max_position_embeddings, limits.max_sequences)
         self.api_key = api_key
         self.weight_version = "default"
         self.session_open = False
@@ -75,6 +89,17 @@ class ServerState:
 
     def params(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.model.named_parameters())
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the model lock, waiting at most --lock-timeout-s for it."""
+        if not self.lock.acquire(timeout=self.limits.lock_timeout_s):
+            raise Busy(f"the model lock was not free within {self.limits.lock_timeout_s} s "
+                       "(--lock-timeout-s); a long request holds it")
+        try:
+            yield
+        finally:
+            self.lock.release()
 
 
 def _eos_ids(config, model_path: str) -> list[int]:
@@ -101,6 +126,18 @@ def _error(message: str, status: int = 400) -> JSONResponse:
 
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI()
+
+    @app.exception_handler(Busy)
+    async def busy(request: Request, exc: Busy) -> JSONResponse:
+        return _error(str(exc), 503)
+
+    @app.middleware("http")
+    async def bound_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > state.limits.max_body_bytes:
+            return _error(f"request body: {size} bytes, at most {state.limits.max_body_bytes} "
+                          "(--max-body-bytes)")
+        return await call_next(request)
 
     @app.middleware("http")
     async def require_api_key(request: Request, call_next):
@@ -138,25 +175,23 @@ def build_app(state: ServerState) -> FastAPI:
 
 def _generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/generate")
-    def generate(req: dict[str, Any] = Body(...)) -> Any:
-        ids = req.get("input_ids")
-        if not ids:
-            return _error("input_ids is required (token-in/token-out API); text input is not supported")
-        single = isinstance(ids[0], int)
-        rows = [ids] if single else ids
-        params = req.get("sampling_params") or {}
-        per_row = params if isinstance(params, list) else [params] * len(rows)
-        if len(per_row) != len(rows):
-            return _error(f"{len(per_row)} sampling_params for {len(rows)} input_ids rows")
+    def generate(req: Any = Body(...)) -> Any:
+        try:
+            rows, per_row = check_generate(req, state.bounds)
+        except BadRequest as exc:
+            return _error(str(exc))
+        single = not isinstance(req["input_ids"][0], list)
         shared = [{k: v for k, v in p.items() if k not in ("sampling_seed", "n")} for p in per_row]
         if any(s != shared[0] for s in shared):
             return _error("the CPU server samples a request's rows together: their sampling_params "
                           "may differ only in sampling_seed and n")
-        counts = [int(p.get("n", 1)) for p in per_row]
+        counts = [p["n"] for p in per_row]
         seeds = [p.get("sampling_seed") for p, c in zip(per_row, counts) for _ in range(c)]
         rows = [r for r, c in zip(rows, counts) for _ in range(c)]
-        state.running.wait()
-        with state.lock:
+        if not state.running.wait(timeout=state.limits.lock_timeout_s):
+            raise Busy(f"generation stayed paused for {state.limits.lock_timeout_s} s (--lock-timeout-s); "
+                       "/continue_generation resumes it")
+        with state.locked():
             if "weights" in state.released_tags:
                 return _error("weights are released; call /resume_memory_occupation first", 503)
             outs = generate_batch(state.model, rows, shared[0], state.eos_ids, state.abort, seeds)
@@ -186,7 +221,7 @@ def _generation_routes(app: FastAPI, state: ServerState) -> None:
 def _weight_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/begin_weight_update")
     def begin(req: dict[str, Any] = Body(default={})) -> Any:
-        with state.lock:
+        with state.locked():
             if state.session_open:
                 return _fail("a weight-update session is already open; call end_weight_update() first")
             state.session_open = True
@@ -194,7 +229,7 @@ def _weight_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/end_weight_update")
     def end(req: dict[str, Any] = Body(default={})) -> Any:
-        with state.lock:
+        with state.locked():
             if not state.session_open:
                 return _fail("no weight-update session is open; call begin_weight_update() first")
             state.session_open = False
@@ -202,10 +237,14 @@ def _weight_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/init_weights_update_group")
     def init_group(req: dict[str, Any] = Body(...)) -> Any:
+        refused = refused_peer(str(req.get("master_address")), state.limits.weight_sync_hosts)
+        if refused:
+            return _fail(refused)
         try:
             group = init_weight_group(req["master_address"], int(req["master_port"]),
                                       int(req["rank_offset"]), int(req["world_size"]),
-                                      req.get("group_name", "weight_update_group"), "gloo")
+                                      req.get("group_name", "weight_update_group"), "gloo",
+                                      rendezvous_timeout_s=state.limits.weight_sync_timeout_s)
         except Exception as exc:  # noqa: BLE001 - reported to the trainer
             return _fail(f"init_weights_update_group failed: {exc}")
         state.groups[req.get("group_name", "weight_update_group")] = group
@@ -259,7 +298,7 @@ def _memory_routes(app: FastAPI, state: ServerState) -> None:
         unknown = sorted(set(tags) - set(_TAGS))
         if unknown:
             return _error(f"unknown memory tags {unknown}; use {list(_TAGS)}")
-        with state.lock:
+        with state.locked():
             if "weights" in tags and "weights" not in state.released_tags:
                 state.released_shapes = {n: p.shape for n, p in state.params().items()}
                 for p in state.params().values():
@@ -271,7 +310,7 @@ def _memory_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/resume_memory_occupation")
     def resume_memory(req: dict[str, Any] = Body(default={})) -> Any:
         tags = (req or {}).get("tags") or list(_TAGS)
-        with state.lock:
+        with state.locked():
             missing = sorted(set(tags) - state.released_tags)
             if missing:
                 # SGLang 0.5.23's scheduler dies on this (KeyError in offload_tags.remove).
@@ -288,7 +327,7 @@ def _memory_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _apply_update(state: ServerState, named: list[tuple[str, torch.Tensor]], version: Any) -> Any:
-    with state.lock:
+    with state.locked():
         error = _load(state, named)
         if error:
             return _fail(error)
@@ -321,13 +360,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32"])
     ap.add_argument("--num-threads", type=int, default=1)
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (as SGLang)")
+    d = Limits()
+    ap.add_argument("--max-sequences", type=int, default=d.max_sequences, help=Limits.__doc__)
+    ap.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    ap.add_argument("--lock-timeout-s", type=float, default=d.lock_timeout_s)
+    ap.add_argument("--weight-sync-hosts", default=",".join(d.weight_sync_hosts),
+                    help="comma-separated trainer addresses /init_weights_update_group may dial")
+    ap.add_argument("--weight-sync-timeout-s", type=float, default=d.weight_sync_timeout_s)
     a = ap.parse_args(argv)
     if a.tp_size != 1:
         raise SystemExit(f"--tp-size {a.tp_size}: the CPU server runs tp 1; use sglang on GPU for more")
     torch.set_num_threads(a.num_threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s cpu_server: %(message)s")
-    state = ServerState(a.model_path, a.random_seed, a.api_key)
-    uvicorn.run(build_app(state), host=a.host, port=a.port, log_level="warning")
+    limits = Limits(a.max_sequences, a.max_body_bytes, a.lock_timeout_s,
+                    tuple(h for h in a.weight_sync_hosts.split(",") if h), a.weight_sync_timeout_s)
+    state = ServerState(a.model_path, a.random_seed, a.api_key, limits)
+    config = uvicorn.Config(build_app(state), host=a.host, port=a.port, log_level="warning",
+                            timeout_graceful_shutdown=5)
+    StoppableServer(config, state.abort, state.running).run()
 
 
 if __name__ == "__main__":

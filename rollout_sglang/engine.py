@@ -5,7 +5,8 @@ may live in its own venv) or `python -m rollout_sglang.cpu_server` (the same HTT
 free port, with the run's API key, waits until it serves our model (/model_info; a server
 that lost its port to another process is relaunched on the next), checks its SGLang version once
 per start, reports its URL and process id, tells whether the process is alive, restarts it
-after a crash, and stops it by terminating the process group it started (never by name).
+after a crash, kills a hung one (SIGKILL of its process group), and stops it by terminating
+the process group it started (never by name).
 Extra SGLang arguments are SGLang's own server-argument names (`engine.sglang_args`), checked
 against SGLang's argument parser when sglang is importable here. `sglang_args.device=cpu`
 serves real SGLang on CPU: SGLANG_USE_CPU_ENGINE=1 and the `sgl_kernel` stand-in of
@@ -98,12 +99,15 @@ def validate_server_args(extra_args: dict[str, Any]) -> None:
 def server_command(backend: str, model_path: str, host: str, port: int, tp_size: int,
                    mem_fraction_static: float, extra_args: dict[str, Any], seed: int,
                    colocated: bool = False, python: str | None = None,
-                   api_key: str | None = None) -> list[str]:
+                   api_key: str | None = None, weight_sync_hosts: tuple[str, ...] = ()) -> list[str]:
     """The command line of one server process (colocated SGLang can release its memory).
-    `python` runs SGLang (default: this interpreter); the CPU server always runs here."""
+    `python` runs SGLang (default: this interpreter); the CPU server always runs here, and
+    dials for weight sync only `weight_sync_hosts` (the trainer's address; default loopback)."""
     if backend == "cpu":
         cmd = [sys.executable, "-m", "rollout_sglang.cpu_server", "--model-path", model_path,
                "--host", host, "--port", str(port), "--tp-size", str(tp_size), "--random-seed", str(seed)]
+        if weight_sync_hosts:
+            cmd += ["--weight-sync-hosts", ",".join(weight_sync_hosts)]
     elif backend == "sglang":
         if extra_args.get("device") == "cpu" and "max_total_tokens" not in extra_args:
             raise ValueError("engine.sglang_args.device=cpu needs engine.sglang_args.max_total_tokens "
@@ -147,13 +151,15 @@ class RolloutEngine:
                  extra_args: dict[str, Any] | None = None, startup_timeout_s: float = 300.0,
                  request_timeout_s: float = 600.0, log_dir: str = ".", seed: int = 0,
                  devices: tuple[str, ...] = (), colocated: bool = False, python: str | None = None,
-                 api_key: str | None = None, bind_node_ip: bool = False) -> None:
+                 api_key: str | None = None, bind_node_ip: bool = False,
+                 weight_sync_hosts: tuple[str, ...] = ()) -> None:
         if bind_node_ip:  # inside a Ray actor on a multi-node cluster
             import ray
 
             host = engine_host(host, ray.util.get_node_ip_address(), 2)
         self.model_path, self.backend, self.host = model_path, backend, host
         self.python, self.api_key = python, api_key
+        self.weight_sync_hosts = tuple(weight_sync_hosts)
         self.port_base, self.tp_size = port, tp_size
         self.mem_fraction_static = mem_fraction_static
         self.extra_args = dict(extra_args or {})
@@ -179,7 +185,7 @@ class RolloutEngine:
             self.port = _free_port(self.host, first)
             cmd = server_command(self.backend, self.model_path, self.host, self.port, self.tp_size,
                                  self.mem_fraction_static, self.extra_args, self.seed, self.colocated,
-                                 self.python, self.api_key)
+                                 self.python, self.api_key, self.weight_sync_hosts)
             self.log_dir.mkdir(parents=True, exist_ok=True)
             with open(self.log_path(), "ab") as log:
                 self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -245,6 +251,17 @@ class RolloutEngine:
         self._start()
         return self.url()
 
+    def kill(self) -> None:
+        """SIGKILL the server's whole process group at once: a hung server (stopped, or
+        wedged in a lock) would not act on SIGTERM. `restart` starts it again."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
     def stop(self) -> None:
         """Terminate the server's whole process group, also after its leader died (a killed
         SGLang launcher leaves its scheduler and detokenizer processes behind)."""
@@ -252,6 +269,8 @@ class RolloutEngine:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
+            # A stopped process keeps SIGTERM pending until it runs again.
+            os.killpg(self.proc.pid, signal.SIGCONT)
         except ProcessLookupError:
             return
         try:

@@ -5,7 +5,11 @@ current weights, decodes and scores responses (reward fn + overlong penalty), dr
 whose accuracy is all-equal and refills from new generation batches until the step's batch is
 full, and returns typed groups. A failed request is retried on another engine; a group is
 accepted exactly once. Dead engines are restarted on request and get no work until the
-trainer has pushed the current weights to them. Remembers which memory tags each engine
+trainer has pushed the current weights to them. Every engine request has a deadline sized for
+it (tokens it may generate) and a /health watch: a hung engine (a stopped or wedged server that
+stops answering /health) is treated as a dead one -- killed at once, its requests retried
+elsewhere, restarted with the current weights at the next sync -- with a warning naming it and
+how long it was stuck. Remembers which memory tags each engine
 released and resumes only those (SGLang's scheduler dies on a resume of a tag it did not
 release). Every sample gets its own `sampling_seed` from (run seed, group id, sample index):
 the n samples of a group never share a seed. Reproducibility: the CPU server always samples
@@ -18,6 +22,7 @@ or compute advantages.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +35,7 @@ from rollout_sglang.engine import RolloutEngine
 from rollout_sglang.reward_scoring import RewardScorer
 from rollout_sglang.rewards import apply_overlong_penalty
 from rollout_sglang.types import EnginePlacement, Group, Prompt, RolloutBatch, Sample
+from rollout_sglang.watchdog import EngineHung, WatchPolicy, call_watched, run_in_thread, tokens_requested, wait_watching
 
 log = logging.getLogger(__name__)
 _ROWS_PER_REQUEST = 64
@@ -45,6 +51,14 @@ class _Engine:
     restarts: int = 0
     released: set[str] = field(default_factory=set)
     """Memory tags released and not resumed since (a restarted engine holds everything)."""
+    hung_s: float | None = None
+    """Seconds it was stuck when it was found hung and killed (None: not hung)."""
+
+
+def engine_watch_policy(e) -> WatchPolicy:
+    """The request deadlines and /health probing of `cfg.engine`."""
+    return WatchPolicy(e.request_s_per_token, e.request_floor_s, e.health_interval_s,
+                       e.health_timeout_s, e.health_failures)
 
 
 def sample_seed(run_seed: int, group_id: int, sample_index: int) -> int:
@@ -84,7 +98,8 @@ class RolloutManager:
     """Owns the engines and the prompt stream of one run."""
 
     def __init__(self, cfg, model_path: str, log_dir: str,
-                 placements: list[EnginePlacement] | None = None, api_key: str | None = None) -> None:
+                 placements: list[EnginePlacement] | None = None, api_key: str | None = None,
+                 trainer_address: str | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.cfg, self.api_key = cfg, api_key
@@ -105,9 +120,14 @@ class RolloutManager:
                 model_path, e.backend, e.host, e.port_base + 100 * i, e.engine_tp,
                 e.mem_fraction_static, dict(e.sglang_args), e.startup_timeout_s, e.request_timeout_s,
                 log_dir, cfg.run.seed + i, place.devices if place else (), place is not None,
-                python=e.sglang_python, api_key=api_key, bind_node_ip=multi_node))
+                python=e.sglang_python, api_key=api_key, bind_node_ip=multi_node,
+                weight_sync_hosts=(trainer_address,) if trainer_address else ()))
         self.engines = [_Engine(h, ray.get(h.url.remote()), e.engine_tp) for h in handles]
         self.requests_retried = 0
+        self.watch = engine_watch_policy(e)
+        self._dead_lock = threading.Lock()
+        self.warnings: list[str] = []
+        """Engine warnings not yet taken by the driver (this actor's log goes to Ray's files)."""
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         d, r = cfg.data, cfg.rollout
         kw = dict(prompt_key=d.prompt_key, answer_key=d.answer_key,
@@ -136,25 +156,64 @@ class RolloutManager:
             if en.url in urls:
                 en.synced_version = version
 
+    def take_warnings(self) -> list[str]:
+        """The engine warnings (hangs, restarts) since the last call, for the driver to show."""
+        with self._dead_lock:
+            taken, self.warnings = self.warnings, []
+        return taken
+
+    def _warn(self, message: str) -> None:
+        log.warning("%s", message)
+        with self._dead_lock:
+            self.warnings.append(message)
+
     def restarts_total(self) -> float:
         """Engine restarts since the run started (a restart during a weight sync included)."""
         return float(sum(en.restarts for en in self.engines))
 
-    def restart_dead_engines(self) -> list[str]:
-        """Restart engines whose process died; they wait for weights before serving."""
+    def restart_dead_engines(self, hung: dict[str, float] | None = None) -> list[str]:
+        """Restart engines whose process died, that failed a request, that the trainer found
+        `hung` ({url: seconds stuck}, during a weight sync) or that do not answer /health now;
+        they wait for weights before serving."""
         restarted = []
         for en in self.engines:
-            alive = ray.get(en.actor.is_alive.remote())
-            if en.dead or not alive:
+            if not en.dead and en.url in (hung or {}):
+                self._kill_hung(en, hung[en.url], "a weight sync")
+            elif not en.dead and ray.get(en.actor.is_alive.remote()):
+                self._probe(en)
+            if en.dead or not ray.get(en.actor.is_alive.remote()):
                 if en.restarts >= self.cfg.engine.max_restarts:
                     raise EngineError(f"engine {en.url} died again after {en.restarts} restarts "
                                       "(engine.max_restarts); see its log under engine_logs/")
+                old = en.url
                 en.restarts += 1
                 en.url = ray.get(en.actor.restart.remote())
-                en.dead, en.synced_version, en.released = False, None, set()
+                why = f"hung for {en.hung_s:.1f} s" if en.hung_s is not None else "dead"
+                en.dead, en.synced_version, en.released, en.hung_s = False, None, set(), None
                 restarted.append(en.url)
-                log.warning("restarted engine, now at %s", en.url)
+                self._warn(f"restarted engine {old} ({why}), now at {en.url}; it gets the current "
+                           "weights before it serves")
         return restarted
+
+    def _probe(self, en: _Engine) -> None:
+        """Kill `en` when it misses engine.health_failures /health probes in a row."""
+        client, t0 = self._client(en), time.monotonic()
+        for _ in range(self.watch.probe_failures):
+            if client.health(timeout_s=self.watch.probe_timeout_s):
+                return
+        self._kill_hung(en, time.monotonic() - t0, "a health probe")
+
+    def _kill_hung(self, en: _Engine, stuck_s: float, what: str) -> None:
+        """A hung engine is a dead one: SIGKILL its process group now (it would not act on
+        SIGTERM), so its in-flight requests fail at once and go elsewhere."""
+        with self._dead_lock:
+            if en.dead:
+                return
+            en.dead, en.hung_s = True, stuck_s
+        self._warn(f"engine {en.url} hung: no answer to /health for {stuck_s:.1f} s during {what}; "
+                   "killed it; its requests go to other engines and it is restarted with the "
+                   "current weights at the next weight sync")
+        ray.get(en.actor.kill.remote())
 
     def _serving(self) -> list[_Engine]:
         ready = [en for en in self.engines if not en.dead and en.synced_version is not None]
@@ -168,15 +227,23 @@ class RolloutManager:
         return SGLangClient(en.url, timeout_s=self.cfg.engine.request_timeout_s, api_key=self.api_key)
 
     def _request(self, rows: list[list[int]], params: list[dict], first: int) -> list:
-        """Generate `rows` on a serving engine; on failure mark it dead and try the next."""
+        """Generate `rows` on a serving engine, with a deadline sized for the tokens they may
+        generate; on failure mark the engine dead (kill it when hung) and try the next."""
         tried = 0
+        deadline_s = self.watch.deadline_s(tokens_requested(len(rows), params))
         while True:
             serving = self._serving()
             en = serving[(first + tried) % len(serving)]
+            client = SGLangClient(en.url, timeout_s=deadline_s, api_key=self.api_key)
             try:
-                return self._client(en).generate(rows, params, return_logprob=True)
+                return call_watched(client, lambda: client.generate(rows, params, return_logprob=True),
+                                    self.watch, deadline_s, f"a /generate of {len(rows)} rows")
+            except EngineHung as exc:
+                self._kill_hung(en, exc.stuck_s, "a /generate request")
+                tried += 1
+                self.requests_retried += 1
             except EngineError as exc:
-                log.warning("engine %s failed (%s); retrying the request elsewhere", en.url, exc)
+                self._warn(f"engine {en.url} failed ({exc}); retrying the request elsewhere")
                 en.dead = True
                 tried += 1
                 self.requests_retried += 1
@@ -346,12 +413,15 @@ class RolloutManager:
         """`call(engine, client)` on every live engine at once; a failure marks that engine
         dead (it is restarted, with current weights, at the next weight sync)."""
         live = [en for en in self.engines if not en.dead]
-        futures = [self.threads.submit(call, en, self._client(en)) for en in live]
-        for en, f in zip(live, futures):
+        clients = [self._client(en) for en in live]
+        futures = [run_in_thread(lambda en=en, c=c: call(en, c)) for en, c in zip(live, clients)]
+        for en, c, f in zip(live, clients, futures):
             try:
-                f.result()
+                wait_watching([(c, f)], self.watch, self.cfg.engine.request_timeout_s, "a control request")
+            except EngineHung as exc:
+                self._kill_hung(en, exc.stuck_s, "a control request")
             except EngineError as exc:
-                log.warning("engine %s failed (%s); it will be restarted", en.url, exc)
+                self._warn(f"engine {en.url} failed ({exc}); it will be restarted")
                 en.dead = True
 
     def shutdown(self) -> None:

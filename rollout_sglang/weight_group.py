@@ -30,17 +30,20 @@ def init_weight_group(
     group_name: str,
     backend: str = "gloo",
     timeout_s: float = 600.0,
+    rendezvous_timeout_s: float | None = None,
 ) -> dist.ProcessGroup:
-    """Join (rank 0: host) the weight-update group; blocks until all `world_size` ranks join.
+    """Join (rank 0: host) the weight-update group; blocks until all `world_size` ranks join
+    (at most `rendezvous_timeout_s`, default `timeout_s`); `timeout_s` bounds each collective.
 
     Uses torch's group helper directly because `dist.new_group` needs every member in one
     default group, and the engines are separate jobs.
     """
     timeout = datetime.timedelta(seconds=timeout_s)
+    joining = datetime.timedelta(seconds=rendezvous_timeout_s or timeout_s)
     store, rank, world_size = next(
-        rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+        rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=joining)
     )
-    store.set_timeout(timeout)
+    store.set_timeout(joining)
     store = PrefixStore(group_name, store)
     params = inspect.signature(_new_process_group_helper).parameters
     options = {"backend_options" if "backend_options" in params else "pg_options": None}

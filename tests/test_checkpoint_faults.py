@@ -15,6 +15,8 @@ from megatron_qae.run import checkpoint
 from megatron_qae.run.checkpoint_verify import CheckpointDamaged
 from tests import tiny
 
+pytestmark = pytest.mark.faults
+
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "ckpt_worker.py"
 
 

@@ -2,7 +2,9 @@
 both servers, must give the same status codes and response shapes, refusals included
 (updates outside a weight-update session, a second session, a session closed twice, an
 unknown weight group, a request without the API key, removed routes); then greedy generation
-on both with the same fp32 weights gives the same tokens and log-probs.
+on both with the same fp32 weights gives the same tokens and log-probs; out-of-bounds /generate
+bodies (max_new_tokens past the context, sampling parameters out of range or of the wrong
+type) get SGLang's status from both.
 
 The real server is `sglang.launch_server --device cpu` from .venv-sglang, started once for the
 module by our own launcher.
@@ -130,3 +132,28 @@ def test_same_weights_same_greedy_tokens_and_logprobs(urls):
         assert real.output_ids == cpu.output_ids
         assert max(abs(a - b) for a, b in zip(real.output_logprobs, cpu.output_logprobs)) < 1e-4
         assert torch.isfinite(torch.tensor(real.output_logprobs)).all()
+
+
+REFUSED = {
+    "max_new_tokens past the context": {"input_ids": [5, 9], "sampling_params": {"max_new_tokens": 10**9}},
+    "negative max_new_tokens": {"input_ids": [5, 9], "sampling_params": {"max_new_tokens": -1}},
+    "prompt longer than the context": {"input_ids": list(range(1, 60)) * 3, "sampling_params": {"max_new_tokens": 1}},
+    "negative temperature": {"input_ids": [5], "sampling_params": {"temperature": -0.5, "max_new_tokens": 1}},
+    "top_p 0": {"input_ids": [5], "sampling_params": {"top_p": 0.0, "max_new_tokens": 1}},
+    "top_k 0": {"input_ids": [5], "sampling_params": {"top_k": 0, "max_new_tokens": 1}},
+    "min_new_tokens past max_new_tokens": {"input_ids": [5], "sampling_params": {"max_new_tokens": 2, "min_new_tokens": 3}},
+    "temperature of the wrong type": {"input_ids": [5], "sampling_params": {"temperature": "hot", "max_new_tokens": 1}},
+}
+"""Out-of-bounds /generate bodies both servers must refuse with the same status (tiny model:
+context 128 tokens)."""
+
+
+def test_out_of_bounds_generate_gets_sglangs_status(urls):
+    for name, body in REFUSED.items():
+        got = {k: SGLangClient(u, timeout_s=60, api_key=KEY)._session.post(f"{u}/generate", json=body, timeout=60)
+               for k, u in urls.items()}
+        assert got["sglang"].status_code == 400, (name, got["sglang"].text)
+        assert got["cpu"].status_code == got["sglang"].status_code, (name, got["cpu"].text)
+    # Both serve on after the refusals.
+    for u in urls.values():
+        assert SGLangClient(u, timeout_s=60, api_key=KEY).generate([[5, 9]], {"max_new_tokens": 2})

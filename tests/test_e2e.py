@@ -65,6 +65,7 @@ def test_colocated_engines_get_weights_by_handle_each_step(tmp_path):
         assert r["sync/bytes"] > 0 and r["sync/attempts"] == 1
 
 
+@pytest.mark.faults
 def test_engine_killed_mid_run_comes_back_with_current_weights(tmp_path):
     run_dir = tmp_path / "run"
     n, prompts = 8, 8

@@ -4,8 +4,12 @@ sees) does not stop the run; the response gets reward.failure_score and the step
 
 from __future__ import annotations
 
+import pytest
+
 from megatron_qae.run.metrics import read_metrics
 from tests import tiny
+
+pytestmark = pytest.mark.faults
 
 
 def test_a_reward_that_raises_on_one_response_is_counted_and_the_run_finishes(tmp_path):

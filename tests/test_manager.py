@@ -84,6 +84,7 @@ def test_seeds_differ_per_sample_and_repeat_per_run():
     assert sample_seed(1, 3, 2) == sample_seed(1, 3, 2) != sample_seed(2, 3, 2)
 
 
+@pytest.mark.faults
 def test_killed_engine_mid_rollout_loses_no_group(manager):
     pids = ray.get(manager.engine_pids.remote())
     pending = manager.generate.remote(1)

@@ -21,6 +21,7 @@ def scorer():
     s.close()
 
 
+@pytest.mark.faults
 def test_each_kind_of_failure_gets_the_failure_score_and_the_batch_goes_on(scorer, caplog):
     texts = ["1", "raise", "2", "hang", "3", "nan", "text", "die", "5", "4"]
     labels = [f"prompt {i}" for i in range(len(texts))]

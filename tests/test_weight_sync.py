@@ -86,6 +86,7 @@ def test_wrong_mapping_is_caught(servers, tmp_path):
     assert _max_gap(engine) > 1e-2
 
 
+@pytest.mark.faults
 def test_engine_killed_before_a_push_is_reported_and_the_rest_sync(model_dir, tmp_path):
     with CpuServer(model_dir) as live, CpuServer(model_dir) as doomed:
         (pid,) = tiny.cpu_server_pids(doomed.rsplit(":", 1)[1])

@@ -363,7 +363,20 @@ class EngineConfig:
     startup_timeout_s: float = 300.0
     """Seconds an engine may take to become healthy."""
     request_timeout_s: float = 600.0
-    """HTTP timeout of one engine request."""
+    """Deadline of one control or weight-update request (generation has its own, sized for
+    the request); a hung engine is found by its /health probes within seconds either way."""
+    request_s_per_token: float = 0.01
+    """Seconds a generation request may take per token it may generate (rows x n x
+    max_new_tokens), on top of request_floor_s: its deadline is sized for the request."""
+    request_floor_s: float = 60.0
+    """Seconds every generation request gets whatever its size (queueing, prefill)."""
+    health_interval_s: float = 2.0
+    """Seconds between /health probes of an engine while a request to it is in flight."""
+    health_timeout_s: float = 5.0
+    """Seconds one /health probe may take; an engine that misses health_failures probes in
+    a row is hung (stopped or wedged): it is killed, restarted and given the current weights."""
+    health_failures: int = 2
+    """Missed /health probes in a row that make an engine hung."""
     max_restarts: int = 3
     """Restarts allowed per engine before the run fails."""
     weight_sync_bucket_bytes: int = 512 * 1024 * 1024
@@ -378,6 +391,12 @@ class EngineConfig:
         if not 0.0 < self.mem_fraction_static < 1.0:
             _fail("engine.mem_fraction_static", self.mem_fraction_static, "must be in (0, 1)")
         _positive("engine.weight_sync_bucket_bytes", self.weight_sync_bucket_bytes)
+        _positive("engine.request_timeout_s", self.request_timeout_s)
+        _positive("engine.request_s_per_token", self.request_s_per_token, strict=False)
+        _positive("engine.request_floor_s", self.request_floor_s)
+        _positive("engine.health_interval_s", self.health_interval_s)
+        _positive("engine.health_timeout_s", self.health_timeout_s)
+        _positive("engine.health_failures", self.health_failures)
 
 
 @dataclass(frozen=True)

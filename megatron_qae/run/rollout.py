@@ -13,13 +13,14 @@ import logging
 import secrets
 import socket
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import ray
 
 from megatron_qae.model import cpu_compat
 from megatron_qae.sync.weight_sync import EngineLink, connect_engines, disconnect
-from rollout_sglang.manager import RolloutManager
+from rollout_sglang.manager import RolloutManager, engine_watch_policy
 from rollout_sglang.client import SGLangClient
 from rollout_sglang.types import EnginePlacement, RolloutBatch
 
@@ -64,7 +65,7 @@ class Rollout:
         actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4)
         log_dir = str(Path(cfg.run.run_dir) / "engine_logs")
         api_key = secrets.token_urlsafe(24)
-        manager = actor.remote(cfg, cfg.model.path, log_dir, placements, api_key)
+        manager = actor.remote(cfg, cfg.model.path, log_dir, placements, api_key, master_address)
         rollout = cls(cfg, manager, master_address, api_key)
         if wait:
             rollout.wait_ready()
@@ -76,11 +77,14 @@ class Rollout:
 
     def generate(self, policy_version: int) -> RolloutBatch:
         """The batch generated ahead, if one is pending; else generate one now."""
-        if self._ahead is not None:
-            batch = ray.get(self._ahead)
-            self._ahead = self._state_before_ahead = None
-            return batch
-        return ray.get(self.manager.generate.remote(policy_version))
+        try:
+            if self._ahead is not None:
+                batch = ray.get(self._ahead)
+                self._ahead = self._state_before_ahead = None
+                return batch
+            return ray.get(self.manager.generate.remote(policy_version))
+        finally:
+            self._relay_warnings()
 
     def generate_ahead(self, policy_version: int) -> None:
         """Start generating the next batch with the engines' current weights and return at once
@@ -97,19 +101,32 @@ class Rollout:
             ray.wait([self._ahead], num_returns=1, timeout=None, fetch_local=False)
 
     def evaluate(self, n_samples: int) -> dict[str, float]:
-        return ray.get(self.manager.evaluate.remote(n_samples))
+        try:
+            return ray.get(self.manager.evaluate.remote(n_samples))
+        finally:
+            self._relay_warnings()
+
+    def _relay_warnings(self) -> None:
+        """Show the manager's engine warnings (hung, restarted) here: the actor's own log goes
+        to Ray's files, not the terminal."""
+        for message in ray.get(self.manager.take_warnings.remote()):
+            log.warning("%s", message)
 
     def prepare_sync(self) -> EngineLink:
         """The weight link to every live engine, re-formed when engines were restarted or the
         last push failed."""
-        restarted = ray.get(self.manager.restart_dead_engines.remote())
+        hung = self.link.hung if self.link is not None else {}
+        restarted = ray.get(self.manager.restart_dead_engines.remote(hung))
+        self._relay_warnings()
         endpoints = ray.get(self.manager.engine_endpoints.remote())
         if self.link is None or restarted or self.link.failed or endpoints != self._endpoints:
             if self.link is not None:
                 disconnect(self.link)
             backend = "gloo" if not cpu_compat.cuda_available() else "nccl"
+            e = self.cfg.engine
+            watch = replace(engine_watch_policy(e), s_per_token=0.0, floor_s=e.request_timeout_s)
             self.link = connect_engines(endpoints, self.master_address, _free_port(), backend,
-                                        self.cfg.engine.request_timeout_s, self.api_key)
+                                        e.request_timeout_s, self.api_key, watch)
             if restarted:
                 log.warning("re-formed the weight group after restarting %s", restarted)
         self._endpoints = endpoints
@@ -120,6 +137,7 @@ class Rollout:
         restarted first and every engine's released weight memory back, ready to load
         (before any rank sends to it)."""
         restarted = ray.get(self.manager.restart_dead_engines.remote())
+        self._relay_warnings()
         if restarted:
             log.warning("restarted colocated engines %s; they get the weights now", restarted)
         self._endpoints = ray.get(self.manager.engine_endpoints.remote())

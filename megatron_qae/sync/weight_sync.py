@@ -9,6 +9,9 @@ rank 0 broadcasts the tensors over the weight-update group that joins it with ev
 rank. No broadcast starts before every engine has opened its session; an engine that refuses
 (its 400 arrives before it would join the broadcast) stops the push at once with an error
 naming the engine and SGLang's message, instead of leaving rank 0 waiting in the broadcast.
+Every reply is awaited with a deadline and a /health watch: an engine that stops answering
+(stopped, wedged) fails the push within seconds and is listed in `link.hung`, so the loop has
+the rollout manager kill and restart it before the push is repeated.
 Timed per phase. What it does not: decide when to sync (the loop does) or start engines (the
 rollout manager does).
 
@@ -31,6 +34,7 @@ from megatron_qae.model import qwen2_mapping as qm
 from megatron_qae.model.policy import Policy
 from megatron_qae.model.weights import iter_full_params
 from rollout_sglang.client import EngineError, SGLangClient
+from rollout_sglang.watchdog import EngineHung, HealthWatch, WatchPolicy, wait_watching
 from rollout_sglang.weight_group import destroy_weight_group, init_weight_group
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,10 @@ class EngineLink:
     abandoned: list[tuple[dist.Work, list[torch.Tensor]]] = field(default_factory=list)
     """Broadcasts (and their tensors) left in flight when an engine refused mid-push: the
     group is not destroyed while they may still block in it."""
+    watch: WatchPolicy = field(default_factory=lambda: WatchPolicy(0.0, 600.0))
+    """Deadline of each engine reply (floor_s) and how a hung engine is found."""
+    hung: dict[str, float] = field(default_factory=dict)
+    """Engines found hung during a push: {url: seconds without a /health answer}."""
 
 
 def connect_engines(
@@ -81,8 +89,11 @@ def connect_engines(
     backend: str,
     timeout_s: float,
     api_key: str | None = None,
+    watch: WatchPolicy | None = None,
 ) -> EngineLink:
-    """Form the weight-update group: rank 0 = this process, engine i's TP ranks after it."""
+    """Form the weight-update group: rank 0 = this process, engine i's TP ranks after it.
+    `watch` probes the engines while their replies are awaited (default: probes every 2 s,
+    each reply's deadline `timeout_s`)."""
     clients = [SGLangClient(url, timeout_s=timeout_s, api_key=api_key) for url, _ in endpoints]
     world = 1 + sum(tp for _, tp in endpoints)
     group_name = f"qae_weights_{uuid.uuid4().hex[:8]}"
@@ -96,7 +107,7 @@ def connect_engines(
     group = init_weight_group(master_address, master_port, 0, world, group_name, backend, timeout_s)
     for f in futures:
         f.result()
-    return EngineLink(clients, group, group_name, pool)
+    return EngineLink(clients, group, group_name, pool, watch=watch or WatchPolicy(0.0, timeout_s))
 
 
 def disconnect(link: EngineLink) -> None:
@@ -118,7 +129,7 @@ def _each_client(link: EngineLink, call, what: str) -> list[SGLangClient]:
     accepted = []
     for c, f in futures:
         try:
-            f.result()
+            _wait(link, c, f, what)
             accepted.append(c)
         except EngineError as exc:
             link.failed = link.failed or f"engine {c.base_url} did not accept {what}: {exc}"
@@ -136,9 +147,22 @@ def _open_sessions(link: EngineLink) -> list[SGLangClient]:
     return opened
 
 
+def _wait(link: EngineLink, client: SGLangClient, future, what: str) -> None:
+    """Wait for one engine's reply within the link's deadline; a hung engine (no /health
+    answer) raises EngineHung at once and is recorded in `link.hung`."""
+    try:
+        wait_watching([(client, future)], link.watch, link.watch.floor_s, what)
+    except EngineHung as exc:
+        link.hung[client.base_url] = exc.stuck_s
+        raise
+
+
 def _close_sessions(link: EngineLink, opened: list[SGLangClient], timeout_s: float | None = None) -> None:
-    """End the sessions of `opened`; a refusal sets `link.failed` (the engine and why)."""
+    """End the sessions of `opened` (a hung engine is left to be killed); a refusal sets
+    `link.failed` (the engine and why)."""
     for c in opened:
+        if c.base_url in link.hung:
+            continue
         try:
             c.end_weight_update(timeout_s)
         except EngineError as exc:
@@ -167,7 +191,7 @@ def _send_bucket(link: EngineLink, bucket: list[tuple[str, torch.Tensor]], versi
     # released (with an error) when the loop destroys this group, so do not wait for them.
     for c, f in zip(link.clients, futures if not link.failed else []):
         try:
-            f.result()
+            _wait(link, c, f, "a weight update")
         except EngineError as exc:
             link.failed = link.failed or f"engine {c.base_url} refused the weight update: {exc}"
     if link.failed:
@@ -181,6 +205,7 @@ def _broadcast_watching(link: EngineLink, tensors: list[torch.Tensor], futures: 
     """Broadcast `tensors` from rank 0 while watching the engines' HTTP replies: SGLang
     answers a refused update (400) without joining the broadcast, so a reply that arrives
     before the broadcast completes is a refusal and ends the wait (never a hang)."""
+    watch = HealthWatch(link.clients, link.watch)
     try:
         works = [dist.broadcast(t, src=0, group=link.group, async_op=True) for t in tensors]
         while not all(w.is_completed() for w in works):
@@ -189,6 +214,14 @@ def _broadcast_watching(link: EngineLink, tensors: list[torch.Tensor], futures: 
                     link.failed = f"engine {c.base_url} refused the weight update: {f.exception()}"
                     link.abandoned += [(w, tensors) for w in works]
                     return
+            # A stopped engine never drains its socket: a broadcast beyond the socket
+            # buffers would wait for it forever.
+            found = watch.hung([c for c, f in zip(link.clients, futures) if not f.done()])
+            if found is not None:
+                link.hung[found[0]] = found[1]
+                link.failed = str(EngineHung(found[0], found[1], "a weight broadcast"))
+                link.abandoned += [(w, tensors) for w in works]
+                return
             time.sleep(0.001)
         for w in works:
             w.wait()  # raises what a completed-with-error broadcast hit (a dead engine)

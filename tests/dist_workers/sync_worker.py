@@ -8,6 +8,9 @@ r // engine_tp (with `--engine-tp 2` both ranks' entries are gathered into one r
 CPU server, TP rank 0 of 1, loads entry 0).
 `--kill-pid P` (distributed): server P is killed after the group is formed; the push must
 report the failure without raising, and a group re-formed with the live servers must work.
+`--signal-pid P --send-signal S` (distributed): server P gets signal S (SIGSTOP, SIGKILL) in the
+middle of the push, right after every engine opened its weight-update session; the push must
+fail within seconds naming it, and a group re-formed with the live servers must work.
 `--corrupt` swaps gate/up in the HF mapping on the way out: the comparison must then fail.
 `--api-key K` is sent with every request (the real SGLang server of the tier requires one).
 Writes {url: {rollout, trainer, engine_version}} plus the sync report.
@@ -66,6 +69,8 @@ def _push(a, policy) -> dict:
         if a.kill_pid:
             os.kill(a.kill_pid, signal.SIGKILL)
             time.sleep(0.5)
+    if a.signal_pid:
+        return _push_signalled(a, policy, link, urls)
     weight_sync.push_weights(policy, link, version=3, bucket_bytes=4096)
     if a.kill_pid:
         if dist.get_rank() == 0:
@@ -84,6 +89,37 @@ def _push(a, policy) -> dict:
     return holder[0]
 
 
+def _push_signalled(a, policy, link, urls: list[str]) -> dict:
+    """The push, with server `a.signal_pid` signalled once the sessions are open; then a
+    push to the servers that still answer /health."""
+    report, sent = {"live": urls}, {}
+    if dist.get_rank() == 0:
+        open_sessions = weight_sync._open_sessions
+
+        def open_then_signal(link):
+            opened = open_sessions(link)
+            os.kill(a.signal_pid, a.send_signal)
+            sent["at"] = time.monotonic()
+            return opened
+
+        weight_sync._open_sessions = open_then_signal
+    weight_sync.push_weights(policy, link, version=3, bucket_bytes=4096)
+    if dist.get_rank() == 0:
+        weight_sync._open_sessions = open_sessions
+        report.update(failed=link.failed, hung=sorted(link.hung), failed_after_s=time.monotonic() - sent["at"])
+        weight_sync.disconnect(link)
+        report["live"] = [u for u in urls if SGLangClient(u, timeout_s=5.0).health(timeout_s=3.0)]
+        link = weight_sync.connect_engines([(u, 1) for u in report["live"]], "127.0.0.1", tiny.free_port(),
+                                           "gloo", 120.0, a.api_key)
+    weight_sync.push_weights(policy, link, version=3, bucket_bytes=4096)
+    if link is not None:
+        report["second_failed"] = link.failed
+        weight_sync.disconnect(link)
+    holder = [report]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
@@ -92,6 +128,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=["distributed", "colocated"], default="distributed")
     ap.add_argument("--engine-tp", type=int, default=1)
     ap.add_argument("--kill-pid", type=int, default=0)
+    ap.add_argument("--signal-pid", type=int, default=0)
+    ap.add_argument("--send-signal", type=int, default=int(signal.SIGKILL))
     ap.add_argument("--corrupt", action="store_true")
     ap.add_argument("--out", required=True)
     ap.add_argument("--api-key", default=None)
