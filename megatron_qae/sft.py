@@ -6,9 +6,10 @@ parallel layout, optimizer settings with `--lr`), and trains it for `--steps` op
 of token-mean cross-entropy (run.sft_step) on the training data's prompts with their ground
 truth followed by the end token as the target, `--batch-prompts` prompts drawn per step from
 a generator seeded by run.seed (the same draw on every rank). Writes a model-only trainer
-checkpoint to `<out>/checkpoints/step_N` (any layout) and, in a one-process run, the HF model
-directory `<out>/hf` through tools.convert_checkpoint's writer, which RL then starts from
-(`model.path=<out>/hf`). Multi-process runs convert the checkpoint with
+checkpoint to `<out>/checkpoints/step_N` (any layout), the per-step metrics (sft/nll, the
+token-mean NLL before the step's update; sft/p_target) to `<out>/sft_metrics.json` and, in a
+one-process run, the HF model directory `<out>/hf` through tools.convert_checkpoint's writer,
+which RL then starts from (`model.path=<out>/hf`). Multi-process runs convert the checkpoint with
 `python -m tools.convert_checkpoint mcore-to-hf`. What it does not: RL, evaluation, or any
 data format other than the RL data (prompt + ground-truth answer).
 """
@@ -16,6 +17,7 @@ data format other than the RL data (prompt + ground-truth answer).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
@@ -79,13 +81,14 @@ def train(cfg, a: argparse.Namespace) -> dict[str, float]:
         weights.load_hf_dir(policy, cfg.model.path)
     pairs = target_pairs(cfg, AutoTokenizer.from_pretrained(cfg.model.path))
     rng = random.Random(cfg.run.seed)  # the same draw on every rank
-    dims, metrics = groups.dims, {}
+    dims, history = groups.dims, []
     bar = tqdm(range(1, a.steps + 1), desc="sft steps", unit="step", disable=dist.get_rank() != 0)
     for step in bar:
         batch = rng.sample(pairs, min(a.batch_prompts, len(pairs)))
         mbs = sft_micro_batches(batch, groups.dp_rank, dims.dp, cfg.train.micro_batch_max_tokens,
                                 seq_multiple(dims.tp), schedule_multiple(dims.pp, dims.vpp))
         metrics = sft_step(policy, mbs, sum(len(t) for _, t in batch), step, cfg.train.logprob_chunk_tokens)
+        history.append(metrics)
         bar.set_postfix({"nll": f"{metrics['sft/nll']:.3f}", "p_target": f"{metrics['sft/p_target']:.3f}"})
     finish_param_sync(policy)
     path = checkpoint.save_checkpoint(a.out, a.steps, policy, {"step": a.steps, "model_path": cfg.model.path},
@@ -97,8 +100,10 @@ def train(cfg, a: argparse.Namespace) -> dict[str, float]:
     else:
         log.info("checkpoint %s; write its HF directory with python -m tools.convert_checkpoint mcore-to-hf "
                  "--ckpt %s --hf-config-dir %s --out %s", path, path, cfg.model.path, a.out / "hf")
+    if dist.get_rank() == 0:
+        (a.out / "sft_metrics.json").write_text(json.dumps(history, indent=1) + "\n")
     parallel.destroy()
-    return metrics
+    return history[-1]
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
