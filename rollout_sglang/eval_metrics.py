@@ -10,8 +10,9 @@ What it does: from the n scored samples of each validation prompt, computes
   Samples whose grader read no answer (`pred` None) take no part in the vote; a subset with
   no answer at all counts as wrong. An answer is right when its samples' accuracy is 1.
 `summarize` groups prompts by `data_source` and returns flat {"eval/<source>/<metric>"} and
-overall {"eval/<metric>"} metrics; `eval_summary` does so for scored groups. What it does not: generate or score (the rollout manager
-does), or choose k (callers pass the ks; `default_ks` gives powers of two up to n and n).
+overall {"eval/<metric>"} metrics; `eval_summary` does so for scored groups. What it does not:
+generate or score (the rollout manager does), or choose k (callers pass the ks; `default_ks`
+gives powers of two below n, and n).
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ def test_demo_reward_is_an_integer_comparison_without_math_verify():
 
 
 def test_demo_reward_is_an_exact_match_of_the_padded_answer():
-    assert [exact_match(t, "07").score for t in ("07", " 07 ", "7", "007", "17", "", "07+0")] == [1, 1, -1, -1, -1, -1, -1]
+    texts = ("07", " 07 ", "7", "007", "17", "", "07+0")
+    assert [exact_match(t, "07").score for t in texts] == [1, 1, -1, -1, -1, -1, -1]
     assert exact_match("07", "07").pred == "07" and exact_match("12", "07").accuracy == 0.0
 
 
@@ -82,7 +83,8 @@ def test_demo_reward_does_not_import_math_verify():
     import subprocess
     import sys
 
-    code = ("import sys; from rollout_sglang.rewards import load_reward_fn; load_reward_fn('arithmetic'); load_reward_fn('exact_match'); "
+    code = ("import sys; from rollout_sglang.rewards import load_reward_fn; load_reward_fn('arithmetic'); "
+            "load_reward_fn('exact_match'); "
             "sys.exit('math_verify' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=demo_task.__file__.rsplit("/", 2)[0]).returncode == 0
 
