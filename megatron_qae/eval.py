@@ -1,7 +1,7 @@
 """Entry point: evaluate a trainer checkpoint or an HF model directory on a data set.
 
     python -m megatron_qae.eval --ckpt RUN/checkpoints/step_N | --hf-dir DIR --data FILE.parquet|jsonl
-        [--n 32] [--k 1 4 16] [--config configs/X.yaml] [--out runs/eval] [--verbose] [key=value ...]
+        [--n 32] [--k 1,4,16] [--config configs/X.yaml] [--out runs/eval] [--verbose] [key=value ...]
 
 What it does: a trainer checkpoint is first written as an HF directory by the existing
 converter (tools.convert_checkpoint.mcore_to_hf, into a temporary directory); then the rollout
@@ -31,6 +31,13 @@ DEFAULT_CHUNK_PROMPTS = 8
 """Prompts per manager call: the progress bar advances by this many."""
 
 
+def _ks(text: str) -> list[int]:
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers, e.g. 1,4,16") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -38,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--hf-dir", type=Path, help="an HF model directory (safetensors + config + tokenizer)")
     ap.add_argument("--data", type=Path, required=True, help="parquet / jsonl in the verl schema")
     ap.add_argument("--n", type=int, default=32, help="samples per prompt")
-    ap.add_argument("--k", type=int, nargs="*", help="k of pass@k and maj@k (default 1, 2, 4, ... n)")
+    ap.add_argument("--k", type=_ks, default=None, help="k of pass@k and maj@k, comma-separated (default 1,2,4,...,n)")
     ap.add_argument("--config", default=None,
                     help="YAML config (engines, rollout lengths, reward); with --ckpt the run's config.yaml")
     ap.add_argument("--hf-config-dir", type=Path, default=None,
