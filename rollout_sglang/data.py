@@ -120,11 +120,12 @@ def load_prompts(path: str | Path, tokenizer, prompt_key: str = "prompt",
         rows += 1
         where = f"{path} row {i}"
         ids, text = tokenize(_messages(_dig(row, prompt_key, where), where))
-        sources[str(row.get("data_source"))] += 1
+        source = str(row.get("data_source") or "default")
+        sources[source] += 1
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
             too_long += 1
             continue
-        prompts.append(Prompt(i, ids, str(_dig(row, answer_key, where)), text))
+        prompts.append(Prompt(i, ids, str(_dig(row, answer_key, where)), text, source))
     if not rows:
         raise ValueError(f"data file {str(path)!r} has no rows")
     log.info("%s: %d rows, %d distinct prompts, data_source %s", path, rows, len(tokenize.seen), dict(sources))

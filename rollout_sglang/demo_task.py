@@ -1,11 +1,18 @@
-"""The CPU demo's task: single-digit sums ("3+4=") answered by one digit, with a tokenizer
-built in code and a tiny Qwen2-architecture config.
+"""The CPU demo's tasks, with a tokenizer built in code and a tiny Qwen2-architecture config.
 
+Two tasks:
+- `padded_sums` (the demo): single-digit sums answered as a zero-padded two-digit number and the
+  end token ("3+4=" -> "07<eos>", "9+8=" -> "17<eos>"; 100 problems, graded by the exact-match
+  reward `exact_match`). Three answer tokens, so entropy and response length move during RL;
+  a random policy is right about once in 16^3 samples, so the demo warms the policy up with a
+  short supervised phase first (megatron_qae.run.sft_step).
+- `single_digit` (the tests' quick task): "3+4=" answered by one digit (25 problems, sums up
+  to 8, the `arithmetic` reward); a random policy is right about 1 time in 16, so RL has
+  signal from the first step of a two-step test run.
 What it does: writes a model directory (config.json + tokenizer files, no weights: the policy
-starts from a seeded random init, so a random policy answers right about 1 time in 16 and RL
-has signal from the first step) and train / validation jsonl files in the verl schema. The
-validation set holds the same 25 problems (the demo shows the policy learning the table; it is
-not a generalization benchmark). What it does not: train.
+starts from a seeded random init) and train / validation jsonl files in the verl schema. The
+validation set holds the same problems as the training set (the demo shows the policy learning
+the table; it is not a generalization benchmark). What it does not: train.
 """
 
 from __future__ import annotations
@@ -54,20 +61,27 @@ def write_demo_model_dir(path: str | Path, seed: int = 0) -> Path:
 
 
 MAX_OPERAND = 4
+"""single_digit: operands 0..MAX_OPERAND."""
+TASKS = ("padded_sums", "single_digit")
 
 
-def problems() -> list[tuple[str, str]]:
-    """(prompt, answer) of every a+b with 0 <= a, b <= MAX_OPERAND (25 problems)."""
-    digits = range(MAX_OPERAND + 1)
-    return [(f"{a}+{b}=", str(a + b)) for a in digits for b in digits]
+def problems(task: str = "padded_sums") -> list[tuple[str, str]]:
+    """(prompt, answer) of every problem of `task`: padded_sums, every a+b with 0 <= a, b <= 9
+    answered with two digits; single_digit, every a+b with 0 <= a, b <= MAX_OPERAND."""
+    if task == "padded_sums":
+        return [(f"{a}+{b}=", f"{a + b:02d}") for a in range(10) for b in range(10)]
+    if task == "single_digit":
+        digits = range(MAX_OPERAND + 1)
+        return [(f"{a}+{b}=", str(a + b)) for a in digits for b in digits]
+    raise ValueError(f"demo task {task!r}: use one of {TASKS}")
 
 
-def write_demo_data(directory: str | Path, seed: int = 0) -> tuple[Path, Path]:
-    """train.jsonl and val.jsonl in the verl schema; returns their paths."""
+def write_demo_data(directory: str | Path, seed: int = 0, task: str = "padded_sums") -> tuple[Path, Path]:
+    """train.jsonl and val.jsonl of `task` in the verl schema; returns their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    rows = [{"data_source": "demo_digits", "prompt": [{"role": "user", "content": q}],
-             "reward_model": {"ground_truth": a, "style": "rule"}} for q, a in problems()]
+    rows = [{"data_source": f"demo_{task}", "prompt": [{"role": "user", "content": q}],
+             "reward_model": {"ground_truth": a, "style": "rule"}} for q, a in problems(task)]
     paths = []
     for name in ("train", "val"):
         p = directory / f"{name}.jsonl"

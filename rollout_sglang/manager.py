@@ -32,6 +32,7 @@ import ray
 from rollout_sglang.client import EngineError, SGLangClient
 from rollout_sglang.data import PromptCursor, load_prompts
 from rollout_sglang.engine import RolloutEngine
+from rollout_sglang.eval_metrics import default_ks, eval_summary
 from rollout_sglang.reward_scoring import RewardScorer
 from rollout_sglang.rewards import apply_overlong_penalty
 from rollout_sglang.types import EnginePlacement, Group, Prompt, RolloutBatch, Sample
@@ -277,7 +278,8 @@ class RolloutManager:
                                                    self.cfg.reward.overlong_buffer_tokens,
                                                    self.cfg.reward.overlong_penalty_factor)
                 samples.append(Sample(self.next_group_id, prompt.prompt_ids, tuple(o.output_ids),
-                                      tuple(o.output_logprobs), o.finish_reason, score, res.accuracy, version))
+                                      tuple(o.output_logprobs), o.finish_reason, score, res.accuracy, version,
+                                      res.pred))
             groups.append(Group(self.next_group_id, prompt, tuple(samples)))
             self.next_group_id += 1
         return groups
@@ -354,21 +356,27 @@ class RolloutManager:
             "rollout/truncated_frac": sum(s.finish_reason == "length" for s in every) / n,
         }
 
-    def evaluate(self, n_samples: int) -> dict[str, float]:
-        """avg@n and pass@n over the validation prompts."""
-        if not self.val_prompts:
-            return {}
+    def num_val_prompts(self) -> int:
+        return len(self.val_prompts)
+
+    def eval_groups(self, start: int, stop: int, n_samples: int) -> tuple[list[Group], int]:
+        """Scored groups of validation prompts [start, stop) at the validation sampling
+        parameters, and how many of their rewards failed. Not training groups: the group ids
+        are handed back, so evaluating changes nothing a resumed run repeats."""
         r = self.cfg.rollout
         errors_before = self.reward_errors
-        groups = self._generate_groups(self.val_prompts, n_samples, self._params(r.val_temperature, r.val_top_p), -1)
-        self.next_group_id -= len(groups)  # evaluation groups are not training groups
-        acc = [s.accuracy for g in groups for s in g.samples]
-        return {
-            f"eval/avg@{n_samples}": sum(acc) / len(acc),
-            f"eval/pass@{n_samples}": sum(any(s.accuracy > 0 for s in g.samples) for g in groups) / len(groups),
-            "eval/response_len_mean": sum(len(s.response_ids) for g in groups for s in g.samples) / len(acc),
-            "eval/reward_errors": float(self.reward_errors - errors_before),
-        }
+        groups = self._generate_groups(self.val_prompts[start:stop], n_samples,
+                                       self._params(r.val_temperature, r.val_top_p), -1)
+        self.next_group_id -= len(groups)
+        return groups, self.reward_errors - errors_before
+
+    def evaluate(self, n_samples: int) -> dict[str, float]:
+        """avg@n, pass@k and maj@k (k = 1, 2, 4, ... n) over the validation prompts, overall
+        and per data source: the same estimators as `python -m megatron_qae.eval`."""
+        if not self.val_prompts:
+            return {}
+        groups, errors = self.eval_groups(0, len(self.val_prompts), n_samples)
+        return eval_summary(groups, default_ks(n_samples), errors)
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

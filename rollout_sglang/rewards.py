@@ -3,7 +3,8 @@ overlong penalty.
 
 What it does: `RewardFn` is the protocol (decoded response, ground truth) -> RewardResult.
 `load_reward_fn` resolves `reward.name`: a built-in ('dapo_math', the recipes' default and
-verl's DAPO grading; 'dapo_math_strict_box'; 'math_verify'; 'arithmetic', the CPU demo's task)
+verl's DAPO grading; 'dapo_math_strict_box'; 'math_verify'; 'arithmetic', the tests' single-digit task; 'exact_match', the CPU
+demo's padded sums)
 or 'package.module:function'. Built-ins are imported only when named, so the demo never loads
 math-verify. `check_result` says why a returned value is not a usable reward.
 `apply_overlong_penalty` is DAPO's linear penalty in the last buffer tokens before the max
@@ -48,11 +49,20 @@ def arithmetic(response_text: str, ground_truth: str) -> RewardResult:
     return RewardResult(1.0 if ok else -1.0, float(ok), text)
 
 
+def exact_match(response_text: str, ground_truth: str) -> RewardResult:
+    """The demo's padded sums: the response (up to its end token, outer spaces aside) must be
+    the ground truth, character for character ("07" is right for "07", "7" is not)."""
+    text = response_text.strip()
+    ok = text == ground_truth.strip()
+    return RewardResult(1.0 if ok else -1.0, float(ok), text)
+
+
 BUILTIN_REWARDS = {
     "dapo_math": "rollout_sglang.reward_dapo:dapo_math",
     "dapo_math_strict_box": "rollout_sglang.reward_dapo:dapo_math_strict_box",
     "math_verify": "rollout_sglang.reward_math_verify:math_verify",
     "arithmetic": "rollout_sglang.rewards:arithmetic",
+    "exact_match": "rollout_sglang.rewards:exact_match",
 }
 """reward.name of each built-in grader -> where it lives (imported only when named)."""
 

@@ -22,6 +22,8 @@ class Prompt:
     """Ground-truth answer the reward function checks against."""
     text: str = ""
     """The raw prompt text (for logs and reward functions that need it)."""
+    data_source: str = "default"
+    """The row's `data_source` (evaluation reports metrics per source); "default" when absent."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class Sample:
     """0/1 correctness before shaping (the dynamic-sampling filter and metrics use it)."""
     policy_version: int
     """Weights version of the engine that generated the sample."""
+    pred: str | None = None
+    """The answer the grader read from the response (maj@k votes on it); None when none."""
 
     @property
     def num_tokens(self) -> int:

@@ -109,7 +109,7 @@ def test_fp8_export_through_modelopt_matches_an_independent_quantization(tmp_pat
     src = demo_task.write_demo_model_dir(tmp_path / "hf")
     torch.manual_seed(0)
     Qwen2ForCausalLM(AutoConfig.from_pretrained(src)).save_pretrained(src)
-    train, _ = demo_task.write_demo_data(tmp_path / "data")
+    train, _ = demo_task.write_demo_data(tmp_path / "data", task="single_digit")
     assert _convert("hf-to-mcore", "--hf-dir", str(src), "--out", str(tmp_path / "mc")).returncode == 0
     ckpt = str(tmp_path / "mc" / "checkpoints" / "step_0")
     r = _convert("mcore-to-hf", "--ckpt", ckpt, "--hf-config-dir", str(src), "--out", str(tmp_path / "nocal"), "--fp8")

@@ -32,7 +32,7 @@ def test_select_groups_drops_all_equal_groups_only():
 def manager(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mgr")
     model = demo_task.write_demo_model_dir(tmp / "model")
-    train, val = demo_task.write_demo_data(tmp / "data")
+    train, val = demo_task.write_demo_data(tmp / "data", task="single_digit")
     cfg = load_config("configs/test_tiny.yaml", [
         f"model.path={model}", f"data.train_path={train}", f"data.val_path={val}",
         "engine.num_engines=2", "rollout.prompts_per_step=6", "rollout.gen_batch_prompts=12",

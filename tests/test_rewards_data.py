@@ -13,7 +13,7 @@ from megatron_qae.config.sections import DataConfig
 from rollout_sglang import demo_task
 from rollout_sglang.data import PromptCursor, load_prompts
 from rollout_sglang.reward_dapo import dapo_math
-from rollout_sglang.rewards import apply_overlong_penalty, arithmetic, load_reward_fn
+from rollout_sglang.rewards import apply_overlong_penalty, arithmetic, exact_match, load_reward_fn
 
 
 @pytest.mark.parametrize("length,expected", [(16384, 1.0), (16384 + 1024, 0.75), (20480, 0.0)])
@@ -34,6 +34,21 @@ def test_load_reward_fn_resolves_builtins_and_user_functions_and_explains_failur
 def test_demo_reward_is_an_integer_comparison_without_math_verify():
     assert [arithmetic(t, "7").score for t in ("7", " 7", "07", "8", "", "-", "7+0", "²")] == [1, 1, 1, -1, -1, -1, -1, -1]
     assert arithmetic("-3", "-3").accuracy == 1.0
+
+
+def test_demo_reward_is_an_exact_match_of_the_padded_answer():
+    texts = ("07", " 07 ", "7", "007", "17", "", "07+0")
+    assert [exact_match(t, "07").score for t in texts] == [1, 1, -1, -1, -1, -1, -1]
+    assert exact_match("07", "07").pred == "07" and exact_match("12", "07").accuracy == 0.0
+
+
+def test_demo_task_padded_sums_and_single_digit_problems():
+    padded = demo_task.problems()
+    assert len(padded) == 100 and ("3+4=", "07") in padded and ("9+8=", "17") in padded
+    assert all(len(a) == 2 and int(a) == int(q[0]) + int(q[2]) for q, a in padded)
+    assert len(demo_task.problems("single_digit")) == 25 and ("3+4=", "7") in demo_task.problems("single_digit")
+    with pytest.raises(ValueError, match="use one of"):
+        demo_task.problems("nope")
 
 
 def test_parquet_in_verl_schema_and_jsonl_give_the_same_prompts(tmp_path):
@@ -69,6 +84,7 @@ def test_demo_reward_does_not_import_math_verify():
     import sys
 
     code = ("import sys; from rollout_sglang.rewards import load_reward_fn; load_reward_fn('arithmetic'); "
+            "load_reward_fn('exact_match'); "
             "sys.exit('math_verify' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=demo_task.__file__.rsplit("/", 2)[0]).returncode == 0
 

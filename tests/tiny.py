@@ -152,7 +152,7 @@ def train_run(run_dir: Path, nproc: int, overrides: list[str], timeout_s: float 
     from rollout_sglang import demo_task
 
     model_dir = model_dir or demo_task.write_demo_model_dir(run_dir.parent / "model", seed=0)
-    train_path, val_path = demo_task.write_demo_data(run_dir.parent / "data", seed=0)
+    train_path, val_path = demo_task.write_demo_data(run_dir.parent / "data", seed=0, task="single_digit")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", "-m", "megatron_qae.train",

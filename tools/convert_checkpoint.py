@@ -144,17 +144,26 @@ def _write_shards(tensors, out: Path, max_shard_bytes: int) -> dict[str, str]:
 
 def mcore_to_hf(ckpt: Path, hf_config_dir: Path, out: Path, dtype: str, max_shard_bytes: int) -> Path:
     """Write an HF model directory from a Megatron checkpoint (saved in any layout)."""
-    from tqdm import tqdm
-
     from megatron_qae.run import checkpoint
-
-    from megatron_qae.model import weights
 
     if out.exists():
         raise FileExistsError(f"--out {out} exists; choose a new directory")
     parallel.single_process_env()
     policy, hf = _policy(hf_config_dir)
     checkpoint.load_checkpoint(ckpt, policy, model_only=True)
+    return policy_to_hf(policy, hf, hf_config_dir, out, dtype, max_shard_bytes)
+
+
+def policy_to_hf(policy, hf: dict, hf_config_dir: Path, out: Path, dtype: str,
+                 max_shard_bytes: int = 5_000_000_000) -> Path:
+    """Write a one-process policy's weights (TP = PP = 1) as an HF model directory, with
+    config.json and the tokenizer files of `hf_config_dir`; written atomically."""
+    from tqdm import tqdm
+
+    from megatron_qae.model import weights
+
+    if out.exists():
+        raise FileExistsError(f"--out {out} exists; choose a new directory")
     with _atomic_dir(out) as tmp:
         target = _DTYPES[dtype]
         names = list(weights.global_named_parameters(policy.chunks[0]))

@@ -50,9 +50,9 @@ class RunConfig:
     keep_last_checkpoints: int = 2
     """Checkpoints kept in run_dir/checkpoints (older ones are deleted)."""
     eval_interval_steps: int = 0
-    """Evaluate avg@k / pass@k on data.val_path every N rollout steps (0 = never)."""
+    """Evaluate avg@n / pass@k / maj@k per data source (as megatron_qae.eval) every N steps (0 = never)."""
     eval_n_samples: int = 4
-    """k of avg@k and pass@k: responses sampled per validation prompt."""
+    """n of avg@n (pass@k, maj@k for k = 1, 2, 4, ... n): responses sampled per validation prompt."""
     log_tensorboard: bool = True
     """Also write TensorBoard scalars to run_dir/tensorboard (metrics.jsonl is always written)."""
     wandb_project: str | None = None
@@ -402,7 +402,7 @@ class EngineConfig:
 @dataclass(frozen=True)
 class RewardConfig:
     name: str = "dapo_math"
-    """'dapo_math' (verl's DAPO grading, +1/-1), 'dapo_math_strict_box', 'math_verify', 'arithmetic' (demo), or 'package.module:function' (docs/rewards.md)."""
+    """'dapo_math' (verl's DAPO grading, +1/-1), 'dapo_math_strict_box', 'math_verify', 'arithmetic' (tests), 'exact_match' (demo), or 'package.module:function' (docs/rewards.md)."""
     overlong_buffer_enable: bool = True
     """DAPO overlong penalty: linear in the last overlong_buffer_tokens before the max length."""
     overlong_buffer_tokens: int = 4096

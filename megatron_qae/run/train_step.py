@@ -31,7 +31,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm of a step was NaN or inf; the optimizer was not stepped."""
 
 
-def _run_schedule(policy: Policy | Reference, mbs: list[MicroBatch], loss_fn, forward_only: bool) -> list:
+def run_schedule(policy: Policy | Reference, mbs: list[MicroBatch], loss_fn, forward_only: bool) -> list:
     """megatron's schedule over `mbs`; returns the loss functions' dicts, one per micro-batch
     in order, on the last pipeline stage (empty elsewhere)."""
     device = cpu_compat.default_device()
@@ -84,7 +84,7 @@ def compute_logprobs(
         finish_param_sync(policy)  # no training forward (and its param all-gather) precedes this one
     for chunk in policy.chunks:
         chunk.eval()
-    out = _run_schedule(policy, mbs, loss_fn, forward_only=True)
+    out = run_schedule(policy, mbs, loss_fn, forward_only=True)
     if not policy.groups.is_last_stage:
         return [None] * len(mbs)
     assert len(out) == len(mbs), (len(out), len(mbs))
@@ -168,7 +168,7 @@ def forward_backward(
         chunk.zero_grad_buffer()
     policy.optimizer.zero_grad()
     loss_fn = partial(_loss_fn, loss_cfg, agg, temperature, chunk_tokens, policy.groups.tp)
-    per_mb = _run_schedule(policy, mbs, loss_fn, forward_only=False)
+    per_mb = run_schedule(policy, mbs, loss_fn, forward_only=False)
     return _reduce_metrics(policy, per_mb, loss_cfg)
 
 
