@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "megatron_qae" / "config" / "loading.py", ROOT / "megatron_qae" / "config" / "sections.py"]
+SOURCES = [ROOT / "megatron_qae" / "config" / name for name in ("loading.py", "sections.py", "algo.py", "rollout.py")]
 OUT = ROOT / "docs" / "config.md"
 
 

@@ -20,19 +20,9 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megatron_qae.config.sections import (
-    AlgoConfig,
-    DataConfig,
-    EngineConfig,
-    ModelConfig,
-    OptimConfig,
-    ParallelConfig,
-    RayConfig,
-    RewardConfig,
-    RolloutConfig,
-    RunConfig,
-    TrainConfig,
-)
+from megatron_qae.config.algo import AlgoConfig
+from megatron_qae.config.rollout import DataConfig, EngineConfig, RayConfig, RewardConfig, RolloutConfig
+from megatron_qae.config.sections import ModelConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,96 @@
+"""The `algo` section of the run config: baseline, policy loss and its terms.
+
+What it does: one frozen dataclass, a docstring per field, per-field validation (ValueError
+naming field, value and fix). What it does not: load files (loading.py) or cross-section checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_qae.config.sections import _fail, _one_of, _positive
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    baseline: str = "quantile"
+    """Group baseline: 'quantile' (QAE) or 'mean' (GRPO / DAPO)."""
+    quantile_k: float = 0.4
+    """K of the QAE baseline, in (0, 1); raise to 0.6 if entropy collapses early."""
+    quantile_method: str = "linear"
+    """'linear' (torch.quantile, as the public code) or 'inverted_cdf' (the paper's definition)."""
+    quantile_source: str = "score"
+    """Quantile over 'score' (shaped reward) or 'accuracy' (0/1 correctness before shaping)."""
+    norm_adv_by_std: bool = True
+    """Divide advantages by the group's unbiased std (+ adv_eps)."""
+    adv_eps: float = 1e-6
+    """Epsilon of the std normalization."""
+    clip_low: float = 0.2
+    """PPO clip below: ratio >= 1 - clip_low."""
+    clip_high: float = 0.28
+    """PPO clip above (DAPO clip-higher): ratio <= 1 + clip_high."""
+    clip_c: float | None = 10.0
+    """Dual-clip bound for negative advantages (> 1); None disables it."""
+    tis_cap: float | None = None
+    """Truncated importance-sampling cap on trainer/rollout probability ratios; None = off."""
+    skip_zero_advantage: bool = True
+    """Leave responses with advantage exactly 0 out of forward/backward (same update); turned
+    off for the run, with a log line, when the loss gives them a gradient (KL, entropy bonus,
+    clip_cov, kl_cov)."""
+    policy_loss: str = "dapo"
+    """Policy loss: 'dapo' (clipped token-mean), 'gspo' (sequence ratio, sequence-mean),
+    'clip_cov' or 'kl_cov' (covariance token selection, verl 0.9.1's rules)."""
+    gspo_clip_low: float = 3e-4
+    """GSPO: sequence ratio >= 1 - gspo_clip_low (GSPO paper: 3e-4)."""
+    gspo_clip_high: float = 4e-4
+    """GSPO: sequence ratio <= 1 + gspo_clip_high (GSPO paper: 4e-4)."""
+    clip_cov_ratio: float = 2e-4
+    """Clip-Cov: share of a mini-batch's response tokens whose gradient is dropped."""
+    clip_cov_lb: float = 1.0
+    """Clip-Cov: lower covariance bound of the candidate tokens."""
+    clip_cov_ub: float = 5.0
+    """Clip-Cov: upper covariance bound of the candidate tokens."""
+    kl_cov_ratio: float = 2e-4
+    """KL-Cov: share of a mini-batch's response tokens (largest covariance) that get the penalty."""
+    kl_cov_coef: float = 1.0
+    """KL-Cov: coefficient of the |log-ratio| penalty (verl's ppo_kl_coef)."""
+    kl_coef: float = 0.0
+    """KL penalty to the frozen initial policy (a reference forward each rollout step); 0 = off (DAPO)."""
+    kl_estimator: str = "k3"
+    """KL estimator: 'k1', 'k2', 'k3' or 'low_var_kl' (= k3), as verl's kl_penalty."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (loss -= coef * entropy); 0 = off (DAPO)."""
+
+    def __post_init__(self) -> None:
+        _one_of("algo.baseline", self.baseline, ("quantile", "mean"))
+        if self.baseline == "quantile" and not 0.0 < self.quantile_k < 1.0:
+            _fail("algo.quantile_k", self.quantile_k, "must be in (0, 1) with baseline=quantile "
+                  "(0.4 recommended), or set algo.baseline=mean for GRPO/DAPO")
+        _one_of("algo.quantile_method", self.quantile_method, ("linear", "inverted_cdf"))
+        _one_of("algo.quantile_source", self.quantile_source, ("score", "accuracy"))
+        _positive("algo.clip_low", self.clip_low)
+        _positive("algo.clip_high", self.clip_high)
+        if self.clip_c is not None and self.clip_c <= 1.0:
+            _fail("algo.clip_c", self.clip_c, "dual clip needs c > 1 (DAPO uses 10), or null")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            _fail("algo.tis_cap", self.tis_cap, "must be > 0, or null")
+        self._check_loss_variants()
+
+    def _check_loss_variants(self) -> None:
+        _one_of("algo.policy_loss", self.policy_loss, ("dapo", "gspo", "clip_cov", "kl_cov"))
+        _one_of("algo.kl_estimator", self.kl_estimator, ("k1", "k2", "k3", "low_var_kl"))
+        for name in ("gspo_clip_low", "gspo_clip_high", "kl_cov_coef"):
+            _positive(f"algo.{name}", getattr(self, name))
+        for name in ("clip_cov_ratio", "kl_cov_ratio"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                _fail(f"algo.{name}", getattr(self, name), "must be in (0, 1] (verl default 2e-4)")
+        if self.clip_cov_lb >= self.clip_cov_ub:
+            _fail("algo.clip_cov_lb", self.clip_cov_lb, f"must be below algo.clip_cov_ub={self.clip_cov_ub}")
+        for name in ("kl_coef", "entropy_coef"):
+            if getattr(self, name) < 0.0:
+                _fail(f"algo.{name}", getattr(self, name), "must be >= 0 (0 turns the term off)")
+
+    @property
+    def effective_quantile_k(self) -> float:
+        """K passed to the advantage (-1 = mean baseline)."""
+        return self.quantile_k if self.baseline == "quantile" else -1.0
