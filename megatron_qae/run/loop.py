@@ -31,11 +31,15 @@ from megatron_qae.model.build import load_hf_config
 from megatron_qae.model.policy import Policy, build_policy, finish_param_sync
 from megatron_qae.run.rollout import Rollout
 from megatron_qae.run.train_step import compute_logprobs, logprob_gap, train_step
-from megatron_qae.sync.weight_sync import push_weights
+from megatron_qae.sync.weight_sync import StageLink, push_weights
 from rollout_sglang.client import EngineError
 from rollout_sglang.types import RolloutBatch, Sample
 
 log = logging.getLogger(__name__)
+
+
+Sync = ColocatedSync | StageLink
+"""How weights reach the engines: by handle (colocated) or by each stage's weight link."""
 
 
 @dataclass(frozen=True)
@@ -62,36 +66,40 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
         save_config(cfg, run_dir)
     total_steps = cfg.run.num_rollout_steps * cfg.rollout.steps_per_rollout
     policy = build_policy(cfg, hf, groups, total_steps)
-    colocated, placements = None, None
+    placements = None
     if cfg.engine.colocate:
         placements = engine_placements(cfg.engine.num_engines, cfg.engine.engine_tp)
-        colocated = ColocatedSync(cfg.engine.num_engines, cfg.engine.engine_tp, cfg.engine.request_timeout_s)
+        sync: Sync = ColocatedSync(cfg.engine.num_engines, cfg.engine.engine_tp, cfg.engine.request_timeout_s)
+    else:
+        sync = StageLink(policy, env.master_address)
     rollout = Rollout.start(cfg, env.master_address, placements) if is_driver else None
     try:  # whatever fails from here on (a damaged checkpoint included) tears the engines down
         start, _ = _restore(cfg, policy, rollout)
-        return _train_loop(cfg, policy, rollout, colocated, start, run_dir, is_driver)
+        return _train_loop(cfg, policy, rollout, sync, start, run_dir, is_driver)
     finally:
+        if isinstance(sync, StageLink):
+            sync.close()
         if rollout is not None:
             rollout.shutdown()
 
 
-def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, colocated: ColocatedSync | None,
+def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, sync: Sync,
                 start: int, run_dir: Path, is_driver: bool) -> list[dict[str, float]]:
     sink = MetricsSink(run_dir, enabled=is_driver, tensorboard=cfg.run.log_tensorboard,
                        wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
     sink.truncate_after(start)
     stop = checkpoint.install_sigterm_save()
     history: list[dict[str, float]] = []
-    _sync(policy, rollout, colocated, version=start, cfg=cfg)  # engines start from the trainer's weights
+    _sync(policy, rollout, sync, version=start, cfg=cfg)  # engines start from the trainer's weights
     progress = _progress(cfg, start, is_driver)
     for step in range(start + 1, cfg.run.num_rollout_steps + 1):
         t0 = time.perf_counter()
         batch = _broadcast(rollout.generate(step - 1) if is_driver else None, policy)  # rollout + reward
         _warn_underfilled(cfg, batch, step, is_driver)
-        _release_engines(rollout, colocated)                                    # colocated: free GPUs
+        _release_engines(rollout, sync)                                        # colocated: free GPUs
         advantages, adv_metrics = _advantages(cfg, policy, batch.samples)       # advantage
         train_metrics = _train(cfg, policy, batch, advantages, step)            # train
-        sync_metrics = _sync(policy, rollout, colocated, version=step, cfg=cfg)  # weight sync
+        sync_metrics = _sync(policy, rollout, sync, version=step, cfg=cfg)  # weight sync
         metrics = {**batch.metrics, **adv_metrics, **train_metrics, **sync_metrics,
                    "time/step_s": time.perf_counter() - t0, "train/policy_version": float(step)}
         if cfg.run.eval_interval_steps and step % cfg.run.eval_interval_steps == 0 and is_driver:
@@ -201,29 +209,30 @@ def _warn_underfilled(cfg: Config, batch: RolloutBatch, step: int, is_driver: bo
                     int(m["rollout/groups"]), cfg.rollout.prompts_per_step, int(m["rollout/gen_batches"]))
 
 
-def _release_engines(rollout: Rollout | None, colocated: ColocatedSync | None) -> None:
+def _release_engines(rollout: Rollout | None, sync: Sync) -> None:
     """Colocated: the engines free their GPU memory (weights, KV cache) before training."""
-    if colocated is None:
+    if not isinstance(sync, ColocatedSync):
         return
     if rollout is not None:
         rollout.release_memory()
     dist.barrier()  # no rank allocates activations before its engine has let go
 
 
-def _sync(policy: Policy, rollout: Rollout | None, colocated: ColocatedSync | None, version: int,
+def _sync(policy: Policy, rollout: Rollout | None, sync: Sync, version: int,
           cfg: Config) -> dict:
     """Push weights at `version` to every engine. Engines restarted since the last sync get
     them too; when an engine fails during the push it is restarted and the push repeated."""
     e = cfg.engine
     for attempt in range(1, e.max_restarts + 2):
-        if colocated is None:
-            link = rollout.prepare_sync() if rollout is not None else None
+        if isinstance(sync, StageLink):
+            target = _broadcast(rollout.prepare_sync(attempt > 1) if rollout is not None else None, policy)
+            link = sync.prepare(target)
             times = push_weights(policy, link, version, e.weight_sync_bucket_bytes)
             ok = link is None or link.failed is None
         else:
             # The broadcast is the barrier: no rank sends before rank 0 has the engines ready.
             urls, api_key = _broadcast(rollout.prepare_colocated() if rollout is not None else None, policy)
-            times, ok = colocated.push(policy, urls, version, e.weight_sync_bucket_bytes, api_key=api_key)
+            times, ok = sync.push(policy, urls, version, e.weight_sync_bucket_bytes, api_key=api_key)
         failed = torch.tensor([0.0 if ok else 1.0])
         dist.all_reduce(failed)
         if failed.item() == 0:
@@ -235,7 +244,7 @@ def _sync(policy: Policy, rollout: Rollout | None, colocated: ColocatedSync | No
                           "see the engine logs under <run_dir>/engine_logs/ (engine.max_restarts)")
     if rollout is None:
         return {}
-    if colocated is not None:
+    if isinstance(sync, ColocatedSync):
         rollout.resume_memory(["kv_cache"])
     rollout.mark_synced(version)
     versions = rollout.engine_versions()

@@ -1,35 +1,29 @@
-"""Global rank 0's handle on the rollout side: Ray, the rollout manager and the weight link.
+"""Global rank 0's handle on the rollout side: Ray, the rollout manager and where weights go.
 
 What it does: connects to (or starts) Ray, draws the run's engine API key, creates the
-RolloutManager actor, forwards generate / evaluate / state calls, and keeps the weight-update
-group with the engines formed, re-forming it when the set of engines changed (an engine died
-and was restarted) or the last push failed. Engine weight versions are read from /model_info.
-What it does not: generate or score (the manager does) or send weights (weight_sync does).
+RolloutManager actor, forwards generate / evaluate / state calls, and says where weights go
+(`SyncTarget`): the live engines, and whether the weight-update groups must be re-formed (the
+set of engines changed, an engine died and was restarted, or the last push failed). Engine
+weight versions are read from /model_info. What it does not: form the groups or send weights
+(each pipeline stage's sender does, in weight_sync).
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-import socket
 import tempfile
 from pathlib import Path
 
 import ray
 
 from megatron_qae.model import cpu_compat
-from megatron_qae.sync.weight_sync import EngineLink, connect_engines, disconnect
+from megatron_qae.sync.weight_sync import SyncTarget
 from rollout_sglang.manager import RolloutManager
 from rollout_sglang.client import SGLangClient
 from rollout_sglang.types import EnginePlacement, RolloutBatch
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class Rollout:
@@ -41,7 +35,7 @@ class Rollout:
         self.api_key = api_key
         """The run's engine API key: every engine requires it, every client sends it."""
         self.master_address = master_address
-        self.link: EngineLink | None = None
+        self._formed = False
         self._endpoints: list[tuple[str, int]] = []
 
     @classmethod
@@ -68,21 +62,18 @@ class Rollout:
     def evaluate(self, n_samples: int) -> dict[str, float]:
         return ray.get(self.manager.evaluate.remote(n_samples))
 
-    def prepare_sync(self) -> EngineLink:
-        """The weight link to every live engine, re-formed when engines were restarted or the
-        last push failed."""
+    def prepare_sync(self, last_failed: bool) -> SyncTarget:
+        """Where every stage's sender sends the weights: every live engine, dead ones restarted
+        first; the links are re-formed when engines were restarted, the set changed or the
+        last push failed (`last_failed`)."""
         restarted = ray.get(self.manager.restart_dead_engines.remote())
         endpoints = ray.get(self.manager.engine_endpoints.remote())
-        if self.link is None or restarted or self.link.failed or endpoints != self._endpoints:
-            if self.link is not None:
-                disconnect(self.link)
-            backend = "gloo" if not cpu_compat.cuda_available() else "nccl"
-            self.link = connect_engines(endpoints, self.master_address, _free_port(), backend,
-                                        self.cfg.engine.request_timeout_s, self.api_key)
-            if restarted:
-                log.warning("re-formed the weight group after restarting %s", restarted)
-        self._endpoints = endpoints
-        return self.link
+        reform = not self._formed or bool(restarted) or last_failed or endpoints != self._endpoints
+        if restarted:
+            log.warning("re-forming the weight groups after restarting %s", restarted)
+        self._formed, self._endpoints = True, endpoints
+        backend = "gloo" if not cpu_compat.cuda_available() else "nccl"
+        return SyncTarget(endpoints, backend, self.cfg.engine.request_timeout_s, self.api_key, reform)
 
     def prepare_colocated(self) -> tuple[list[str], str]:
         """Colocated: the URL of every engine in engine order and the API key, dead ones
@@ -122,7 +113,4 @@ class Rollout:
         ray.get(self.manager.load_state_dict.remote(state))
 
     def shutdown(self) -> None:
-        if self.link is not None:
-            disconnect(self.link)
-            self.link = None
         ray.get(self.manager.shutdown.remote())
