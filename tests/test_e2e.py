@@ -63,6 +63,8 @@ def test_colocated_engines_get_weights_by_handle_each_step(tmp_path):
         assert r["sync/engine_version_min"] == r["sync/engine_version_max"] == r["step"]
         assert r["train/logprob_gap_rollout"] < 1e-4
         assert r["sync/bytes"] > 0 and r["sync/attempts"] == 1
+        # engine.offload_train_state (on by default when colocated): released during rollout.
+        assert r["colocated/offloaded_bytes"] > 0
 
 
 def test_engine_killed_mid_run_comes_back_with_current_weights(tmp_path):

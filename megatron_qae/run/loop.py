@@ -3,7 +3,8 @@
 What it does: `run(cfg, env)` drives one training run on every trainer rank. Global rank 0
 owns the Ray side (rollout manager, engines) and hands each rollout batch to all ranks; the
 advantage is the DP-aware QAE reduction; training runs the step's mini-batches through
-megatron; then weights go to the engines. What it does not: parse arguments or read the
+megatron; then weights go to the engines. Colocated, the trainer's gradient buffers and
+optimizer state are offloaded from after training until the engines have released the GPU. What it does not: parse arguments or read the
 environment (train.py does), or implement any of the steps (each is a call).
 """
 
@@ -28,6 +29,7 @@ from megatron_qae.config.loading import Config, save_config, to_dict, validate_a
 from megatron_qae.algorithm.loss import LossConfig
 from megatron_qae.run.metrics import MetricsSink
 from megatron_qae.model.build import load_hf_config
+from megatron_qae.model.offload import OffloadedState, offload_train_state, restore_train_state
 from megatron_qae.model.policy import Policy, build_policy, finish_param_sync
 from megatron_qae.run.rollout import Rollout
 from megatron_qae.run.train_step import compute_logprobs, logprob_gap, train_step
@@ -90,6 +92,7 @@ def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, sync: Sync
     sink.truncate_after(start)
     stop = checkpoint.install_sigterm_save()
     history: list[dict[str, float]] = []
+    offloaded = _offload(cfg, policy, sync)  # colocated: grads + optimizer state leave the GPU for generation
     _sync(policy, rollout, sync, version=start, cfg=cfg)  # engines start from the trainer's weights
     progress = _progress(cfg, start, is_driver)
     for step in range(start + 1, cfg.run.num_rollout_steps + 1):
@@ -97,10 +100,12 @@ def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, sync: Sync
         batch = _broadcast(rollout.generate(step - 1) if is_driver else None, policy)  # rollout + reward
         _warn_underfilled(cfg, batch, step, is_driver)
         _release_engines(rollout, sync)                                        # colocated: free GPUs
+        offload_metrics = _restore_offloaded(policy, offloaded)                  # colocated: state back
         advantages, adv_metrics = _advantages(cfg, policy, batch.samples)       # advantage
         train_metrics = _train(cfg, policy, batch, advantages, step)            # train
+        offloaded = _offload(cfg, policy, sync)
         sync_metrics = _sync(policy, rollout, sync, version=step, cfg=cfg)  # weight sync
-        metrics = {**batch.metrics, **adv_metrics, **train_metrics, **sync_metrics,
+        metrics = {**batch.metrics, **adv_metrics, **train_metrics, **sync_metrics, **offload_metrics,
                    "time/step_s": time.perf_counter() - t0, "train/policy_version": float(step)}
         if cfg.run.eval_interval_steps and step % cfg.run.eval_interval_steps == 0 and is_driver:
             metrics.update(rollout.evaluate(cfg.run.eval_n_samples))            # eval
@@ -110,8 +115,10 @@ def _train_loop(cfg: Config, policy: Policy, rollout: Rollout | None, sync: Sync
         stopping = _broadcast(stop.requested, policy)  # every rank must agree before a collective save
         if stopping or (cfg.run.save_interval_steps and step % cfg.run.save_interval_steps == 0):
             loop_state = {"step": step, "rollout": rollout.state_dict() if is_driver else None}
+            _restore_offloaded(policy, offloaded)  # the checkpoint holds the optimizer state
             checkpoint.save_checkpoint(run_dir, step, policy, _broadcast(loop_state, policy),    # checkpoint
                                        keep_last=cfg.run.keep_last_checkpoints)
+            offloaded = _offload(cfg, policy, sync)
         if stopping:
             log.warning("SIGTERM: saved step %d and stopping", step)
             break
@@ -207,6 +214,27 @@ def _warn_underfilled(cfg: Config, batch: RolloutBatch, step: int, is_driver: bo
                     "generation batches; training on those, if any (rollout.on_underfilled=train; 'fail' "
                     "stops instead, more rollout.max_gen_batches fills the batch)", step,
                     int(m["rollout/groups"]), cfg.rollout.prompts_per_step, int(m["rollout/gen_batches"]))
+
+
+def _offload(cfg: Config, policy: Policy, sync: Sync) -> OffloadedState | None:
+    """Colocated with engine.offload_train_state: free the gradient buffers and move the
+    optimizer state to host memory while the engines hold the GPU (weight sync, generation)."""
+    if not (isinstance(sync, ColocatedSync) and cfg.engine.offload_train_state):
+        return None
+    t0 = time.perf_counter()
+    state = offload_train_state(policy)
+    state.offload_s = time.perf_counter() - t0
+    return state
+
+
+def _restore_offloaded(policy: Policy, state: OffloadedState | None) -> dict[str, float]:
+    """Bring back what `_offload` released, before the trainer touches it again."""
+    if state is None or state.restored:
+        return {}
+    t0 = time.perf_counter()
+    restore_train_state(policy, state)
+    return {"colocated/offloaded_bytes": float(state.freed_bytes), "colocated/offload_s": state.offload_s,
+            "colocated/restore_s": time.perf_counter() - t0}
 
 
 def _release_engines(rollout: Rollout | None, sync: Sync) -> None:
