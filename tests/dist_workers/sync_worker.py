@@ -92,16 +92,10 @@ def _measured_push(a, policy, link) -> dict:
     if not a.measure_memory:
         weight_sync.push_weights(policy, link, version=3, bucket_bytes=a.bucket_bytes)
         return {}
-    from torch.profiler import ProfilerActivity, profile
+    from benchmarks.common import peak_allocated_bytes
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        weight_sync.push_weights(policy, link, version=3, bucket_bytes=a.bucket_bytes)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
+    peak = peak_allocated_bytes(lambda: weight_sync.push_weights(policy, link, version=3,
+                                                                 bucket_bytes=a.bucket_bytes))
     specs = weights.full_param_specs(policy.chunks, policy.groups.dims.tp)
     sizes = [s.numel() * torch.empty((), dtype=d).element_size() for _, s, d in specs]
     mine = {"peak_bytes": peak, "stage_bytes": sum(sizes), "largest_bytes": max(sizes)}
