@@ -137,7 +137,9 @@ class StageLink:
     def __init__(self, policy: Policy, master_address: str) -> None:
         self.active = is_stage_sender(policy)
         self.pp_rank = policy.groups.pp_rank
-        self.address = master_address if dist.get_rank() == 0 else reachable_address(master_address)
+        self.address = master_address
+        if self.active and dist.get_rank() != 0:
+            self.address = reachable_address(master_address)
         self.link: EngineLink | None = None
 
     def prepare(self, target: SyncTarget) -> EngineLink | None:
