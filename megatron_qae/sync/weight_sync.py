@@ -328,9 +328,10 @@ def push_weights(policy: Policy, link: EngineLink | None, version: int,
     for bucket, last in hf_buckets(policy, bucket_bytes, times, dtype, map_here=is_sender):
         _send_bucket(link, bucket, version, times, flush=last)
     if is_sender and groups.dims.pp > 1:  # every stage has sent before the session ends
-        failures: list = [None] * groups.dims.pp
-        dist.all_gather_object(failures, link.failed, group=groups.pp)
-        link.failed = link.failed or next((f for f in failures if f), None)
+        stages: list = [None] * groups.dims.pp
+        dist.all_gather_object(stages, (link.failed, times), group=groups.pp)
+        link.failed = link.failed or next((f for f, _ in stages if f), None)
+        times = _combined([t for _, t in stages])
     if owner and not link.failed:
         _close_sessions(link, opened)
     elif opened:
@@ -339,6 +340,13 @@ def push_weights(policy: Policy, link: EngineLink | None, version: int,
         # (it is then restarted if it stays broken).
         _close_sessions(link, opened, timeout_s=10.0)
     return times
+
+
+def _combined(stages: list[SyncTimes]) -> SyncTimes:
+    """One sync's times from its stages' senders, which run side by side: the slowest phase
+    of any stage, the bytes of all."""
+    return SyncTimes(max(t.gather_s for t in stages), max(t.transfer_s for t in stages),
+                     max(t.engine_load_s for t in stages), sum(t.bytes for t in stages))
 
 
 def hf_buckets(policy: Policy, bucket_bytes: int, times: SyncTimes, dtype: torch.dtype | None = None,
