@@ -5,7 +5,8 @@ buckets over the weight-update group to a rollout server (our CPU server on CPU;
 machine the same path to a CUDA server), which loads them. Colocated: the same tensors packed
 per bucket and passed by memory handle (`/update_weights_from_tensor`). Baseline: one plain
 tensor copy of the same number of bytes on the same machine. Prints GB/s of each and the
-ratios.
+ratios, and the peak extra memory of one broadcast sync as a multiple of the bucket (torch's
+CPU allocator; pipeline stages are measured by tests/test_weight_sync.py at pp=2).
 
     python -m benchmarks.bench_weight_sync [--hidden 512 --layers 8]
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import bench_hf_config, single_process_world, timed
+from benchmarks.common import bench_hf_config, peak_allocated_bytes, single_process_world, timed
 from benchmarks.server import CpuServer, write_model_dir
 from megatron_qae.model import parallel, weights
 from megatron_qae.sync import weight_sync
@@ -46,6 +47,7 @@ def main() -> None:
             last["t"] = weight_sync.push_weights(policy, link, 1, a.bucket_mb << 20)
 
         t_sync = timed(sync, repeats=2)
+        peak = peak_allocated_bytes(sync)
         weight_sync.disconnect(link)
         colocated = ColocatedSync(1, 1, 300.0)
 
@@ -65,6 +67,8 @@ def main() -> None:
     print(f"colocated sync by handle: {t_handle:.3f} s = {total / t_handle / 1e9:.3f} GB/s "
           f"(gather {handle['sync/gather_s']:.3f} s, pack + serialize {handle['sync/transfer_s']:.3f} s, "
           f"engine load {handle['sync/engine_load_s']:.3f} s)")
+    print(f"peak extra memory of one sync: {peak / 1e6:.1f} MB = {peak / (a.bucket_mb << 20):.2f} x the "
+          f"{a.bucket_mb} MiB bucket = {peak / total:.3f} x the weights")
     print(f"plain copy of the same bytes: {t_copy:.4f} s = {total / t_copy / 1e9:.2f} GB/s")
     print(f"ratio (sync GB/s / copy GB/s): {t_copy / t_sync:.4f}")
     print(f"ratio (colocated GB/s / copy GB/s): {t_copy / t_handle:.4f}")

@@ -35,7 +35,8 @@ Logits (last stage; e = 2 bytes bf16, 4 fp32; v = vocab/tp; c = min(train.logpro
 Engine GPU (SGLang): weights = params*2/engine_tp; KV cache = GPU*mem_fraction_static - weights;
   KV bytes/token = 2 (K, V) * layers * max(kv_heads/engine_tp, 1) * head_dim * 2.
 Colocated (engine.colocate): engines run on the trainer's GPUs; while they generate, the
-  trainer's params + grads + optimizer (+ FP8 copies) stay and SGLang takes
+  trainer's params (+ FP8 copies) stay, its grads + optimizer state too unless
+  engine.offload_train_state moved them out (freed / in host memory), and SGLang takes
   GPU*mem_fraction_static; while the trainer trains, the engines have released theirs.
 """
 
@@ -184,6 +185,11 @@ class StageMemory:
         """Bytes that stay between steps (what colocated engines share the GPU with)."""
         return self.params + self.grads + self.optimizer + self.fp8_weights + self.reference
 
+    def during_rollout(self, offload: bool) -> float:
+        """Bytes that stay while colocated engines generate: with engine.offload_train_state
+        the gradient buffers are freed and the optimizer state is in host memory."""
+        return self.resident - (self.grads + self.optimizer if offload else 0.0)
+
     @property
     def total(self) -> float:
         return self.resident + self.activations + self.logits
@@ -281,9 +287,10 @@ def shortfalls(cfg: Config, mem: list[StageMemory], eng: EngineMemory, usable: f
 
 
 def _colocated_shortfall(cfg: Config, mem: list[StageMemory], usable: float, gpu: float) -> list[str]:
-    """Colocated: during rollout the trainer's state stays while SGLang takes
-    mem_fraction_static of the GPU; during training the engine has released its memory."""
-    resident = max(s.resident for s in mem)
+    """Colocated: during rollout the trainer's state (params, and grads + optimizer unless
+    offloaded) stays while SGLang takes mem_fraction_static of the GPU; during training the
+    engine has released its memory."""
+    resident = max(s.during_rollout(cfg.engine.offload_train_state) for s in mem)
     engine = gpu * cfg.engine.mem_fraction_static
     if resident + engine <= usable:
         return []
@@ -324,8 +331,12 @@ def report(cfg: Config, hf: dict[str, Any], shape: ModelShape, n_params: int, wo
           + (f"by memory handle to {e.num_engines} colocated engines" if e.colocate
              else f"broadcast to {e.num_engines} engines"))
     if e.colocate:
-        print(f"colocated: trainer state {max(s.resident for s in mem) / GIB:.1f} GiB stays during "
-              f"rollout; engines release their {gpu * e.mem_fraction_static / GIB:.1f} GiB during training")
+        stays = max(s.during_rollout(e.offload_train_state) for s in mem)
+        freed = max(s.resident for s in mem) - stays
+        print(f"colocated: trainer state {stays / GIB:.1f} GiB stays during rollout"
+              + (f" ({freed / GIB:.1f} GiB of grads + optimizer state offloaded to host memory)"
+                 if e.offload_train_state else "")
+              + f"; engines release their {gpu * e.mem_fraction_static / GIB:.1f} GiB during training")
     return shortfalls(cfg, mem, eng, gpu * (1 - RESERVED_FRACTION), gpu, engine_gpus)
 
 

@@ -67,6 +67,10 @@ class ServerState:
         self.model_path = model_path
         self.limits = limits
         self.lock = threading.Lock()
+        self.update_lock = threading.Lock()
+        """Held for a whole weight update, receive included: SGLang's tokenizer manager runs
+        one update at a time under its model-update writer lock, so updates from several
+        senders (one weight group per pipeline stage) are loaded one after another."""
         self.running = threading.Event()
         self.running.set()
         self.abort = threading.Event()
@@ -254,39 +258,51 @@ def _weight_routes(app: FastAPI, state: ServerState) -> None:
     def update_distributed(req: dict[str, Any] = Body(...)) -> Any:
         # Every refusal comes before the broadcast is joined, as in SGLang: the trainer sees
         # the 400 while it waits in the broadcast, and stops.
-        if not state.session_open:
-            return _fail("update_weights_from_distributed must run between begin_weight_update() "
-                         "and end_weight_update()")
-        name = req.get("group_name", "weight_update_group")
-        group = state.groups.get(name)
-        if group is None:
-            return _fail(f"Failed to receive weights: Group {name} not in {sorted(state.groups)}. "
-                         "Please call `init_weights_update_group` first.")
-        received = []
-        # Receive everything before validating: the trainer is broadcasting all of it.
-        for tensor_name, dtype, shape in zip(req["names"], req["dtypes"], req["shapes"]):
-            buf = torch.empty(shape, dtype=_DTYPES[dtype])
-            dist.broadcast(buf, src=0, group=group)
-            received.append((tensor_name, buf))
-        return _apply_update(state, received, req.get("weight_version"))
+        with state.update_lock:
+            return _receive_and_apply(state, req)
 
     @app.post("/update_weights_from_tensor")
     def update_tensor(req: dict[str, Any] = Body(...)) -> Any:
-        if not state.session_open:
-            return _fail("update_weights_from_tensor must run between begin_weight_update() "
-                         "and end_weight_update()")
-        # One entry per engine TP rank, as in SGLang; this server is TP rank 0 of 1.
-        entries = req.get("serialized_named_tensors") or []
-        if req.get("load_format") not in (None, "direct"):
-            return _fail(f"load_format={req.get('load_format')!r} is not supported by the CPU server; "
-                         "send a list of (name, tensor) pairs with load_format=None")
-        if not entries:
-            return _fail("serialized_named_tensors is empty; send one entry per engine TP rank")
-        try:
-            named = deserialize_named_tensors(entries[0])
-        except ValueError as exc:
-            return _fail(str(exc))
-        return _apply_update(state, named, req.get("weight_version"))
+        with state.update_lock:
+            return _apply_tensor_update(state, req)
+
+
+def _receive_and_apply(state: ServerState, req: dict[str, Any]) -> Any:
+    """/update_weights_from_distributed: receive by broadcast from rank 0 of the named group."""
+    if not state.session_open:
+        return _fail("update_weights_from_distributed must run between begin_weight_update() "
+                     "and end_weight_update()")
+    name = req.get("group_name", "weight_update_group")
+    group = state.groups.get(name)
+    if group is None:
+        return _fail(f"Failed to receive weights: Group {name} not in {sorted(state.groups)}. "
+                     "Please call `init_weights_update_group` first.")
+    received = []
+    # Receive everything before validating: the trainer is broadcasting all of it.
+    for tensor_name, dtype, shape in zip(req["names"], req["dtypes"], req["shapes"]):
+        buf = torch.empty(shape, dtype=_DTYPES[dtype])
+        dist.broadcast(buf, src=0, group=group)
+        received.append((tensor_name, buf))
+    return _apply_update(state, received, req.get("weight_version"))
+
+
+def _apply_tensor_update(state: ServerState, req: dict[str, Any]) -> Any:
+    """/update_weights_from_tensor: SGLang's payload, tensors by shared-memory handle."""
+    if not state.session_open:
+        return _fail("update_weights_from_tensor must run between begin_weight_update() "
+                     "and end_weight_update()")
+    # One entry per engine TP rank, as in SGLang; this server is TP rank 0 of 1.
+    entries = req.get("serialized_named_tensors") or []
+    if req.get("load_format") not in (None, "direct"):
+        return _fail(f"load_format={req.get('load_format')!r} is not supported by the CPU server; "
+                     "send a list of (name, tensor) pairs with load_format=None")
+    if not entries:
+        return _fail("serialized_named_tensors is empty; send one entry per engine TP rank")
+    try:
+        named = deserialize_named_tensors(entries[0])
+    except ValueError as exc:
+        return _fail(str(exc))
+    return _apply_update(state, named, req.get("weight_version"))
 
 
 def _memory_routes(app: FastAPI, state: ServerState) -> None:

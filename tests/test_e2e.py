@@ -52,6 +52,19 @@ def test_two_ranks_two_steps_write_metrics_and_sync_engines(e2e_run):
     assert any((e2e_run / "tensorboard").iterdir())
 
 
+def test_pipeline_stages_send_their_own_weights_each_step(tmp_path):
+    """pp=2 through the loop: each stage's sender forms its own weight group with the engines
+    (rank 0 says where and when to re-form) and the engines sample with the trainer's weights."""
+    run_dir = tmp_path / "run"
+    tiny.train_run(run_dir, 2, ["parallel.pp=2", "run.log_tensorboard=false"])
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["sync/engine_version_min"] == r["sync/engine_version_max"] == r["step"]
+        assert r["train/logprob_gap_rollout"] < 1e-4
+        assert r["sync/bytes"] > 0 and r["sync/attempts"] == 1
+
+
 def test_colocated_engines_get_weights_by_handle_each_step(tmp_path):
     run_dir = tmp_path / "run"
     tiny.train_run(run_dir, 2, ["engine.colocate=true", "engine.num_engines=2", "run.log_tensorboard=false"])
@@ -63,6 +76,8 @@ def test_colocated_engines_get_weights_by_handle_each_step(tmp_path):
         assert r["sync/engine_version_min"] == r["sync/engine_version_max"] == r["step"]
         assert r["train/logprob_gap_rollout"] < 1e-4
         assert r["sync/bytes"] > 0 and r["sync/attempts"] == 1
+        # engine.offload_train_state (on by default when colocated): released during rollout.
+        assert r["colocated/offloaded_bytes"] > 0
 
 
 @pytest.mark.faults

@@ -149,10 +149,17 @@ def test_colocated_layout_counts_the_resident_trainer_state():
     resident = 2 * n + 4 * n + 12 * n / 2 + 2 * n  # bf16 params, fp32 grads, Adam over dp=2, FP8 copies
     m = trainer_memory(cfg, HF["qwen2.5-7b"], shape, dp=2, stage=0)
     assert m.params + m.grads + m.optimizer + m.fp8_weights == resident
-    r = _plan(*args)  # mem_fraction_static 0.8 of 80 GiB on top of the trainer state
+    r = _plan(*args, "engine.offload_train_state=false")  # 0.8 of 80 GiB on top of the whole state
     over = resident / GIB + 0.8 * 80 - 0.92 * 80
     room = (0.92 * 80 - resident / GIB) / 80
     assert r.returncode == 1, r.stdout
     assert f"by {over:.1f} GiB; lower engine.mem_fraction_static to {room:.2f}" in r.stdout
+    # Offloaded (the default): grads + optimizer state leave the GPU during rollout, and fit.
+    stays, freed = 2 * n + 2 * n, 4 * n + 12 * n / 2
+    assert m.during_rollout(True) == stays and m.during_rollout(False) == resident
+    r = _plan(*args)
+    assert r.returncode == 0, r.stdout
+    assert (f"trainer state {stays / GIB:.1f} GiB stays during rollout ({freed / GIB:.1f} GiB of grads "
+            "+ optimizer state offloaded to host memory)") in r.stdout
     r = _plan(*args[:-1], "engine.num_engines=3")
     assert r.returncode == 2 and "set engine.num_engines=4" in r.stderr

@@ -80,6 +80,10 @@ class EngineConfig:
     """Engines share the trainer's GPUs: one engine TP rank per trainer rank (num_engines x
     engine_tp = trainer world size), memory released during training, weights passed by
     handle (update_weights_from_tensor)."""
+    offload_train_state: bool = True
+    """Colocated: while the engines generate, free the trainer's gradient buffers and keep its
+    optimizer state (moments, fp32 main params) in host memory, restored bit for bit before
+    training (model/offload.py); ignored unless colocate."""
     mem_fraction_static: float = 0.8
     """SGLang --mem-fraction-static (weights + KV cache share of GPU memory)."""
     sglang_args: dict[str, Any] = field(default_factory=dict)

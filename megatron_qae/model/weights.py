@@ -69,6 +69,21 @@ def load_hf_state(policy, hf_state: Mapping[str, torch.Tensor]) -> None:
     policy.optimizer.reload_model_params()
 
 
+def full_param_specs(
+    chunks: list[torch.nn.Module], tp: int
+) -> list[tuple[str, torch.Size, torch.dtype]]:
+    """(global megatron name, full shape, dtype) of this rank's parameters, from the shard
+    shapes alone: what `iter_full_params` will yield, known before anything is gathered."""
+    specs = []
+    for chunk in chunks:
+        for name, param in global_named_parameters(chunk):
+            shape, dim = list(param.shape), qm.tp_dim(name)
+            if dim is not None:
+                shape[dim] *= tp
+            specs.append((name, torch.Size(shape), param.dtype))
+    return specs
+
+
 def iter_full_params(
     chunks: list[torch.nn.Module], tp_group: dist.ProcessGroup | None
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -85,7 +100,10 @@ def iter_full_params(
                 continue
             shards = [torch.empty_like(data) for _ in range(tp)]
             dist.all_gather(shards, data.contiguous(), group=tp_group)
-            yield name, qm.tp_merge(name, shards)
+            full = qm.tp_merge(name, shards)
+            del shards  # only the merged tensor stays alive while the caller holds it
+            yield name, full
+            del full  # before the next gather: at most one gathered tensor per rank
 
 
 def _open_hf_dir(model_dir: str | Path) -> Mapping[str, torch.Tensor] | None:

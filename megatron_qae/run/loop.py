@@ -3,7 +3,9 @@
 What it does: `run(cfg, env)` drives one training run on every trainer rank. Global rank 0
 owns the Ray side (rollout manager, engines) and hands each rank only its share of the rollout
 batch (handoff.py); the advantage is the DP-aware QAE reduction; training runs the step's
-mini-batches through megatron; then weights go to the engines. What it does not: parse arguments or read the
+mini-batches through megatron; then weights go to the engines. Colocated, the trainer's
+gradient buffers and optimizer state are offloaded from after training until the engines have
+released the GPU. What it does not: parse arguments or read the
 environment (train.py does), or implement any of the steps (each is a call).
 """
 
@@ -31,15 +33,20 @@ from megatron_qae.algorithm.objective import LossConfig, zero_advantage_gradient
 from megatron_qae.run.ledger import GroupLedger
 from megatron_qae.run.metrics import MetricsSink
 from megatron_qae.model.build import load_hf_config
+from megatron_qae.model.offload import OffloadedState, offload_train_state, restore_train_state
 from megatron_qae.model.policy import Policy, build_policy, finish_param_sync
 from megatron_qae.model.reference import Reference, build_reference
 from megatron_qae.run.rollout import Rollout
 from megatron_qae.run.train_step import compute_logprobs, logprob_gap, train_step
-from megatron_qae.sync.weight_sync import push_weights
+from megatron_qae.sync.weight_sync import StageLink, push_weights
 from rollout_sglang.client import EngineError
 from rollout_sglang.types import Sample
 
 log = logging.getLogger(__name__)
+
+
+Sync = ColocatedSync | StageLink
+"""How weights reach the engines: by handle (colocated) or by each stage's weight link."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
     if is_driver:
         save_config(cfg, run_dir)
     total_steps = cfg.run.num_rollout_steps * cfg.rollout.steps_per_rollout
-    colocated, rollout = None, None
+    rollout, sync = None, None
     _log_zero_advantage_skip(cfg, is_driver)
     if is_driver and not cfg.engine.colocate:
         # Engines on their own devices start (SGLang: minutes at scale) while the policy is built
@@ -79,19 +86,23 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
                                     cfg.model.path if cfg.model.load_weights else None) if cfg.algo.kl_coef > 0 else None
         if cfg.engine.colocate:
             placements = engine_placements(cfg.engine.num_engines, cfg.engine.engine_tp)
-            colocated = ColocatedSync(cfg.engine.num_engines, cfg.engine.engine_tp, cfg.engine.request_timeout_s)
+            sync = ColocatedSync(cfg.engine.num_engines, cfg.engine.engine_tp, cfg.engine.request_timeout_s)
             rollout = Rollout.start(cfg, env.master_address, placements) if is_driver else None
+        else:
+            sync = StageLink(policy, env.master_address)
         start, _ = _restore(cfg, policy, rollout)
         if rollout is not None:
             rollout.wait_ready()
-        return _train_loop(cfg, policy, reference, rollout, colocated, start, run_dir, is_driver)
+        return _train_loop(cfg, policy, reference, rollout, sync, start, run_dir, is_driver)
     finally:
+        if isinstance(sync, StageLink):
+            sync.close()
         if rollout is not None:
             rollout.shutdown()
 
 
 def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollout: Rollout | None,
-                colocated: ColocatedSync | None, start: int, run_dir: Path, is_driver: bool) -> list[dict[str, float]]:
+                sync: Sync, start: int, run_dir: Path, is_driver: bool) -> list[dict[str, float]]:
     sink = MetricsSink(run_dir, enabled=is_driver, tensorboard=cfg.run.log_tensorboard,
                        wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
     sink.truncate_after(start)
@@ -99,7 +110,8 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
     ledger.truncate_after(start)
     stop = checkpoint.install_sigterm_save()
     history: list[dict[str, float]] = []
-    _sync(policy, rollout, colocated, version=start, cfg=cfg)  # engines start from the trainer's weights
+    offloaded = _offload(cfg, policy, sync)  # colocated: grads + optimizer state leave the GPU for generation
+    _sync(policy, rollout, sync, version=start, cfg=cfg)  # engines start from the trainer's weights
     progress = _progress(cfg, start, is_driver)
     for step in range(start + 1, cfg.run.num_rollout_steps + 1):
         t0 = time.perf_counter()
@@ -113,15 +125,18 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
         samples = batch.samples if batch is not None else None
         _warn_underfilled(cfg, header.metrics, step, is_driver)
         ledger.record(step, batch)
-        _release_engines(rollout, colocated)                                    # colocated: free GPUs
+        _release_engines(rollout, sync)                                        # colocated: free GPUs
+        offload_metrics = _restore_offloaded(policy, offloaded)                  # colocated: state back
         advantages, adv_metrics = _advantages(cfg, policy, samples, header.num_samples, sent)  # advantage
         train_metrics = _train(cfg, policy, reference, samples, advantages, step, sent)  # train
+        offloaded = _offload(cfg, policy, sync)
         if ahead:
             _wait_ahead(rollout, policy)
-        sync_metrics = _sync(policy, rollout, colocated, version=step, cfg=cfg)  # weight sync
-        metrics = {**header.metrics, **adv_metrics, **train_metrics, **sync_metrics, **_staleness(samples, step),
-                   "time/step_s": time.perf_counter() - t0, "time/rollout_wait_s": wait_s,
-                   "train/policy_version": float(step), "handoff/sent_bytes": float(sent.sent)}
+        sync_metrics = _sync(policy, rollout, sync, version=step, cfg=cfg)      # weight sync
+        metrics = {**header.metrics, **adv_metrics, **train_metrics, **sync_metrics, **offload_metrics,
+                   **_staleness(samples, step), "time/step_s": time.perf_counter() - t0,
+                   "time/rollout_wait_s": wait_s, "train/policy_version": float(step),
+                   "handoff/sent_bytes": float(sent.sent)}
         if cfg.run.eval_interval_steps and step % cfg.run.eval_interval_steps == 0 and is_driver:
             metrics.update(rollout.evaluate(cfg.run.eval_n_samples))            # eval
         sink.log(step, metrics)
@@ -130,8 +145,10 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
         stopping = _broadcast(stop.requested, policy)  # every rank must agree before a collective save
         if stopping or (cfg.run.save_interval_steps and step % cfg.run.save_interval_steps == 0):
             loop_state = {"step": step, "rollout": rollout.state_dict() if is_driver else None}
+            _restore_offloaded(policy, offloaded)  # the checkpoint holds the optimizer state
             checkpoint.save_checkpoint(run_dir, step, policy, _broadcast(loop_state, policy),    # checkpoint
                                        keep_last=cfg.run.keep_last_checkpoints)
+            offloaded = _offload(cfg, policy, sync)
         if stopping:
             log.warning("SIGTERM: saved step %d and stopping", step)
             break
@@ -273,29 +290,52 @@ def _warn_underfilled(cfg: Config, m: dict[str, float], step: int, is_driver: bo
                     int(m["rollout/groups"]), cfg.rollout.prompts_per_step, int(m["rollout/gen_batches"]))
 
 
-def _release_engines(rollout: Rollout | None, colocated: ColocatedSync | None) -> None:
+def _offload(cfg: Config, policy: Policy, sync: Sync) -> OffloadedState | None:
+    """Colocated with engine.offload_train_state: free the gradient buffers and move the
+    optimizer state to host memory while the engines hold the GPU (weight sync, generation)."""
+    if not (isinstance(sync, ColocatedSync) and cfg.engine.offload_train_state):
+        return None
+    t0 = time.perf_counter()
+    state = offload_train_state(policy)
+    state.offload_s = time.perf_counter() - t0
+    return state
+
+
+def _restore_offloaded(policy: Policy, state: OffloadedState | None) -> dict[str, float]:
+    """Bring back what `_offload` released, before the trainer touches it again."""
+    if state is None or state.restored:
+        return {}
+    t0 = time.perf_counter()
+    restore_train_state(policy, state)
+    return {"colocated/offloaded_bytes": float(state.freed_bytes), "colocated/offload_s": state.offload_s,
+            "colocated/restore_s": time.perf_counter() - t0}
+
+
+def _release_engines(rollout: Rollout | None, sync: Sync) -> None:
     """Colocated: the engines free their GPU memory (weights, KV cache) before training."""
-    if colocated is None:
+    if not isinstance(sync, ColocatedSync):
         return
     if rollout is not None:
         rollout.release_memory()
     dist.barrier()  # no rank allocates activations before its engine has let go
 
 
-def _sync(policy: Policy, rollout: Rollout | None, colocated: ColocatedSync | None, version: int,
+def _sync(policy: Policy, rollout: Rollout | None, sync: Sync, version: int,
           cfg: Config) -> dict:
     """Push weights at `version` to every engine. Engines restarted since the last sync get
     them too; when an engine fails during the push it is restarted and the push repeated."""
     e = cfg.engine
     for attempt in range(1, e.max_restarts + 2):
-        if colocated is None:
-            link = rollout.prepare_sync() if rollout is not None else None
+        if isinstance(sync, StageLink):
+            target = _broadcast(rollout.prepare_sync(attempt > 1, sync.hung()) if rollout is not None else None,
+                                policy)
+            link = sync.prepare(target)
             times = push_weights(policy, link, version, e.weight_sync_bucket_bytes)
             ok = link is None or link.failed is None
         else:
             # The broadcast is the barrier: no rank sends before rank 0 has the engines ready.
             urls, api_key = _broadcast(rollout.prepare_colocated() if rollout is not None else None, policy)
-            times, ok = colocated.push(policy, urls, version, e.weight_sync_bucket_bytes, api_key=api_key)
+            times, ok = sync.push(policy, urls, version, e.weight_sync_bucket_bytes, api_key=api_key)
         failed = torch.tensor([0.0 if ok else 1.0])
         dist.all_reduce(failed)
         if failed.item() == 0:
@@ -307,7 +347,7 @@ def _sync(policy: Policy, rollout: Rollout | None, colocated: ColocatedSync | No
                           "see the engine logs under <run_dir>/engine_logs/ (engine.max_restarts)")
     if rollout is None:
         return {}
-    if colocated is not None:
+    if isinstance(sync, ColocatedSync):
         rollout.resume_memory(["kv_cache"])
     rollout.mark_synced(version)
     versions = rollout.engine_versions()

@@ -1,17 +1,17 @@
-"""Global rank 0's handle on the rollout side: Ray, the rollout manager and the weight link.
+"""Global rank 0's handle on the rollout side: Ray, the rollout manager and where weights go.
 
 What it does: connects to (or starts) Ray, draws the run's engine API key, creates the
-RolloutManager actor, forwards generate / evaluate / state calls, and keeps the weight-update
-group with the engines formed, re-forming it when the set of engines changed (an engine died
-and was restarted) or the last push failed. Engine weight versions are read from /model_info.
-What it does not: generate or score (the manager does) or send weights (weight_sync does).
+RolloutManager actor, forwards generate / evaluate / state calls, and says where weights go
+(`SyncTarget`): the live engines, and whether the weight-update groups must be re-formed (the
+set of engines changed, an engine died and was restarted, or the last push failed). Engine
+weight versions are read from /model_info. What it does not: form the groups or send weights
+(each pipeline stage's sender does, in weight_sync).
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-import socket
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -19,18 +19,12 @@ from pathlib import Path
 import ray
 
 from megatron_qae.model import cpu_compat
-from megatron_qae.sync.weight_sync import EngineLink, connect_engines, disconnect
+from megatron_qae.sync.weight_sync import SyncTarget
 from rollout_sglang.manager import RolloutManager, engine_watch_policy
 from rollout_sglang.client import SGLangClient
 from rollout_sglang.types import EnginePlacement, RolloutBatch
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class Rollout:
@@ -42,7 +36,7 @@ class Rollout:
         self.api_key = api_key
         """The run's engine API key: every engine requires it, every client sends it."""
         self.master_address = master_address
-        self.link: EngineLink | None = None
+        self._formed = False
         self._endpoints: list[tuple[str, int]] = []
         self._ahead: ray.ObjectRef | None = None
         """The batch being generated ahead of training (rollout.async_steps=1), until taken."""
@@ -112,25 +106,23 @@ class Rollout:
         for message in ray.get(self.manager.take_warnings.remote()):
             log.warning("%s", message)
 
-    def prepare_sync(self) -> EngineLink:
-        """The weight link to every live engine, re-formed when engines were restarted or the
-        last push failed."""
-        hung = self.link.hung if self.link is not None else {}
-        restarted = ray.get(self.manager.restart_dead_engines.remote(hung))
+    def prepare_sync(self, last_failed: bool, hung: dict[str, float] | None = None) -> SyncTarget:
+        """Where every stage's sender sends the weights: every live engine, dead ones and those
+        a push found `hung` ({url: seconds without a /health answer}) restarted first; the links
+        are re-formed when engines were restarted, the set changed or the last push failed
+        (`last_failed`)."""
+        restarted = ray.get(self.manager.restart_dead_engines.remote(hung or {}))
         self._relay_warnings()
         endpoints = ray.get(self.manager.engine_endpoints.remote())
-        if self.link is None or restarted or self.link.failed or endpoints != self._endpoints:
-            if self.link is not None:
-                disconnect(self.link)
-            backend = "gloo" if not cpu_compat.cuda_available() else "nccl"
-            e = self.cfg.engine
-            watch = replace(engine_watch_policy(e), s_per_token=0.0, floor_s=e.request_timeout_s)
-            self.link = connect_engines(endpoints, self.master_address, _free_port(), backend,
-                                        e.request_timeout_s, self.api_key, watch)
-            if restarted:
-                log.warning("re-formed the weight group after restarting %s", restarted)
-        self._endpoints = endpoints
-        return self.link
+        reform = not self._formed or bool(restarted) or last_failed or endpoints != self._endpoints
+        if restarted:
+            log.warning("re-forming the weight groups after restarting %s", restarted)
+        self._formed, self._endpoints = True, endpoints
+        backend = "gloo" if not cpu_compat.cuda_available() else "nccl"
+        e = self.cfg.engine
+        # Control and weight-update replies: the configured timeout, a /health watch throughout.
+        watch = replace(engine_watch_policy(e), s_per_token=0.0, floor_s=e.request_timeout_s)
+        return SyncTarget(endpoints, backend, e.request_timeout_s, self.api_key, reform, watch)
 
     def prepare_colocated(self) -> tuple[list[str], str]:
         """Colocated: the URL of every engine in engine order and the API key, dead ones
@@ -173,9 +165,6 @@ class Rollout:
         ray.get(self.manager.load_state_dict.remote(state))
 
     def shutdown(self) -> None:
-        if self.link is not None:
-            disconnect(self.link)
-            self.link = None
         try:
             ray.get(self.manager.shutdown.remote())
         except ray.exceptions.RayActorError:

@@ -3,7 +3,7 @@
 What it does: every trainer rank hosts one engine TP rank (engine e on trainer ranks
 [e*engine_tp, (e+1)*engine_tp), the same node and GPUs). `engine_placements` tells the
 rollout manager where each engine must run. `ColocatedSync.push` gathers the full HF tensors
-on every rank (TP all-gather, PP broadcast, all DP replicas), packs each bucket into one
+on every rank (TP all-gather, PP broadcast one tensor at a time, all DP replicas), packs each bucket into one
 buffer per dtype, and sends SGLang's `/update_weights_from_tensor` with one serialized entry
 per engine TP rank, inside one weight-update session per engine (`/begin_weight_update` ...
 `/end_weight_update`): only memory handles travel (CUDA IPC on GPU, shared memory on CPU), no
@@ -89,7 +89,7 @@ class ColocatedSync:
                                   api_key=api_key or self.api_key)
         times, state = SyncTimes(), {"ok": True}
         opened = client is not None and self._call(client, client.begin_weight_update, state)
-        for bucket, last in hf_buckets(policy, bucket_bytes, times, dtype, all_replicas=True):
+        for bucket, last in hf_buckets(policy, bucket_bytes, times, dtype, all_stages=True, all_replicas=True):
             self._send(client, bucket, version, times, state, flush=last)
         if opened:  # also after a refused update, so the next push can open a session
             self._call(client, client.end_weight_update, state)

@@ -1,27 +1,31 @@
 """Push the trainer's weights to the rollout engines after each step.
 
-What it does: gathers TP shards (all-gather in the TP group) and pipeline stages (broadcast in
-the PP group to global rank 0), maps megatron tensors to HF Qwen2 names with the one pure
-mapping, and sends them in size-bounded buckets inside one weight-update session per engine
-(`/begin_weight_update` ... `/end_weight_update`, required by SGLang >= 0.5.21): the engines
-are told the names / dtypes / shapes over HTTP (`/update_weights_from_distributed`) while
-rank 0 broadcasts the tensors over the weight-update group that joins it with every engine
-rank. No broadcast starts before every engine has opened its session; an engine that refuses
-(its 400 arrives before it would join the broadcast) stops the push at once with an error
-naming the engine and SGLang's message, instead of leaving rank 0 waiting in the broadcast.
-Every reply is awaited with a deadline and a /health watch: an engine that stops answering
-(stopped, wedged) fails the push within seconds and is listed in `link.hung`, so the loop has
-the rollout manager kill and restart it before the push is repeated.
-Timed per phase. What it does not: decide when to sync (the loop does) or start engines (the
-rollout manager does).
+What it does: each pipeline stage's sender (TP rank 0 of DP replica 0) gathers its own
+stage's TP shards one tensor at a time (all-gather in the TP group), maps megatron tensors to
+HF Qwen2 names with the one pure mapping, and sends them in size-bounded buckets straight to
+the engines over a weight-update group of its own (SGLang receives each update by broadcast
+from rank 0 of the named group, and an engine may be in several named groups): no stage's
+weights cross the pipeline, and a sync holds at most two buckets and one gathered tensor per
+sender. All of it happens inside one weight-update session per engine
+(`/begin_weight_update` ... `/end_weight_update`, required by SGLang >= 0.5.21), opened by the
+first stage's sender before any stage sends and closed after every stage has: the engines are
+told the names / dtypes / shapes over HTTP (`/update_weights_from_distributed`) while the
+sender broadcasts the tensors. An engine that refuses (its 400 arrives before it would join
+the broadcast) stops the push at once with an error naming the engine and SGLang's message,
+instead of leaving a sender waiting in the broadcast. Every reply is awaited with a deadline
+and a /health watch: an engine that stops answering (stopped, wedged) fails the push within
+seconds and is listed in `link.hung`, so the manager kills and restarts it before the push is
+repeated. Timed per phase. What it does not:
+decide when to sync (the loop does), decide when links must be re-formed (global rank 0's
+`Rollout.prepare_sync` does) or start engines (the rollout manager does).
 
-Every trainer rank calls `push`; only data-parallel replica 0 takes part in the gathers, and
-only global rank 0 talks to the engines.
+Every trainer rank calls `push_weights`; only data-parallel replica 0 takes part in the gathers.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +36,7 @@ import torch.distributed as dist
 
 from megatron_qae.model import qwen2_mapping as qm
 from megatron_qae.model.policy import Policy
-from megatron_qae.model.weights import iter_full_params
+from megatron_qae.model.weights import full_param_specs, iter_full_params
 from rollout_sglang.client import EngineError, SGLangClient
 from rollout_sglang.watchdog import EngineHung, HealthWatch, WatchPolicy, wait_watching
 from rollout_sglang.weight_group import destroy_weight_group, init_weight_group
@@ -89,14 +93,16 @@ def connect_engines(
     backend: str,
     timeout_s: float,
     api_key: str | None = None,
+    group_name: str | None = None,
     watch: WatchPolicy | None = None,
 ) -> EngineLink:
-    """Form the weight-update group: rank 0 = this process, engine i's TP ranks after it.
-    `watch` probes the engines while their replies are awaited (default: probes every 2 s,
-    each reply's deadline `timeout_s`)."""
+    """Form a weight-update group: rank 0 = this process, engine i's TP ranks after it. An
+    engine can be in several such groups at once (one per pipeline stage's sender), told
+    apart by `group_name` (a fresh one when None). `watch` probes the engines while their
+    replies are awaited (default: probes every 2 s, each reply's deadline `timeout_s`)."""
     clients = [SGLangClient(url, timeout_s=timeout_s, api_key=api_key) for url, _ in endpoints]
     world = 1 + sum(tp for _, tp in endpoints)
-    group_name = f"qae_weights_{uuid.uuid4().hex[:8]}"
+    group_name = group_name or f"qae_weights_{uuid.uuid4().hex[:8]}"
     pool = ThreadPoolExecutor(max(8, len(clients)))
     offsets = [1 + sum(tp for _, tp in endpoints[:i]) for i in range(len(endpoints))]
     futures = [
@@ -108,6 +114,68 @@ def connect_engines(
     for f in futures:
         f.result()
     return EngineLink(clients, group, group_name, pool, watch=watch or WatchPolicy(0.0, timeout_s))
+
+
+@dataclass(frozen=True)
+class SyncTarget:
+    """What every stage's sender needs to form its weight link; decided by global rank 0."""
+
+    endpoints: list[tuple[str, int]]
+    """(URL, engine TP size) of every live engine, in engine order."""
+    backend: str
+    """Backend of the weight-update groups ("nccl" on GPU, "gloo" on CPU)."""
+    timeout_s: float
+    """Engine request timeout (and rendezvous timeout) in seconds."""
+    api_key: str | None
+    """The engines' API key."""
+    reform: bool
+    """Engines changed or the last push failed: every sender forms its link anew."""
+    watch: WatchPolicy | None = None
+    """Deadline of each engine reply and the /health watch that finds a hung engine."""
+
+
+def reachable_address(master_address: str) -> str:
+    """This host's address on the interface that reaches `master_address`: where the engines
+    (which reach the trainer's rank 0 there) can reach this rank's weight group."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((master_address, 9))  # UDP: picks the route, sends nothing
+        return s.getsockname()[0]
+
+
+class StageLink:
+    """One trainer rank's weight link: formed on each pipeline stage's sender, None elsewhere.
+    Create on every rank; `prepare` is called by every rank with the same target."""
+
+    def __init__(self, policy: Policy, master_address: str) -> None:
+        self.active = is_stage_sender(policy)
+        self.pp_rank = policy.groups.pp_rank
+        self.address = master_address
+        if self.active and dist.get_rank() != 0:
+            self.address = reachable_address(master_address)
+        self.link: EngineLink | None = None
+
+    def prepare(self, target: SyncTarget) -> EngineLink | None:
+        """This rank's link to every engine in `target`, re-formed when it says so."""
+        if not self.active:
+            return None
+        if self.link is None or target.reform or self.link.failed:
+            self.close()
+            with socket.socket() as s:
+                s.bind(("", 0))
+                port = s.getsockname()[1]
+            name = f"qae_weights_pp{self.pp_rank}_{uuid.uuid4().hex[:8]}"
+            self.link = connect_engines(target.endpoints, self.address, port, target.backend,
+                                        target.timeout_s, target.api_key, name, target.watch)
+        return self.link
+
+    def hung(self) -> dict[str, float]:
+        """Engines this rank's last push found hung ({url: seconds}), for the manager to kill."""
+        return dict(self.link.hung) if self.link is not None else {}
+
+    def close(self) -> None:
+        if self.link is not None:
+            disconnect(self.link)
+            self.link = None
 
 
 def disconnect(link: EngineLink) -> None:
@@ -229,32 +297,45 @@ def _broadcast_watching(link: EngineLink, tensors: list[torch.Tensor], futures: 
         link.failed = f"broadcast to the engines failed: {exc}"
 
 
-def stage_tensors(policy: Policy, all_replicas: bool = False):
-    """(global megatron name, full tensor) of the whole model, on every rank of DP replica 0
-    (of every replica with `all_replicas`); collective over those ranks.
+def is_stage_sender(policy: Policy) -> bool:
+    """Whether this rank sends its pipeline stage's weights to the engines: TP rank 0 of DP
+    replica 0, one per stage."""
+    return policy.groups.dp_rank == 0 and policy.groups.tp_rank == 0
 
-    Stage by stage: the stage's TP ranks all-gather, then its TP rank 0 broadcasts each tensor
-    in its PP group.
+
+def stage_tensors(policy: Policy, all_stages: bool, all_replicas: bool = False):
+    """(global megatron name, full tensor, is the last one), one tensor alive at a time;
+    collective over the ranks of DP replica 0 (of every replica with `all_replicas`).
+
+    `all_stages=False`: this rank's own stage only (the stage's TP ranks all-gather each
+    tensor). `all_stages=True` (colocated: every engine needs the whole model): stage by stage,
+    the stage's ranks gather one tensor and broadcast it in their PP group, the next tensor
+    only after that one is handed on, so no rank ever holds a whole stage.
     """
     groups = policy.groups
     if groups.dp_rank != 0 and not all_replicas:
         return
+    own = iter_full_params(policy.chunks, groups.tp)
+    if not all_stages or groups.dims.pp == 1:
+        count = len(full_param_specs(policy.chunks, groups.dims.tp))
+        for i, (name, full) in enumerate(own):
+            yield name, full, i == count - 1
+        return
     for stage in range(groups.dims.pp):
         mine = groups.pp_rank == stage
-        tensors = iter_full_params(policy.chunks, groups.tp) if mine else iter(())
-        if groups.dims.pp == 1:
-            yield from tensors
-            continue
         src = dist.get_global_rank(groups.pp, stage)
-        local = dict(tensors)
-        meta = [[(n, t.shape, t.dtype) for n, t in local.items()]] if mine else [None]
+        # The shapes follow from the shards: no tensor is gathered just to announce it.
+        meta = [full_param_specs(policy.chunks, groups.dims.tp)] if mine else [None]
         dist.broadcast_object_list(meta, src=src, group=groups.pp)
-        for name, shape, dtype in meta[0]:
-            buf = local.get(name)
-            if buf is None:
+        for i, (name, shape, dtype) in enumerate(meta[0]):
+            if mine:
+                got, buf = next(own)
+                assert got == name and buf.shape == shape, (got, name, buf.shape, shape)
+            else:
                 buf = torch.empty(shape, dtype=dtype, device=_device_of(policy))
             dist.broadcast(buf, src=src, group=groups.pp)
-            yield name, buf
+            yield name, buf, stage == groups.dims.pp - 1 and i == len(meta[0]) - 1
+            buf = None  # before the next gather
 
 
 def _device_of(policy: Policy) -> torch.device:
@@ -265,16 +346,31 @@ def push_weights(policy: Policy, link: EngineLink | None, version: int,
                  bucket_bytes: int, dtype: torch.dtype | None = None) -> SyncTimes:
     """Send every weight to the engines as HF Qwen2 tensors; collective over DP replica 0.
 
-    `link` is only used (and only needed) on global rank 0; after the call `link.failed` says
-    whether every engine got everything. `dtype` casts on the way out (bf16 engines from an
-    fp32 trainer); None keeps the trainer's dtype.
+    Each pipeline stage's sender (`is_stage_sender`) sends its own stage over its own link
+    (`link` is needed there only): SGLang receives every update by broadcast from rank 0 of
+    the named group, so each stage's sender is rank 0 of a group of its own with the engines.
+    The first stage's sender opens one weight-update session per engine before any stage
+    sends and closes it after every stage has sent; the engines load the stages' updates one
+    request at a time (SGLang holds its model-update lock for each). After the call
+    `link.failed` says whether every engine got this stage's weights. `dtype` casts on the way
+    out (bf16 engines from an fp32 trainer); None keeps the trainer's dtype.
     """
-    times = SyncTimes()
-    is_sender = dist.get_rank() == 0
-    opened = _open_sessions(link) if is_sender else []
+    times, groups = SyncTimes(), policy.groups
+    is_sender = is_stage_sender(policy)
+    owner = is_sender and groups.pp_rank == 0
+    opened = _open_sessions(link) if owner else []
+    if is_sender and groups.dims.pp > 1:  # the senders' PP group: no stage sends into no session
+        refusal = [link.failed]
+        dist.broadcast_object_list(refusal, src=dist.get_global_rank(groups.pp, 0), group=groups.pp)
+        link.failed = link.failed or refusal[0]
     for bucket, last in hf_buckets(policy, bucket_bytes, times, dtype, map_here=is_sender):
         _send_bucket(link, bucket, version, times, flush=last)
-    if is_sender and not link.failed:
+    if is_sender and groups.dims.pp > 1:  # every stage has sent before the session ends
+        stages: list = [None] * groups.dims.pp
+        dist.all_gather_object(stages, (link.failed, times), group=groups.pp)
+        link.failed = link.failed or next((f for f, _ in stages if f), None)
+        times = _combined([t for _, t in stages])
+    if owner and not link.failed:
         _close_sessions(link, opened)
     elif opened:
         # Best effort, so the next push can open a session: an engine that refused closes
@@ -284,30 +380,32 @@ def push_weights(policy: Policy, link: EngineLink | None, version: int,
     return times
 
 
+def _combined(stages: list[SyncTimes]) -> SyncTimes:
+    """One sync's times from its stages' senders, which run side by side: the slowest phase
+    of any stage, the bytes of all."""
+    return SyncTimes(max(t.gather_s for t in stages), max(t.transfer_s for t in stages),
+                     max(t.engine_load_s for t in stages), sum(t.bytes for t in stages))
+
+
 def hf_buckets(policy: Policy, bucket_bytes: int, times: SyncTimes, dtype: torch.dtype | None = None,
-               all_replicas: bool = False, map_here: bool = True):
+               all_stages: bool = False, all_replicas: bool = False, map_here: bool = True):
     """(bucket of (HF name, tensor), is the last bucket) in model order, each bucket just over
-    `bucket_bytes` at most one tensor group; the time spent gathering and mapping goes to
-    `times.gather_s`. Collective like `stage_tensors`; ranks with `map_here=False` take part in
-    the gathers and get nothing."""
-    ready: list[tuple[str, torch.Tensor]] | None = None
+    `bucket_bytes` by at most one tensor group; one bucket and one gathered tensor are alive
+    at once (the last tensor is known from the announced specs, so no bucket waits for the
+    next to learn it is the last). The time spent gathering and mapping goes to
+    `times.gather_s`. Collective like `stage_tensors` (this stage only unless `all_stages`);
+    ranks with `map_here=False` take part in the gathers and get nothing."""
     bucket: list[tuple[str, torch.Tensor]] = []
     size, start = 0, time.perf_counter()
-    for name, full in stage_tensors(policy, all_replicas):
+    for name, full, last in stage_tensors(policy, all_stages, all_replicas):
         if not map_here:
             continue
         for hf_name, tensor in qm.megatron_to_hf(name, full, policy.hf_config):
             tensor = tensor.to(dtype) if dtype is not None else tensor
             bucket.append((hf_name, tensor))
             size += tensor.numel() * tensor.element_size()
-        if size >= bucket_bytes:
-            if ready is not None:  # one bucket of look-ahead, so the last one is known as such
-                times.gather_s += time.perf_counter() - start
-                yield ready, False
-                start = time.perf_counter()
-            ready, bucket, size = bucket, [], 0
-    times.gather_s += time.perf_counter() - start
-    if ready is not None:
-        yield ready, not bucket
-    if bucket:
-        yield bucket, True
+        full = None  # the bucket holds what is needed of it
+        if size >= bucket_bytes or last:
+            times.gather_s += time.perf_counter() - start
+            yield bucket, last
+            bucket, size, start = [], 0, time.perf_counter()

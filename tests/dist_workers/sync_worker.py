@@ -11,6 +11,8 @@ report the failure without raising, and a group re-formed with the live servers 
 `--signal-pid P --send-signal S` (distributed): server P gets signal S (SIGSTOP, SIGKILL) in the
 middle of the push, right after every engine opened its weight-update session; the push must
 fail within seconds naming it, and a group re-formed with the live servers must work.
+`--measure-memory` (distributed): the peak of the bytes torch's CPU allocator holds during the
+push beyond what it held before, per rank (torch.profiler memory events).
 `--corrupt` swaps gate/up in the HF mapping on the way out: the comparison must then fail.
 `--api-key K` is sent with every request (the real SGLang server of the tier requires one).
 Writes {url: {rollout, trainer, engine_version}} plus the sync report.
@@ -24,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -58,32 +61,30 @@ def _push(a, policy) -> dict:
     urls = a.urls.split(",")
     if a.mode == "colocated":
         sync = ColocatedSync(len(urls), a.engine_tp, 120.0, api_key=a.api_key)
-        times, ok = sync.push(policy, urls, version=3, bucket_bytes=4096)
+        times, ok = sync.push(policy, urls, version=3, bucket_bytes=a.bucket_bytes)
         oks = [None] * dist.get_world_size()
         dist.all_gather_object(oks, ok)
         return {"ok": oks, "bytes": times.bytes, "live": urls}
-    link, report = None, {"live": urls}
-    if dist.get_rank() == 0:
-        link = weight_sync.connect_engines([(u, 1) for u in urls], "127.0.0.1", tiny.free_port(), "gloo",
-                                           120.0, a.api_key)
-        if a.kill_pid:
-            os.kill(a.kill_pid, signal.SIGKILL)
-            time.sleep(0.5)
+    links, report = weight_sync.StageLink(policy, "127.0.0.1"), {"live": urls}
+    target = weight_sync.SyncTarget([(u, 1) for u in urls], "gloo", 120.0, a.api_key, reform=False)
+    link = links.prepare(target)
+    if a.kill_pid and dist.get_rank() == 0:
+        os.kill(a.kill_pid, signal.SIGKILL)
+        time.sleep(0.5)
     if a.signal_pid:
         return _push_signalled(a, policy, link, urls)
-    weight_sync.push_weights(policy, link, version=3, bucket_bytes=4096)
+    report.update(_measured_push(a, policy, link))
     if a.kill_pid:
         if dist.get_rank() == 0:
             report["failed"] = link.failed
-            weight_sync.disconnect(link)
-            live = [u for u in urls if SGLangClient(u, timeout_s=5.0).health()]
-            report["live"] = live
-            link = weight_sync.connect_engines([(u, 1) for u in live], "127.0.0.1", tiny.free_port(), "gloo",
-                                               120.0, a.api_key)
-        weight_sync.push_weights(policy, link, version=3, bucket_bytes=4096)
+            report["live"] = [u for u in urls if SGLangClient(u, timeout_s=5.0).health()]
+        report["live"] = parallel.broadcast_from_driver(report["live"], policy.groups)
+        target = weight_sync.SyncTarget([(u, 1) for u in report["live"]], "gloo", 120.0, a.api_key, reform=True)
+        link = links.prepare(target)
+        weight_sync.push_weights(policy, link, version=3, bucket_bytes=a.bucket_bytes)
     if link is not None:
         report["second_failed"] = link.failed
-        weight_sync.disconnect(link)
+    links.close()
     holder = [report]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
@@ -120,6 +121,25 @@ def _push_signalled(a, policy, link, urls: list[str]) -> dict:
     return holder[0]
 
 
+def _measured_push(a, policy, link) -> dict:
+    """Push version 3; with `--measure-memory` also the peak of the bytes torch's allocator
+    holds beyond what it held before the push (every allocation and free, in order), on every
+    rank, with this rank's stage size and its largest full tensor."""
+    if not a.measure_memory:
+        weight_sync.push_weights(policy, link, version=3, bucket_bytes=a.bucket_bytes)
+        return {}
+    from benchmarks.common import peak_allocated_bytes
+
+    peak = peak_allocated_bytes(lambda: weight_sync.push_weights(policy, link, version=3,
+                                                                 bucket_bytes=a.bucket_bytes))
+    specs = weights.full_param_specs(policy.chunks, policy.groups.dims.tp)
+    sizes = [s.numel() * torch.empty((), dtype=d).element_size() for _, s, d in specs]
+    mine = {"peak_bytes": peak, "stage_bytes": sum(sizes), "largest_bytes": max(sizes)}
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {"memory": every}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
@@ -133,11 +153,14 @@ def main() -> None:
     ap.add_argument("--corrupt", action="store_true")
     ap.add_argument("--out", required=True)
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--bucket-bytes", type=int, default=4096)
+    ap.add_argument("--measure-memory", action="store_true")
     a = ap.parse_args()
     if a.corrupt:
         corrupt_mapping()
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, a.pp))
-    hf = tiny.tiny_hf_config()
+    hf = tiny.tiny_hf_config(layers=a.layers)
     policy = build_policy(tiny.run_config(a.tp, a.pp), hf, groups, total_steps=1)
     weights.load_hf_state(policy, tiny.tiny_hf_model(hf, seed=7).state_dict())
     report = _push(a, policy)

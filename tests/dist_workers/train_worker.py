@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--ckpt-dir", default=None, help="load weights from this run dir's (model-only) checkpoint")
     ap.add_argument("--skip-zero", action="store_true")
     ap.add_argument("--pack", action="store_true", help="packed micro-batches (train.pack_sequences)")
+    ap.add_argument("--offload", action="store_true",
+                    help="with --mini-steps: offload grad buffers + optimizer state between steps and restore")
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--policy-loss", default="dapo", help="algo.policy_loss of the forward/backward")
     ap.add_argument("--out", required=True)
@@ -124,10 +126,35 @@ def mini_steps(a, policy, groups, mbs, samples) -> dict:
         # leaves to the next forward; with --overlap only the steps' metrics are kept.
         params = None if a.overlap else {n: t.clone() for n, t in weights.iter_full_params(policy.chunks, groups.tp)}
         metrics = train_step(policy, mbs, response_tokens(samples), LossConfig(), k, chunk_tokens=a.chunk_tokens)
-        history.append({"params": params, "metrics": metrics})
+        history.append({"params": params, "metrics": metrics,
+                        "offload": offload_round_trip(policy) if a.offload else None})
     finish_param_sync(policy)
     return {"history": history, "gap": gap, "micro_batches": len(mbs),
             "params": dict(weights.iter_full_params(policy.chunks, groups.tp)), "grads": {}, "metrics": {}}
+
+
+def offload_round_trip(policy) -> dict:
+    """Offload, look at what is held during the window (as generation would see it), restore.
+    The bytes expected are counted here from the optimizer and buffers, not by offload.py."""
+    from megatron_qae.model.offload import offload_train_state, restore_train_state
+
+    grad_buffers = [b.grad_data for c in policy.chunks for b in c.buffers if b.grad_data is not None]
+    inner = [o.optimizer for o in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer])]
+    moments = [v for o in inner for st in o.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")]
+    model = {p.untyped_storage().data_ptr() for c in policy.chunks for p in c.parameters()}
+    mains = [p for o in inner for g in o.param_groups for p in g["params"]
+             if p.untyped_storage().data_ptr() not in model]
+    expected = {"grad": sum(t.untyped_storage().nbytes() for t in grad_buffers),
+                "moments": sum(t.numel() * t.element_size() for t in moments),
+                "mains": sum(t.numel() * t.element_size() for t in mains)}
+    state = offload_train_state(policy)
+    window = {"grad_storage": sum(t.untyped_storage().nbytes() for t in grad_buffers),
+              "moment_storage": sum(t.untyped_storage().nbytes() for t in moments),
+              "main_storage": sum(t.untyped_storage().nbytes() for t in mains),
+              "model_storage": sum(p.untyped_storage().nbytes() for c in policy.chunks for p in c.parameters()),
+              "grad_bytes": state.grad_buffer_bytes, "optimizer_bytes": state.optimizer_bytes}
+    restore_train_state(policy, state)
+    return {"expected": expected, "window": window, "moments": len(moments), "mains": len(mains)}
 
 
 def gather_full_grads(policy, groups) -> dict:
