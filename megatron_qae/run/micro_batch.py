@@ -77,8 +77,8 @@ class MicroBatch:
         """`x` [b, s] as one row per sample [n, longest] (zeros after each sample's end), the
         view the per-response losses take (GSPO's sequence ratio, sequence-mean): a padded
         micro-batch already is that; a packed row is cut at its `cu_seqlens`. Differentiable."""
-        if x is None or self.cu_seqlens is None:
-            return x
+        if x is None or self.cu_seqlens is None or not self.sample_index:
+            return x  # padded already, or an empty (schedule-filling) micro-batch: nothing to cut
         spans = [cols for _, _, cols in self.sample_spans()]
         longest = max(c.stop - c.start for c in spans)
         return torch.stack([torch.nn.functional.pad(x[0, c], (0, longest - (c.stop - c.start))) for c in spans])

@@ -53,7 +53,7 @@ def groups_mode(a) -> dict:
     header = handoff.hand_off_header(SimpleNamespace(samples=samples, metrics={}) if samples else None, groups, sent)
     advantages, adv_metrics = loop._advantages(cfg, policy, samples, header.num_samples, sent)
     same = _same_micro_batches_as_whole_batch(cfg, groups, everything, samples, advantages)
-    metrics = loop._train(cfg, policy, samples, advantages, 1, sent)
+    metrics = loop._train(cfg, policy, None, samples, advantages, 1, sent)
     return {"backend": dist.get_backend_config(), "adv": advantages, "same_micro_batches": same,
             "loss": metrics["loss/loss"], "tokens_per_s": metrics["train/tokens_per_s"]}
 
@@ -62,7 +62,7 @@ def _same_micro_batches_as_whole_batch(cfg, groups, everything, samples, advanta
     """The micro-batches built from this rank's hand-off share are bit for bit those the
     loop built when every rank held the whole batch (rank_micro_batches)."""
     per_mini = cfg.rollout.mini_batch_prompts * cfg.rollout.n_samples_per_prompt
-    skip, multiple = cfg.algo.can_skip_zero_advantage, batching.seq_multiple(groups.dims.tp)
+    skip, multiple = loop.skips_zero_advantage(cfg), batching.seq_multiple(groups.dims.tp)
     share = handoff.hand_off_train_share(samples, advantages, per_mini, skip, groups, handoff.HandoffBytes())
     for k, (part, mine) in enumerate(zip(share.samples, share.mine)):
         lo, hi = k * per_mini, (k + 1) * per_mini
