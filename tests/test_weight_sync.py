@@ -86,9 +86,11 @@ def test_pipeline_sync_memory_is_bounded_by_the_bucket_not_the_stage(tmp_path):
     largest = max(m["largest_bytes"] for m in memory)
     # One bucket (it may pass the bucket size by one tensor group), its contiguous copy being
     # sent, one gather's shards and merged tensor, and what gloo and the mapping hold for the
-    # moment: a few buckets and tensors, far below a stage (measured: 0.26-0.83 of this).
-    bound = 5 * (bucket + largest)
-    assert min(m["stage_bytes"] for m in memory) > 1.8 * bound  # a rank holding a stage fails
+    # moment: a few buckets and tensors, below half a stage (measured peaks: 1.3-5.7 x (bucket +
+    # largest) depending on when gloo releases a sent bucket; the old code held 470-598 KB, more
+    # than a stage).
+    bound = 7 * (bucket + largest)
+    assert min(m["stage_bytes"] for m in memory) > 1.9 * bound  # a rank holding a stage fails
     assert max(m["peak_bytes"] for m in memory) <= bound, (memory, bound)
 
 
