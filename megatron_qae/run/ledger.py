@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_qae.run.metrics import truncate_jsonl_after
 from rollout_sglang.types import RolloutBatch
 
 
@@ -31,11 +32,8 @@ class GroupLedger:
 
     def truncate_after(self, step: int) -> None:
         """Drop lines of steps > `step` (a resumed run trains them again)."""
-        if not self.enabled or not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        if self.enabled:
+            truncate_jsonl_after(self.path, step)
 
 
 def read_ledger(run_dir: str | Path) -> list[dict]:

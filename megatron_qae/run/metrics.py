@@ -57,17 +57,22 @@ class MetricsSink:
 
     def truncate_after(self, step: int) -> None:
         """Drop lines of steps > `step` (a resumed run rewrites them)."""
-        if not self.enabled or not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        if self.enabled:
+            truncate_jsonl_after(self.path, step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def truncate_jsonl_after(path: Path, step: int) -> None:
+    """Drop the lines of a per-step jsonl file (a "step" key each) whose step is > `step`."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
