@@ -9,8 +9,10 @@ validates the config and runs the loop. What it does not: any training logic (lo
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+import threading
 
 from megatron_qae.run import console
 from megatron_qae.model.parallel import single_process_env
@@ -21,6 +23,29 @@ def local_ray_auth_default(ray_address: str | None, environ: dict) -> None:
     sockets); a cluster (`ray.address` set) keeps whatever auth it was started with."""
     if ray_address is None:
         environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def start_ray_while_importing(cfg, rank: int) -> None:
+    """Rank 0 starts Ray (about 5 s of its processes starting) while megatron-core and the
+    loop import on a thread (about 5 s of Python), instead of one after the other. Ray stays
+    on the main thread: its head processes die with the thread that started them."""
+    failed: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            importlib.import_module("megatron_qae.run.loop")
+        except BaseException as exc:  # re-raised on the main thread, with its traceback
+            failed.append(exc)
+
+    loader = threading.Thread(target=load, name="import-loop", daemon=True)
+    loader.start()
+    if rank == 0:
+        from megatron_qae.run import ray_cluster
+
+        ray_cluster.connect(cfg)
+    loader.join()
+    if failed:
+        raise failed[0]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,11 +60,13 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ["RANK"])
     console.setup(rank, args.verbose)  # before megatron-core is imported: it logs at import
     from megatron_qae.config.loading import load_config
-    from megatron_qae.run.loop import LaunchEnv, run
 
     cfg = load_config(args.config, args.overrides)
     console.attach_run_dir(cfg.run.run_dir, rank)
     local_ray_auth_default(cfg.ray.address, os.environ)
+    start_ray_while_importing(cfg, rank)
+    from megatron_qae.run.loop import LaunchEnv, run
+
     env = LaunchEnv(master_address=os.environ["MASTER_ADDR"])
     run(cfg, env)
 

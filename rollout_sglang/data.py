@@ -23,8 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rollout_sglang.types import Prompt
 
 log = logging.getLogger(__name__)
@@ -147,6 +145,8 @@ class PromptCursor:
     def _order_of(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.size))
+        import torch  # here, not at the top: the manager starts its engines before it pays for torch
+
         g = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.size, generator=g).tolist()
 

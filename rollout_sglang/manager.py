@@ -101,20 +101,14 @@ class RolloutManager:
     def __init__(self, cfg, model_path: str, log_dir: str,
                  placements: list[EnginePlacement] | None = None, api_key: str | None = None,
                  trainer_address: str | None = None) -> None:
-        from transformers import AutoTokenizer
-
         self.cfg, self.api_key = cfg, api_key
         e = cfg.engine
         if placements is not None and len(placements) != e.num_engines:
             raise ValueError(f"{len(placements)} colocated placements for engine.num_engines={e.num_engines}")
-        # Rewards run in processes: math-verify needs a main thread (actor methods run on
-        # worker threads), and a hung reward can only be stopped by killing its process.
-        # First, so a reward module that does not import fails before any engine starts.
-        rw = cfg.reward
-        self.scorer = RewardScorer(rw.name, rw.num_workers, rw.timeout_s, rw.failure_score)
-        self.reward_errors = 0
+        # Engines first: their servers take seconds to start (SGLang: minutes), and everything
+        # below happens meanwhile.
         multi_node = sum(1 for n in ray.nodes() if n["Alive"]) > 1
-        handles = []
+        handles, self.scorer = [], None
         for i in range(e.num_engines):
             place = placements[i] if placements is not None else None
             handles.append(_engine_actor(e, place).remote(
@@ -123,12 +117,33 @@ class RolloutManager:
                 log_dir, cfg.run.seed + i, place.devices if place else (), place is not None,
                 python=e.sglang_python, api_key=api_key, bind_node_ip=multi_node,
                 weight_sync_hosts=(trainer_address,) if trainer_address else ()))
-        self.engines = [_Engine(h, ray.get(h.url.remote()), e.engine_tp) for h in handles]
+        try:
+            # Rewards run in processes: math-verify needs a main thread (actor methods run on
+            # worker threads), and a hung reward can only be stopped by killing its process.
+            rw = cfg.reward
+            self.scorer = RewardScorer(rw.name, rw.num_workers, rw.timeout_s, rw.failure_score)
+            self.reward_errors = 0
+            self._load_data(model_path)
+            self.engines = [_Engine(h, ray.get(h.url.remote()), e.engine_tp) for h in handles]
+        except BaseException:
+            # A reward module that does not import, bad data or an engine that fails to start:
+            # no engine outlives the error (Ray would keep the started ones until the driver exits).
+            for h in handles:
+                ray.kill(h)
+            if self.scorer is not None:
+                self.scorer.close()
+            raise
         self.requests_retried = 0
         self.watch = engine_watch_policy(e)
         self._dead_lock = threading.Lock()
         self.warnings: list[str] = []
         """Engine warnings not yet taken by the driver (this actor's log goes to Ray's files)."""
+        self.threads = ThreadPoolExecutor(max(4, 2 * len(self.engines)))
+
+    def _load_data(self, model_path: str) -> None:
+        from transformers import AutoTokenizer
+
+        cfg = self.cfg
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         d, r = cfg.data, cfg.rollout
         kw = dict(prompt_key=d.prompt_key, answer_key=d.answer_key,
@@ -137,7 +152,6 @@ class RolloutManager:
         self.val_prompts = load_prompts(d.val_path, self.tokenizer, **kw) if d.val_path else []
         self.cursor = PromptCursor(len(self.train_prompts), d.seed, d.shuffle)
         self.next_group_id = 0
-        self.threads = ThreadPoolExecutor(max(4, 2 * len(self.engines)))
 
     def ready(self) -> bool:
         return True

@@ -6,20 +6,26 @@ factories, `.cuda()`, `Tensor.type()` checks of the optimizers) to their CPU equ
 What it does not: change numerics, or do anything at all when CUDA is available. It must be
 imported before `megatron.core` builds models or optimizers; `megatron_qae.model.build` does that.
 
-The redirect is a TorchFunctionMode pushed for the whole process: it rewrites device
-arguments of tensor factories and the `Tensor.cuda()` / `Tensor.type()` methods only.
+The redirect is a TorchFunctionMode: it rewrites device arguments of tensor factories and the
+`Tensor.cuda()` / `Tensor.type()` methods only. torch keeps mode stacks per thread, so
+`install()` pushes it on the calling thread (the patches of `torch.cuda` are process-wide and
+made once): the training entry point imports megatron-core on a thread while Ray starts, and
+the main thread that then builds the model must get the mode too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _INSTALLED = False
+_THREAD = threading.local()
+"""`.mode_on`: the redirect mode is pushed on this thread."""
 _CPU = torch.device("cpu")
 
 
@@ -109,16 +115,18 @@ def cuda_available() -> bool:
 
 
 def install() -> bool:
-    """Install the CPU redirects once per process. Returns True when they are active."""
+    """Install the CPU redirects (patches once per process, the mode once per calling
+    thread). Returns True when they are active."""
     global _INSTALLED
-    if _INSTALLED:
-        return True
     if cuda_available():
         return False
-    _patch_torch_cuda()
-    _patch_megatron_rng()
-    _CudaToCpuMode().__enter__()
-    _INSTALLED = True
+    if not _INSTALLED:
+        _patch_torch_cuda()
+        _patch_megatron_rng()
+        _INSTALLED = True
+    if not getattr(_THREAD, "mode_on", False):
+        _CudaToCpuMode().__enter__()
+        _THREAD.mode_on = True
     return True
 
 

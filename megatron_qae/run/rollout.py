@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import secrets
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import ray
 
 from megatron_qae.model import cpu_compat
+from megatron_qae.run import ray_cluster
 from megatron_qae.sync.weight_sync import SyncTarget
 from rollout_sglang.manager import RolloutManager, engine_watch_policy
 from rollout_sglang.client import SGLangClient
@@ -48,14 +48,7 @@ class Rollout:
               wait: bool = True) -> Rollout:
         """Join or start Ray and the rollout manager; `placements` pins colocated engines.
         `wait=False` returns while the engines start; `wait_ready` (or any later call) waits."""
-        if not ray.is_initialized():
-            if cfg.ray.address:
-                ray.init(address=cfg.ray.address, log_to_driver=False, configure_logging=False)
-            else:
-                # A short private temp dir: Ray's socket paths must stay under 107 bytes.
-                ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False,  # its records go through ours (console.py)
-                         _temp_dir=tempfile.mkdtemp(prefix="qae-ray-"))
+        ray_cluster.connect(cfg)
         actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4)
         log_dir = str(Path(cfg.run.run_dir) / "engine_logs")
         api_key = secrets.token_urlsafe(24)
