@@ -10,7 +10,12 @@ step over the steps after `--warmup`, our split into generate / reward and hand-
 weight sync / other, and the ratio ours / TRL (below 1: we are faster). TRL is a
 benchmark-only dependency: `pip install -e .[bench]`.
 
-    python -m benchmarks.bench_loop [--steps 12 --warmup 2 --completion-tokens 1]
+`--shipped-demo` measures the demo as shipped instead (configs/demo.yaml unchanged: dynamic
+sampling on, up to 8 response tokens), both sides from the same supervised warm start the demo
+uses (30 steps of `megatron_qae.sft`); TRL has no dynamic sampling, so this ratio includes the
+extra generation batches dynamic sampling draws (reported as generated groups per step).
+
+    python -m benchmarks.bench_loop [--steps 12 --warmup 2 --completion-tokens 1] [--shipped-demo]
 """
 
 from __future__ import annotations
@@ -38,18 +43,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ours(tmp: Path, a: argparse.Namespace) -> dict[str, float]:
+def warm_start(tmp: Path) -> Path:
+    """The demo's supervised warm start (examples/cpu_demo.py's settings), as an HF directory."""
+    from examples.cpu_demo import SFT_BATCH_PROMPTS, SFT_LR, SFT_STEPS
+
     model = demo_task.write_demo_model_dir(tmp / "model", seed=0)
+    train, val = demo_task.write_demo_data(tmp / "data", seed=0)
+    args = ["--config", "configs/demo.yaml", "--steps", str(SFT_STEPS), "--batch-prompts", str(SFT_BATCH_PROMPTS),
+            "--lr", str(SFT_LR), "--out", str(tmp / "sft"), f"model.path={model}", f"run.run_dir={tmp / 'sft'}",
+            f"data.train_path={train}", f"data.val_path={val}"]
+    subprocess.run([sys.executable, "-c", f"from megatron_qae import sft; sft.main({args!r})"], env=ENV, cwd=ROOT,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return tmp / "sft" / "hf"
+
+
+def ours(tmp: Path, a: argparse.Namespace, model: Path) -> dict[str, float]:
     train, val = demo_task.write_demo_data(tmp / "data", seed=0)
     run_dir = tmp / "ours"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}",
            "-m", "megatron_qae.train", "--config", "configs/demo.yaml", f"run.run_dir={run_dir}",
            f"model.path={model}", f"data.train_path={train}", f"data.val_path={val}",
            f"run.num_rollout_steps={a.steps}", "run.eval_interval_steps=0", "run.progress_bar=false",
-           "run.log_tensorboard=false", "rollout.dynamic_sampling=false",
-           f"rollout.n_samples_per_prompt={a.group}", f"rollout.prompts_per_step={a.prompts}",
-           f"rollout.mini_batch_prompts={a.prompts // a.optimizer_steps}",
-           f"rollout.max_response_tokens={a.completion_tokens}"]
+           "run.log_tensorboard=false"]
+    if not a.shipped_demo:  # the same work as TRL's
+        cmd += ["rollout.dynamic_sampling=false", f"rollout.n_samples_per_prompt={a.group}",
+                f"rollout.prompts_per_step={a.prompts}", f"rollout.mini_batch_prompts={a.prompts // a.optimizer_steps}",
+                f"rollout.max_response_tokens={a.completion_tokens}"]
     t0 = time.perf_counter()
     subprocess.run(cmd, env=ENV, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
@@ -64,7 +83,8 @@ def ours(tmp: Path, a: argparse.Namespace) -> dict[str, float]:
     return {"startup_s": wall - sum(r["time/step_s"] for r in rows), "step_s": step, "generate_s": gen,
             "reward_handoff_s": wait - gen, "train_s": train_s, "sync_s": sync,
             "other_s": step - wait - train_s - sync,
-            "completion_tokens": mean("rollout/response_len_mean")}
+            "completion_tokens": mean("rollout/response_len_mean"),
+            "groups_generated": mean("rollout/groups_generated"), "accuracy": mean("rollout/accuracy_all")}
 
 
 TRL_SCRIPT = r'''
@@ -79,9 +99,10 @@ from rollout_sglang import demo_task
 a = json.loads(sys.argv[1])
 torch.set_num_threads(1)
 torch.manual_seed(0)
-model_dir = demo_task.write_demo_model_dir(a["tmp"] + "/trl_model", seed=0)
+model_dir = a["model"]
 tok = AutoTokenizer.from_pretrained(model_dir)
-model = Qwen2ForCausalLM(Qwen2Config.from_pretrained(model_dir))
+model = (Qwen2ForCausalLM.from_pretrained(model_dir) if a["shipped_demo"]
+         else Qwen2ForCausalLM(Qwen2Config.from_pretrained(model_dir)))
 rows = [{"prompt": q, "answer": ans} for q, ans in demo_task.problems()]
 data = Dataset.from_list(rows * 200)
 
@@ -116,8 +137,8 @@ print("RESULT " + json.dumps({"startup_s": ends[0] - T0 - step_s, "step_s": step
 '''
 
 
-def trl(tmp: Path, a: argparse.Namespace) -> dict[str, float]:
-    args = json.dumps({**vars(a), "tmp": str(tmp)})
+def trl(tmp: Path, a: argparse.Namespace, model: Path) -> dict[str, float]:
+    args = json.dumps({**vars(a), "tmp": str(tmp), "model": str(model)})
     proc = subprocess.run([sys.executable, "-c", TRL_SCRIPT, args], env=ENV, cwd=ROOT, check=True,
                           capture_output=True, text=True)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
@@ -132,16 +153,25 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--optimizer-steps", type=int, default=2)
     ap.add_argument("--completion-tokens", type=int, default=1)
+    ap.add_argument("--shipped-demo", action="store_true",
+                    help="configs/demo.yaml as shipped (dynamic sampling on), both from the demo's warm start")
     a = ap.parse_args()
+    if a.shipped_demo:
+        a.completion_tokens, a.group, a.prompts, a.optimizer_steps = 8, 8, 8, 2  # configs/demo.yaml
     with tempfile.TemporaryDirectory() as tmp:
-        o = ours(Path(tmp), a)
-        t = trl(Path(tmp), a)
+        tmp = Path(tmp)
+        model = warm_start(tmp) if a.shipped_demo else demo_task.write_demo_model_dir(tmp / "model", seed=0)
+        o = ours(tmp, a, model)
+        t = trl(tmp, a, model)
     print(f"work: {a.prompts} prompts x {a.group} samples, {a.optimizer_steps} optimizer steps per rollout "
           f"step, up to {a.completion_tokens} completion tokens (mean: ours {o['completion_tokens']:.2f}, "
           f"TRL {t['completion_tokens']:.2f}); steps {a.warmup + 1}..{a.steps} timed")
     print(f"ours: {o['step_s']:.3f} s/step = generate {o['generate_s']:.3f} + reward/hand-off "
           f"{o['reward_handoff_s']:.3f} + train {o['train_s']:.3f} + sync {o['sync_s']:.3f} + other "
           f"{o['other_s']:.3f}; start-up {o['startup_s']:.1f} s")
+    if a.shipped_demo:
+        print(f"ours (shipped demo, dynamic sampling on): {o['groups_generated']:.1f} groups generated per step "
+              f"for {a.prompts} trained (TRL: {a.prompts}); rollout accuracy {o['accuracy']:.3f}")
     print(f"TRL:  {t['step_s']:.3f} s/step; start-up {t['startup_s']:.1f} s")
     print(f"ratio ours / TRL, s per rollout step: {o['step_s'] / t['step_s']:.2f}; start-up: "
           f"{o['startup_s'] / t['startup_s']:.2f}")
