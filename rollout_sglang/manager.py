@@ -133,6 +133,7 @@ class RolloutManager:
             if self.scorer is not None:
                 self.scorer.close()
             raise
+        self._clients: dict[str, SGLangClient] = {}
         self.requests_retried = 0
         self.watch = engine_watch_policy(e)
         self._dead_lock = threading.Lock()
@@ -186,6 +187,20 @@ class RolloutManager:
         """Engine restarts since the run started (a restart during a weight sync included)."""
         return float(sum(en.restarts for en in self.engines))
 
+    def sync_target(self, hung: dict[str, float]) -> tuple[list[str], list[tuple[str, int]], list[str]]:
+        """Before a weight sync, in one call: restart what is dead or `hung`, then the live
+        engines' endpoints and the warnings since the last call."""
+        restarted = self.restart_dead_engines(hung)
+        return restarted, self.engine_endpoints(), self.take_warnings()
+
+    def synced(self, urls: list[str], version: int) -> tuple[list[int], float]:
+        """After a weight sync, in one call: mark `urls` as holding `version`; the version each
+        of them reports in /model_info (-1 for SGLang's "default": no update yet) and the
+        engine restarts since the run started."""
+        self.mark_synced(urls, version)
+        versions = [self._client(en).weight_version() for en in self.engines if en.url in urls]
+        return [int(v) if v.lstrip("-").isdigit() else -1 for v in versions], self.restarts_total()
+
     def restart_dead_engines(self, hung: dict[str, float] | None = None) -> list[str]:
         """Restart engines whose process died, that failed a request, that the trainer found
         `hung` ({url: seconds stuck}, during a weight sync) or that do not answer /health now;
@@ -194,13 +209,17 @@ class RolloutManager:
         for en in self.engines:
             if not en.dead and en.url in (hung or {}):
                 self._kill_hung(en, hung[en.url], "a weight sync")
-            elif not en.dead and ray.get(en.actor.is_alive.remote()):
-                self._probe(en)
-            if en.dead or not ray.get(en.actor.is_alive.remote()):
+            elif not en.dead:
+                if ray.get(en.actor.is_alive.remote()):
+                    self._probe(en)
+                else:
+                    en.dead = True
+            if en.dead:
                 if en.restarts >= self.cfg.engine.max_restarts:
                     raise EngineError(f"engine {en.url} died again after {en.restarts} restarts "
                                       "(engine.max_restarts); see its log under engine_logs/")
                 old = en.url
+                self._clients.pop(old, None)
                 en.restarts += 1
                 en.url = ray.get(en.actor.restart.remote())
                 why = f"hung for {en.hung_s:.1f} s" if en.hung_s is not None else "dead"
@@ -239,7 +258,13 @@ class RolloutManager:
 
     # ---- generation ----------------------------------------------------------------------
     def _client(self, en: _Engine) -> SGLangClient:
-        return SGLangClient(en.url, timeout_s=self.cfg.engine.request_timeout_s, api_key=self.api_key)
+        """A client of `en` kept per URL: its session keeps the connection open (a new one
+        per call cost a TCP handshake a request, several a step)."""
+        client = self._clients.get(en.url)
+        if client is None:
+            client = SGLangClient(en.url, timeout_s=self.cfg.engine.request_timeout_s, api_key=self.api_key)
+            self._clients[en.url] = client
+        return client
 
     def _request(self, rows: list[list[int]], params: list[dict], first: int) -> list:
         """Generate `rows` on a serving engine, with a deadline sized for the tokens they may

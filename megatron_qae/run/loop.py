@@ -349,11 +349,10 @@ def _sync(policy: Policy, rollout: Rollout | None, sync: Sync, version: int,
         return {}
     if isinstance(sync, ColocatedSync):
         rollout.resume_memory(["kv_cache"])
-    rollout.mark_synced(version)
-    versions = rollout.engine_versions()
+    versions, restarts = rollout.synced(version)
     # Overrides the rollout's count: an engine restarted during this push counts at this step.
     return {**times.metrics(), "sync/attempts": float(attempt),
-            "rollout/engine_restarts_total": rollout.restarts_total(),
+            "rollout/engine_restarts_total": restarts,
             "sync/engine_version_min": float(min(versions)),
             "sync/engine_version_max": float(max(versions))}
 
