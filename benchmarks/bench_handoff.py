@@ -4,8 +4,9 @@ Runs under torchrun (gloo, no model): rank 0 holds a synthetic rollout batch (G 
 prompt, responses spread over a range of lengths, QAE-like advantages with many exact zeros),
 then (a) today's baseline: `broadcast_from_driver` of the whole RolloutBatch (pickled, sent to
 every other rank); (b) the lean hand-off (run/handoff.py): header, each DP rank's score share,
-the advantage all-gather, each DP rank's training share as tensors. Prints the bytes of both,
-the advantage all-gather's bytes (the same in both), their ratio and wall times.
+each DP rank's training share as tensors. Prints the bytes of both, the advantage all-gather's
+bytes (the same in both), their ratio and rank 0's wall times (median and min of --repeats
+hand-offs each way, interleaved).
 
     python -m torch.distributed.run --nproc_per_node=4 -m benchmarks.bench_handoff --tp 2
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import statistics
 import time
 
 import torch
@@ -47,6 +49,11 @@ def advantage_gather_bytes(n: int, dp: int) -> int:
     return len(pickle.dumps(share)) * dp * (dp - 1)
 
 
+def _spread(seconds: list[float]) -> str:
+    """Rank 0's wall time: median (min) over the repeats."""
+    return f"{statistics.median(seconds):.3f} s median ({min(seconds):.3f} s min) of {len(seconds)}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
@@ -56,26 +63,30 @@ def main() -> None:
     ap.add_argument("--max-response", type=int, default=2048)
     ap.add_argument("--mini-batch-prompts", type=int, default=8)
     ap.add_argument("--no-skip", action="store_true", help="train zero-advantage samples too (a loss with KL)")
+    ap.add_argument("--repeats", type=int, default=7, help="hand-offs timed, each way (median and min printed)")
     a = ap.parse_args()
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, 1))
     batch = synthetic_batch(a.prompts, a.n, a.prompt_tokens, a.max_response) if dist.get_rank() == 0 else None
     world = dist.get_world_size()
 
-    t0 = time.perf_counter()
-    whole = parallel.broadcast_from_driver(batch, groups)
-    before_s = time.perf_counter() - t0
+    mine = batch.samples if batch is not None else None
+    advantages = [float((i % 5) - 2) * (i % 3 == 0) for i in range(len(mine or []))]  # ~70% exact zeros
+    before_s, after_s = [], []
+    for _ in range(a.repeats):  # interleaved, so both see the same load
+        dist.barrier()
+        t0 = time.perf_counter()
+        whole = parallel.broadcast_from_driver(batch, groups)
+        before_s.append(time.perf_counter() - t0)
+        dist.barrier()
+        t0 = time.perf_counter()
+        sent = handoff.HandoffBytes()
+        header = handoff.hand_off_header(batch, groups, sent)
+        handoff.hand_off_scores(mine, "reward", groups, sent)
+        share = handoff.hand_off_train_share(mine, advantages, a.mini_batch_prompts * a.n, not a.no_skip,
+                                             groups, sent)
+        after_s.append(time.perf_counter() - t0)
     before = len(pickle.dumps(batch)) * (world - 1) if batch is not None else 0
     samples = whole.samples
-    advantages = [float((i % 5) - 2) * (i % 3 == 0) for i in range(len(samples))]  # ~70% exact zeros
-
-    dist.barrier()
-    t0 = time.perf_counter()
-    sent = handoff.HandoffBytes()
-    mine = batch.samples if batch is not None else None
-    header = handoff.hand_off_header(batch, groups, sent)
-    handoff.hand_off_scores(mine, "reward", groups, sent)
-    share = handoff.hand_off_train_share(mine, advantages, a.mini_batch_prompts * a.n, not a.no_skip, groups, sent)
-    after_s = time.perf_counter() - t0
     received = sum(len(s) for s in share.samples)
     counts = [torch.zeros(1) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([float(received)]))
@@ -87,9 +98,9 @@ def main() -> None:
               f"{zero:.0%} zero advantages ({'trained' if a.no_skip else 'skipped'}); "
               f"samples received per rank {[int(c) for c in counts]}")
         print(f"before: whole batch pickled to every rank {before:,} B (+ advantage all-gather {adv:,} B), "
-              f"{before_s:.3f} s")
+              f"{_spread(before_s)}")
         print(f"after:  lean hand-off {sent.sent:,} B {sent.by_part} (+ advantage all-gather {adv:,} B), "
-              f"{after_s:.3f} s")
+              f"{_spread(after_s)}")
         print(f"bytes ratio before/after (hand-off + all-gather): {(before + adv) / (sent.sent + adv):.2f}x")
     parallel.destroy()
 

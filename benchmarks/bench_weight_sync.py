@@ -25,7 +25,7 @@ from megatron_qae.model import parallel, weights
 from megatron_qae.sync import weight_sync
 from megatron_qae.sync.colocated_sync import ColocatedSync
 from megatron_qae.model.policy import build_policy
-from tests.tiny import free_port, run_config
+from tests.tiny import run_config
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     policy = build_policy(run_config(), hf, groups, total_steps=1)
     total = sum(p.numel() * p.element_size() for _, p in weights.global_named_parameters(policy.chunks[0]))
     with tempfile.TemporaryDirectory() as tmp, CpuServer(write_model_dir(Path(tmp) / "m", hf)) as url:
-        link = weight_sync.connect_engines([(url, 1)], "127.0.0.1", free_port(), "gloo", 300.0)
+        link = weight_sync.connect_engines([(url, 1)], "127.0.0.1", "gloo", 300.0)
         last = {}
 
         def sync() -> None:

@@ -1,15 +1,16 @@
-"""Start / stop one CPU rollout server for a benchmark (a subprocess on a free port)."""
+"""Start / stop one CPU rollout server for a benchmark or a test (a subprocess serving on a
+listening socket bound here, so no other process can take its port before it starts)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from rollout_sglang.client import SGLangClient
-from tests.tiny import free_port
 
 
 def write_model_dir(path: Path, hf: dict, seed: int = 0) -> Path:
@@ -28,13 +29,21 @@ class CpuServer:
 
     def __init__(self, model_dir: Path, threads: int = 1, extra_args: tuple[str, ...] = ()) -> None:
         self.model_dir, self.threads, self.extra_args = model_dir, threads, tuple(extra_args)
-        self.port = free_port()
+        self.held = socket.socket()
+        self.held.bind(("127.0.0.1", 0))
+        self.held.listen(128)
+        self.port = self.held.getsockname()[1]
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> str:
         cmd = [sys.executable, "-m", "rollout_sglang.cpu_server", "--model-path", str(self.model_dir),
-               "--host", "127.0.0.1", "--port", str(self.port), "--num-threads", str(self.threads), *self.extra_args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               "--host", "127.0.0.1", "--port", str(self.port), "--fd", str(self.held.fileno()),
+               "--num-threads", str(self.threads), *self.extra_args]
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         pass_fds=(self.held.fileno(),))
+        finally:
+            self.held.close()  # the server holds it now
         url = f"http://127.0.0.1:{self.port}"
         client = SGLangClient(url, timeout_s=5.0)
         deadline = time.monotonic() + 300  # a busy shared machine starts it slowly

@@ -21,7 +21,8 @@ sequences per request, sampling-parameter types and ranges; 400 naming the field
 bodies over --max-body-bytes are refused (400); nothing waits on the model lock, or while
 paused, longer than --lock-timeout-s (then 503); SIGTERM aborts in-flight generation and the
 server exits within seconds; /init_weights_update_group dials only the trainer addresses of
---weight-sync-hosts (default loopback) and gives up after --weight-sync-timeout-s.
+--weight-sync-hosts (default loopback) and gives up after --weight-sync-timeout-s. With --fd
+it serves on a listening socket its launcher bound (the port is then never free in between).
 What it does not: paged attention, continuous batching or any GPU feature: it exists so the
 trainer's client and weight-sync path run for real on a CPU-only machine.
 
@@ -34,6 +35,7 @@ import argparse
 import contextlib
 import hmac
 import logging
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ from fastapi.responses import JSONResponse
 
 from rollout_sglang.request_bounds import BadRequest, Bounds, check_generate
 from rollout_sglang.server_limits import Busy, Limits, StoppableServer, refused_peer
-from rollout_sglang.sampling import generate_batch
+from rollout_sglang.sampling import eos_token_ids, generate_batch
 from rollout_sglang.tensor_payload import deserialize_named_tensors
 from rollout_sglang.weight_group import init_weight_group
 
@@ -80,7 +82,7 @@ class ServerState:
         else:  # the trainer pushes weights before the first rollout
             self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
         self.model.eval()
-        self.eos_ids = _eos_ids(self.model.config, model_path)
+        self.eos_ids = eos_token_ids(self.model.config, model_path)
         cfg = self.model.config
         self.bounds = Bounds(cfg.vocab_size, cfg.max_position_embeddings, limits.max_sequences)
         self.api_key = api_key
@@ -104,18 +106,6 @@ class ServerState:
             yield
         finally:
             self.lock.release()
-
-
-def _eos_ids(config, model_path: str) -> list[int]:
-    ids = config.eos_token_id
-    gen = Path(model_path) / "generation_config.json"
-    if gen.is_file():
-        import json
-
-        ids = json.loads(gen.read_text()).get("eos_token_id", ids)
-    if ids is None:
-        return []
-    return list(ids) if isinstance(ids, list) else [int(ids)]
 
 
 def _fail(message: str, status: int = 400) -> JSONResponse:
@@ -371,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=30000)
+    ap.add_argument("--fd", type=int, help="serve on this inherited socket, bound to --port (not SGLang's)")
     ap.add_argument("--tp-size", type=int, default=1)
     ap.add_argument("--random-seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32"])
@@ -393,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     state = ServerState(a.model_path, a.random_seed, a.api_key, limits)
     config = uvicorn.Config(build_app(state), host=a.host, port=a.port, log_level="warning",
                             timeout_graceful_shutdown=5)
-    StoppableServer(config, state.abort, state.running).run()
+    sockets = [socket.socket(fileno=a.fd)] if a.fd is not None else None
+    StoppableServer(config, state.abort, state.running).run(sockets=sockets)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 What it does: starts `python -m sglang.launch_server` (with `engine.sglang_python`, so SGLang
 may live in its own venv) or `python -m rollout_sglang.cpu_server` (the same HTTP API) on a
-free port, with the run's API key, waits until it serves our model (/model_info; a server
-that lost its port to another process is relaunched on the next), checks its SGLang version once
+free port (the CPU server inherits the socket bound here, so its port is held from the moment
+it is chosen), with the run's API key, waits until it serves our model (/model_info; an SGLang
+server, which binds its port itself, that lost its port to another process is relaunched on
+the next), checks its SGLang version once
 per start, reports its URL and process id, tells whether the process is alive, restarts it
 after a crash, kills a hung one (SIGKILL of its process group), and stops it by terminating
 the process group it started (never by name).
@@ -37,15 +39,26 @@ CPU_STAND_IN_DIR = Path(__file__).resolve().parents[1] / "tools" / "sglang_cpu"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _free_port(host: str, start: int) -> int:
+def _bind_free_port(host: str, start: int) -> socket.socket:
+    """A listening socket on the first port from `start` that is free on `host`."""
     for port in range(start, start + 2000):
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
+        s = socket.socket()
+        try:
+            s.bind((host, port))
+        except OSError:
+            s.close()
+            continue
+        # Listening, not just bound: two bound sockets with SO_REUSEADDR (which uvicorn and
+        # torch's TCPStore set) may share a port; nothing can bind a listening one.
+        s.listen(128)
+        return s
     raise RuntimeError(f"no free port in [{start}, {start + 2000}) on {host}; change engine.port_base")
+
+
+def _free_port(host: str, start: int) -> int:
+    """A port free now (probed, then released): only for SGLang, which binds --port itself."""
+    with _bind_free_port(host, start) as s:
+        return s.getsockname()[1]
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -99,13 +112,17 @@ def validate_server_args(extra_args: dict[str, Any]) -> None:
 def server_command(backend: str, model_path: str, host: str, port: int, tp_size: int,
                    mem_fraction_static: float, extra_args: dict[str, Any], seed: int,
                    colocated: bool = False, python: str | None = None,
-                   api_key: str | None = None, weight_sync_hosts: tuple[str, ...] = ()) -> list[str]:
+                   api_key: str | None = None, weight_sync_hosts: tuple[str, ...] = (),
+                   listen_fd: int | None = None) -> list[str]:
     """The command line of one server process (colocated SGLang can release its memory).
-    `python` runs SGLang (default: this interpreter); the CPU server always runs here, and
-    dials for weight sync only `weight_sync_hosts` (the trainer's address; default loopback)."""
+    `python` runs SGLang (default: this interpreter); the CPU server always runs here, serves
+    on the inherited listening socket `listen_fd` (bound to `port`) when given, and dials for
+    weight sync only `weight_sync_hosts` (the trainer's address; default loopback)."""
     if backend == "cpu":
         cmd = [sys.executable, "-m", "rollout_sglang.cpu_server", "--model-path", model_path,
                "--host", host, "--port", str(port), "--tp-size", str(tp_size), "--random-seed", str(seed)]
+        if listen_fd is not None:
+            cmd += ["--fd", str(listen_fd)]
         if weight_sync_hosts:
             cmd += ["--weight-sync-hosts", ",".join(weight_sync_hosts)]
     elif backend == "sglang":
@@ -177,20 +194,20 @@ class RolloutEngine:
         self._start()
 
     def _start(self) -> None:
-        """Launch on a free port; another process may take the port while a slow server
-        (SGLang: ~100 s) is still importing, so a server that lost its port is launched
-        again on the next free one (three tries)."""
+        """Launch on a free port. The CPU server inherits a socket bound and listening here
+        (`--fd`), so its port is held from the moment it is chosen. SGLang binds --port itself
+        after its imports and model load (~100 s) and derives its other ports from it, so its
+        port can only be probed; one that lost the port to another process meanwhile is
+        launched again on the next free one (three tries)."""
         first = self.port_base
         for _ in range(3):
-            self.port = _free_port(self.host, first)
+            held = _bind_free_port(self.host, first) if self.backend == "cpu" else None
+            self.port = held.getsockname()[1] if held is not None else _free_port(self.host, first)
             cmd = server_command(self.backend, self.model_path, self.host, self.port, self.tp_size,
                                  self.mem_fraction_static, self.extra_args, self.seed, self.colocated,
-                                 self.python, self.api_key, self.weight_sync_hosts)
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path(), "ab") as log:
-                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                             preexec_fn=_die_with(os.getpid()),
-                                             env=server_env(self.backend, self.extra_args, self.devices))
+                                 self.python, self.api_key, self.weight_sync_hosts,
+                                 listen_fd=held.fileno() if held is not None else None)
+            self._launch(cmd, held)
             if self._wait_ready(cmd):
                 break
             first = self.port + 1
@@ -202,6 +219,20 @@ class RolloutEngine:
         except Exception:
             self.stop()
             raise
+
+    def _launch(self, cmd: list[str], held: socket.socket | None) -> None:
+        """Start the server process (its own process group, killed with this actor), handing
+        it `held`; this process' copy of the socket is closed once the server has it."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(self.log_path(), "ab") as log:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                             preexec_fn=_die_with(os.getpid()),
+                                             pass_fds=(held.fileno(),) if held is not None else (),
+                                             env=server_env(self.backend, self.extra_args, self.devices))
+        finally:
+            if held is not None:
+                held.close()
 
     def log_path(self) -> Path:
         return self.log_dir / f"engine_{self.port}.log"

@@ -4,15 +4,30 @@ What it does: left-pads a batch of token-id prompts, decodes with transformers' 
 samples with temperature / top-k / top-p (greedy at temperature 0; each row seeded by its own
 `sampling_seed` when given), honours max_new_tokens, min_new_tokens and stop tokens, and returns
 SGLang-shaped outputs with the log-prob of each sampled token under the temperature-scaled
-distribution it was sampled from (the trainer takes its log-probs at the same temperature). What it does not: serve HTTP (cpu_server.py).
+distribution it was sampled from (the trainer takes its log-probs at the same temperature); reads a model's end-of-sequence
+tokens. What it does not: serve HTTP (cpu_server.py).
 """
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def eos_token_ids(config: Any, model_path: str) -> list[int]:
+    """The tokens that end a sample: generation_config.json's eos_token_id (as transformers
+    and SGLang read it), else the model config's."""
+    ids = config.eos_token_id
+    gen = Path(model_path) / "generation_config.json"
+    if gen.is_file():
+        ids = json.loads(gen.read_text()).get("eos_token_id", ids)
+    if ids is None:
+        return []
+    return list(ids) if isinstance(ids, list) else [int(ids)]
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

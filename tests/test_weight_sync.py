@@ -144,7 +144,7 @@ def test_refused_session_is_reported_with_the_engine_and_its_message(servers, tm
 def test_update_refused_during_the_broadcast_ends_the_wait(servers):
     """The engine answers 400 without joining the broadcast (an update outside a session,
     as SGLang 0.5.23 does): rank 0 must stop waiting in the broadcast at once."""
-    link = weight_sync.connect_engines([(servers[0], 1)], "127.0.0.1", tiny.free_port(), "gloo", 90.0)
+    link = weight_sync.connect_engines([(servers[0], 1)], "127.0.0.1", "gloo", 90.0)
     bucket = [("model.norm.weight", torch.zeros(16 * 1024 * 1024))]  # 64 MB: beyond socket buffers
     t0 = time.monotonic()
     weight_sync._send_bucket(link, bucket, 1, weight_sync.SyncTimes(), flush=True)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_qae.model.policy import Policy
-from megatron_qae.sync.weight_sync import SyncTimes, hf_buckets
+from megatron_qae.sync.hf_buckets import SyncTimes, hf_buckets
 from rollout_sglang.client import EngineError, SGLangClient
 from rollout_sglang.tensor_payload import pack_bucket, serialize_named_tensors
 from rollout_sglang.types import EnginePlacement

@@ -1,10 +1,10 @@
 """Push the trainer's weights to the rollout engines after each step.
 
 What it does: each pipeline stage's sender (TP rank 0 of DP replica 0) gathers its own
-stage's TP shards one tensor at a time (all-gather in the TP group), maps megatron tensors to
-HF Qwen2 names with the one pure mapping, and sends them in size-bounded buckets straight to
-the engines over a weight-update group of its own (SGLang receives each update by broadcast
-from rank 0 of the named group, and an engine may be in several named groups): no stage's
+stage's weights as HF Qwen2 tensors one at a time (hf_buckets.py) and sends them in
+size-bounded buckets straight to the engines over a weight-update group of its own, whose
+rendezvous port it holds from before the engines are told it (SGLang receives each update by
+broadcast from rank 0 of the named group, and an engine may be in several named groups): no stage's
 weights cross the pipeline, and a sync holds at most two buckets and one gathered tensor per
 sender. All of it happens inside one weight-update session per engine
 (`/begin_weight_update` ... `/end_weight_update`, required by SGLang >= 0.5.21), opened by the
@@ -34,37 +34,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatron_qae.model import qwen2_mapping as qm
 from megatron_qae.model.policy import Policy
-from megatron_qae.model.weights import full_param_specs, iter_full_params
+from megatron_qae.sync.hf_buckets import SyncTimes, hf_buckets
 from rollout_sglang.client import EngineError, SGLangClient
 from rollout_sglang.watchdog import EngineHung, HealthWatch, WatchPolicy, wait_watching
-from rollout_sglang.weight_group import destroy_weight_group, init_weight_group
+from rollout_sglang.weight_group import destroy_weight_group, host_rendezvous, host_weight_group
 
 log = logging.getLogger(__name__)
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-@dataclass
-class SyncTimes:
-    """Seconds spent per phase of one weight sync, and bytes sent."""
-
-    gather_s: float = 0.0
-    transfer_s: float = 0.0
-    engine_load_s: float = 0.0
-    bytes: int = 0
-
-    def metrics(self) -> dict[str, float]:
-        total = self.gather_s + self.transfer_s + self.engine_load_s
-        return {
-            "sync/gather_s": self.gather_s,
-            "sync/transfer_s": self.transfer_s,
-            "sync/engine_load_s": self.engine_load_s,
-            "sync/total_s": total,
-            "sync/bytes": float(self.bytes),
-            "sync/gb_per_s": self.bytes / 1e9 / total if total > 0 else 0.0,
-        }
 
 
 @dataclass
@@ -89,7 +67,6 @@ class EngineLink:
 def connect_engines(
     endpoints: list[tuple[str, int]],
     master_address: str,
-    master_port: int,
     backend: str,
     timeout_s: float,
     api_key: str | None = None,
@@ -98,19 +75,21 @@ def connect_engines(
 ) -> EngineLink:
     """Form a weight-update group: rank 0 = this process, engine i's TP ranks after it. An
     engine can be in several such groups at once (one per pipeline stage's sender), told
-    apart by `group_name` (a fresh one when None). `watch` probes the engines while their
-    replies are awaited (default: probes every 2 s, each reply's deadline `timeout_s`)."""
+    apart by `group_name` (a fresh one when None). The rendezvous port is bound here before
+    the engines are told it (never probed, then bound). `watch` probes the engines while
+    their replies are awaited (default: probes every 2 s, each reply's deadline `timeout_s`)."""
     clients = [SGLangClient(url, timeout_s=timeout_s, api_key=api_key) for url, _ in endpoints]
     world = 1 + sum(tp for _, tp in endpoints)
     group_name = group_name or f"qae_weights_{uuid.uuid4().hex[:8]}"
+    store = host_rendezvous(master_address, world, timeout_s)
     pool = ThreadPoolExecutor(max(8, len(clients)))
     offsets = [1 + sum(tp for _, tp in endpoints[:i]) for i in range(len(endpoints))]
     futures = [
-        pool.submit(c.init_weights_update_group, master_address, master_port, off, world,
+        pool.submit(c.init_weights_update_group, master_address, store.port, off, world,
                     group_name, backend)
         for c, off in zip(clients, offsets)
     ]
-    group = init_weight_group(master_address, master_port, 0, world, group_name, backend, timeout_s)
+    group = host_weight_group(store, world, group_name, backend, timeout_s)
     for f in futures:
         f.result()
     return EngineLink(clients, group, group_name, pool, watch=watch or WatchPolicy(0.0, timeout_s))
@@ -160,11 +139,8 @@ class StageLink:
             return None
         if self.link is None or target.reform or self.link.failed:
             self.close()
-            with socket.socket() as s:
-                s.bind(("", 0))
-                port = s.getsockname()[1]
             name = f"qae_weights_pp{self.pp_rank}_{uuid.uuid4().hex[:8]}"
-            self.link = connect_engines(target.endpoints, self.address, port, target.backend,
+            self.link = connect_engines(target.endpoints, self.address, target.backend,
                                         target.timeout_s, target.api_key, name, target.watch)
         return self.link
 
@@ -303,45 +279,6 @@ def is_stage_sender(policy: Policy) -> bool:
     return policy.groups.dp_rank == 0 and policy.groups.tp_rank == 0
 
 
-def stage_tensors(policy: Policy, all_stages: bool, all_replicas: bool = False):
-    """(global megatron name, full tensor, is the last one), one tensor alive at a time;
-    collective over the ranks of DP replica 0 (of every replica with `all_replicas`).
-
-    `all_stages=False`: this rank's own stage only (the stage's TP ranks all-gather each
-    tensor). `all_stages=True` (colocated: every engine needs the whole model): stage by stage,
-    the stage's ranks gather one tensor and broadcast it in their PP group, the next tensor
-    only after that one is handed on, so no rank ever holds a whole stage.
-    """
-    groups = policy.groups
-    if groups.dp_rank != 0 and not all_replicas:
-        return
-    own = iter_full_params(policy.chunks, groups.tp)
-    if not all_stages or groups.dims.pp == 1:
-        count = len(full_param_specs(policy.chunks, groups.dims.tp))
-        for i, (name, full) in enumerate(own):
-            yield name, full, i == count - 1
-        return
-    for stage in range(groups.dims.pp):
-        mine = groups.pp_rank == stage
-        src = dist.get_global_rank(groups.pp, stage)
-        # The shapes follow from the shards: no tensor is gathered just to announce it.
-        meta = [full_param_specs(policy.chunks, groups.dims.tp)] if mine else [None]
-        dist.broadcast_object_list(meta, src=src, group=groups.pp)
-        for i, (name, shape, dtype) in enumerate(meta[0]):
-            if mine:
-                got, buf = next(own)
-                assert got == name and buf.shape == shape, (got, name, buf.shape, shape)
-            else:
-                buf = torch.empty(shape, dtype=dtype, device=_device_of(policy))
-            dist.broadcast(buf, src=src, group=groups.pp)
-            yield name, buf, stage == groups.dims.pp - 1 and i == len(meta[0]) - 1
-            buf = None  # before the next gather
-
-
-def _device_of(policy: Policy) -> torch.device:
-    return next(policy.chunks[0].parameters()).device
-
-
 def push_weights(policy: Policy, link: EngineLink | None, version: int,
                  bucket_bytes: int, dtype: torch.dtype | None = None) -> SyncTimes:
     """Send every weight to the engines as HF Qwen2 tensors; collective over DP replica 0.
@@ -385,27 +322,3 @@ def _combined(stages: list[SyncTimes]) -> SyncTimes:
     of any stage, the bytes of all."""
     return SyncTimes(max(t.gather_s for t in stages), max(t.transfer_s for t in stages),
                      max(t.engine_load_s for t in stages), sum(t.bytes for t in stages))
-
-
-def hf_buckets(policy: Policy, bucket_bytes: int, times: SyncTimes, dtype: torch.dtype | None = None,
-               all_stages: bool = False, all_replicas: bool = False, map_here: bool = True):
-    """(bucket of (HF name, tensor), is the last bucket) in model order, each bucket just over
-    `bucket_bytes` by at most one tensor group; one bucket and one gathered tensor are alive
-    at once (the last tensor is known from the announced specs, so no bucket waits for the
-    next to learn it is the last). The time spent gathering and mapping goes to
-    `times.gather_s`. Collective like `stage_tensors` (this stage only unless `all_stages`);
-    ranks with `map_here=False` take part in the gathers and get nothing."""
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size, start = 0, time.perf_counter()
-    for name, full, last in stage_tensors(policy, all_stages, all_replicas):
-        if not map_here:
-            continue
-        for hf_name, tensor in qm.megatron_to_hf(name, full, policy.hf_config):
-            tensor = tensor.to(dtype) if dtype is not None else tensor
-            bucket.append((hf_name, tensor))
-            size += tensor.numel() * tensor.element_size()
-        full = None  # the bucket holds what is needed of it
-        if size >= bucket_bytes or last:
-            times.gather_s += time.perf_counter() - start
-            yield bucket, last
-            bucket, size, start = [], 0, time.perf_counter()

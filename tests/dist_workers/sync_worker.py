@@ -53,7 +53,7 @@ def corrupt_mapping() -> None:
             return [(g_name, u), (u_name, g)]
         return out
 
-    weight_sync.qm.megatron_to_hf = swapped
+    qwen2_mapping.megatron_to_hf = swapped  # hf_buckets looks it up at each call
 
 
 def _push(a, policy) -> dict:
@@ -110,7 +110,7 @@ def _push_signalled(a, policy, link, urls: list[str]) -> dict:
         report.update(failed=link.failed, hung=sorted(link.hung), failed_after_s=time.monotonic() - sent["at"])
         weight_sync.disconnect(link)
         report["live"] = [u for u in urls if SGLangClient(u, timeout_s=5.0).health(timeout_s=3.0)]
-        link = weight_sync.connect_engines([(u, 1) for u in report["live"]], "127.0.0.1", tiny.free_port(),
+        link = weight_sync.connect_engines([(u, 1) for u in report["live"]], "127.0.0.1",
                                            "gloo", 120.0, a.api_key)
     weight_sync.push_weights(policy, link, version=3, bucket_bytes=4096)
     if link is not None:
