@@ -202,10 +202,7 @@ def single_process_env() -> None:
     (trainer, planner, converter, benchmarks) was not started by torchrun."""
     if "RANK" in os.environ:
         return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # Port 0: rank 0's store binds a port the OS picks and holds it (a world of one tells
+    # nobody the port), where a probed-then-released one could be taken by another run first.
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
