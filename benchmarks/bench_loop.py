@@ -5,7 +5,8 @@ same group size, prompts per step, optimizer steps per rollout step and completi
 dynamic sampling off (TRL has none), one trainer process, one thread each. Ours runs the real
 loop (`python -m megatron_qae.train`: Megatron policy on gloo, local Ray, one CPU engine, reward
 workers); TRL runs GRPOTrainer with transformers' generate in-process. Both are started as
-fresh processes. Prints, per side: start-up seconds (launch to first step), seconds per rollout
+fresh processes. Prints, per side: start-up seconds (launch to the start of step 1: when step 1's metrics appear,
+less that step's time; ours also prints the seconds from its last step to exit), seconds per rollout
 step over the steps after `--warmup`, our split into generate / reward and hand-off / train /
 weight sync / other, and the ratio ours / TRL (below 1: we are faster). TRL is a
 benchmark-only dependency: `pip install -e .[bench]`.
@@ -70,8 +71,16 @@ def ours(tmp: Path, a: argparse.Namespace, model: Path) -> dict[str, float]:
                 f"rollout.prompts_per_step={a.prompts}", f"rollout.mini_batch_prompts={a.prompts // a.optimizer_steps}",
                 f"rollout.max_response_tokens={a.completion_tokens}"]
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=ENV, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - t0
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_row_s = None  # launch -> step 1's metrics written (polled), as TRL's clock reads it
+    metrics = run_dir / "metrics.jsonl"
+    while proc.poll() is None:
+        if first_row_s is None and metrics.is_file() and metrics.stat().st_size > 0:
+            first_row_s = time.perf_counter() - t0
+        time.sleep(0.02)
+    exit_s = time.perf_counter() - t0
+    if proc.returncode != 0 or first_row_s is None:
+        raise SystemExit(f"our run failed (exit {proc.returncode}); see {run_dir}/logs")
     rows = read_metrics(run_dir)
     timed = rows[a.warmup:]
 
@@ -80,7 +89,9 @@ def ours(tmp: Path, a: argparse.Namespace, model: Path) -> dict[str, float]:
 
     step, gen, wait = mean("time/step_s"), mean("rollout/generate_s"), mean("time/rollout_wait_s")
     train_s, sync = mean("train/step_s"), mean("sync/total_s")
-    return {"startup_s": wall - sum(r["time/step_s"] for r in rows), "step_s": step, "generate_s": gen,
+    last_row_s = first_row_s + sum(r["time/step_s"] for r in rows[1:])
+    return {"startup_s": first_row_s - rows[0]["time/step_s"], "shutdown_s": exit_s - last_row_s,
+            "step_s": step, "generate_s": gen,
             "reward_handoff_s": wait - gen, "train_s": train_s, "sync_s": sync,
             "other_s": step - wait - train_s - sync,
             "completion_tokens": mean("rollout/response_len_mean"),
@@ -168,7 +179,8 @@ def main() -> None:
           f"TRL {t['completion_tokens']:.2f}); steps {a.warmup + 1}..{a.steps} timed")
     print(f"ours: {o['step_s']:.3f} s/step = generate {o['generate_s']:.3f} + reward/hand-off "
           f"{o['reward_handoff_s']:.3f} + train {o['train_s']:.3f} + sync {o['sync_s']:.3f} + other "
-          f"{o['other_s']:.3f}; start-up {o['startup_s']:.1f} s")
+          f"{o['other_s']:.3f}; start-up {o['startup_s']:.1f} s (launch to step 1), exit "
+          f"{o['shutdown_s']:.1f} s after the last step")
     if a.shipped_demo:
         print(f"ours (shipped demo, dynamic sampling on): {o['groups_generated']:.1f} groups generated per step "
               f"for {a.prompts} trained (TRL: {a.prompts}); rollout accuracy {o['accuracy']:.3f}")

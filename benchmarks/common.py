@@ -7,7 +7,7 @@ import torch
 
 def single_process_world() -> None:
     """Environment of a one-rank torchrun, so the benchmarks run as plain scripts."""
-    from megatron_qae.model.parallel import single_process_env
+    from megatron_qae.launch_env import single_process_env
 
     single_process_env()
 

@@ -93,11 +93,12 @@ def megatron_shape(hf: dict[str, Any]) -> ModelShape:
     """Build the GPTModel for `hf` on the meta device (no memory) and count its parameters."""
     import torch
 
+    from megatron_qae.launch_env import single_process_env
     from megatron_qae.model import build as model_lib, parallel
 
     from megatron.core.models.gpt import GPTModel
 
-    parallel.single_process_env()
+    single_process_env()
     groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, 1))
     config = model_lib.build_transformer_config(hf, groups.dims)
     tied = bool(hf.get("tie_word_embeddings", False))

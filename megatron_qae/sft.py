@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from megatron_qae.run import console
-from megatron_qae.model.parallel import single_process_env
+from megatron_qae.launch_env import single_process_env
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import sys
 import threading
 
 from megatron_qae.run import console
-from megatron_qae.model.parallel import single_process_env
+from megatron_qae.launch_env import single_process_env
 
 
 def local_ray_auth_default(ray_address: str | None, environ: dict) -> None:
@@ -26,9 +26,11 @@ def local_ray_auth_default(ray_address: str | None, environ: dict) -> None:
 
 
 def start_ray_while_importing(cfg, rank: int) -> None:
-    """Rank 0 starts Ray (about 5 s of its processes starting) while megatron-core and the
-    loop import on a thread (about 5 s of Python), instead of one after the other. Ray stays
-    on the main thread: its head processes die with the thread that started them."""
+    """Rank 0 starts Ray (about 5 s, mostly its processes starting) while megatron-core and
+    the loop import on a thread (about 5 s of Python), instead of one after the other. Ray
+    stays on the main thread: its head processes die with the thread that started them."""
+    if rank == 0:  # imported before the thread starts: both would import shared modules (numpy ...)
+        from megatron_qae.run import ray_cluster
     failed: list[BaseException] = []
 
     def load() -> None:
@@ -40,9 +42,7 @@ def start_ray_while_importing(cfg, rank: int) -> None:
     loader = threading.Thread(target=load, name="import-loop", daemon=True)
     loader.start()
     if rank == 0:
-        from megatron_qae.run import ray_cluster
-
-        ray_cluster.connect(cfg)
+        ray_cluster.connect(cfg.ray.address, cfg.ray.num_cpus)
     loader.join()
     if failed:
         raise failed[0]
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     console.setup(rank, args.verbose)  # before megatron-core is imported: it logs at import
     from megatron_qae.config.loading import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # light: megatron-core is not imported yet
     console.attach_run_dir(cfg.run.run_dir, rank)
     local_ray_auth_default(cfg.ray.address, os.environ)
     start_ray_while_importing(cfg, rank)

@@ -29,6 +29,7 @@ import torch
 
 from megatron_qae.run import console
 
+from megatron_qae.launch_env import single_process_env
 from megatron_qae.model import parallel, qwen2_mapping as qm
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -83,7 +84,7 @@ def hf_to_mcore(hf_dir: Path, out: Path) -> Path:
 
     from megatron_qae.model import weights
 
-    parallel.single_process_env()
+    single_process_env()
     policy, hf = _policy(hf_dir)
     files = _safetensor_index(hf_dir)
     handles = {p: safe_open(str(p), framework="pt") for p in set(files.values())}
@@ -148,7 +149,7 @@ def mcore_to_hf(ckpt: Path, hf_config_dir: Path, out: Path, dtype: str, max_shar
 
     if out.exists():
         raise FileExistsError(f"--out {out} exists; choose a new directory")
-    parallel.single_process_env()
+    single_process_env()
     policy, hf = _policy(hf_config_dir)
     checkpoint.load_checkpoint(ckpt, policy, model_only=True)
     return policy_to_hf(policy, hf, hf_config_dir, out, dtype, max_shard_bytes)

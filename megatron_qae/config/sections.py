@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +29,13 @@ def _positive(name: str, value: float, strict: bool = True) -> None:
         _fail(name, value, "must be > 0" if strict else "must be >= 0")
 
 
-def check_upstream_keys(name: str, keys: dict[str, Any], upstream: type) -> None:
-    """Raise when `keys` has names that the megatron-core dataclass `upstream` lacks."""
+def check_upstream_keys(name: str, keys: dict[str, Any], module: str, upstream_name: str) -> None:
+    """Raise when `keys` has names that the megatron-core dataclass `module.upstream_name`
+    lacks. megatron-core is imported only when there are keys to check: loading a config
+    stays light, so the entry point can start Ray while megatron-core imports."""
+    if not keys:
+        return
+    upstream = getattr(importlib.import_module(module), upstream_name)
     known = {f.name for f in dataclasses.fields(upstream)}
     for key in keys:
         if key not in known:
@@ -113,9 +119,8 @@ class ModelConfig:
         _one_of("model.recompute_method", self.recompute_method, (None, "uniform", "block"))
         if self.recompute_granularity == "full" and self.recompute_method is None:
             _fail("model.recompute_method", None, "full recompute needs 'uniform' or 'block'")
-        from megatron.core.transformer import TransformerConfig
-
-        check_upstream_keys("model.transformer_overrides", self.transformer_overrides, TransformerConfig)
+        check_upstream_keys("model.transformer_overrides", self.transformer_overrides,
+                            "megatron.core.transformer", "TransformerConfig")
 
 
 @dataclass(frozen=True)
@@ -138,19 +143,20 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp"):
             _positive(f"parallel.{name}", getattr(self, name))
-        from megatron_qae.model.parallel import CP_UNSUPPORTED, VPP_UNSUPPORTED
-
         if self.cp != 1:
+            from megatron_qae.model.parallel import CP_UNSUPPORTED
+
             _fail("parallel.cp", self.cp, CP_UNSUPPORTED)
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
             _fail("parallel.vpp", self.vpp, f"needs vpp >= 2 and pp >= 2 (pp={self.pp}); or null")
         if self.vpp is not None:
+            from megatron_qae.model.parallel import VPP_UNSUPPORTED
+
             _fail("parallel.vpp", self.vpp, VPP_UNSUPPORTED)
         if self.sequence_parallel and self.tp < 2:
             _fail("parallel.sequence_parallel", True, "needs parallel.tp > 1")
-        from megatron.core.distributed import DistributedDataParallelConfig
-
-        check_upstream_keys("parallel.ddp_overrides", self.ddp_overrides, DistributedDataParallelConfig)
+        check_upstream_keys("parallel.ddp_overrides", self.ddp_overrides,
+                            "megatron.core.distributed", "DistributedDataParallelConfig")
 
     def dp(self, world_size: int) -> int:
         """Data-parallel degree for a world of `world_size` ranks."""
@@ -192,9 +198,8 @@ class OptimConfig:
         _positive("optim.clip_grad", self.clip_grad)
         if self.min_lr > self.lr:
             _fail("optim.min_lr", self.min_lr, f"must be <= optim.lr={self.lr}")
-        from megatron.core.optimizer import OptimizerConfig
-
-        check_upstream_keys("optim.optimizer_overrides", self.optimizer_overrides, OptimizerConfig)
+        check_upstream_keys("optim.optimizer_overrides", self.optimizer_overrides,
+                            "megatron.core.optimizer", "OptimizerConfig")
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,15 @@ import tempfile
 import ray
 
 
-def connect(cfg) -> None:
-    """Join `cfg.ray.address`, or start a local Ray with `cfg.ray.num_cpus` CPUs."""
+def connect(address: str | None, num_cpus: int) -> None:
+    """Join the cluster at `address` (`ray.address`), or start a local Ray with `num_cpus`
+    CPUs (`ray.num_cpus`)."""
     if ray.is_initialized():
         return
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=False, configure_logging=False)
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
     else:
         # A short private temp dir: Ray's socket paths must stay under 107 bytes.
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=False,  # its records go through ours (console.py)
                  _temp_dir=tempfile.mkdtemp(prefix="qae-ray-"))

@@ -47,7 +47,7 @@ class Rollout:
               wait: bool = True) -> Rollout:
         """Join or start Ray and the rollout manager; `placements` pins colocated engines.
         `wait=False` returns while the engines start; `wait_ready` (or any later call) waits."""
-        ray_cluster.connect(cfg)
+        ray_cluster.connect(cfg.ray.address, cfg.ray.num_cpus)
         actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4)
         log_dir = str(Path(cfg.run.run_dir) / "engine_logs")
         api_key = secrets.token_urlsafe(24)
