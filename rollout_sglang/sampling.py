@@ -10,7 +10,7 @@ distribution it was sampled from (the trainer takes its log-probs at the same te
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -36,12 +36,27 @@ def _sample(probs: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Te
 
 def _finish_reason(kind: str, tokens: list[int], max_new: int) -> dict[str, Any]:
     """SGLang's finish_reason object: the matched stop token, the length limit, or why it
-    was aborted."""
+    was aborted (SGLang's FINISH_ABORT: "Aborted" for a running request, "Abort in waiting
+    queue" for one aborted before it ran; status_code None, so the reply is a 200)."""
     if kind == "stop":
         return {"type": "stop", "matched": tokens[-1]}
     if kind == "length":
         return {"type": "length", "length": max_new}
-    return {"type": "abort", "message": "aborted by /pause_generation"}
+    message = "Abort in waiting queue" if kind == "abort_waiting" else "Aborted"
+    return {"type": "abort", "message": message, "status_code": None, "err_type": None}
+
+
+def _output(row: list[int], tokens: list[int], logps: list[float], reason: str, max_new: int) -> dict[str, Any]:
+    """SGLang's /generate reply for one row."""
+    return {
+        "output_ids": list(tokens),
+        "meta_info": {
+            "finish_reason": _finish_reason(reason, tokens, max_new),
+            "prompt_tokens": len(row),
+            "completion_tokens": len(tokens),
+            "output_token_logprobs": [[lp, t, None] for lp, t in zip(logps, tokens)],
+        },
+    }
 
 
 @torch.no_grad()
@@ -52,9 +67,14 @@ def generate_batch(
     eos_ids: list[int],
     abort: threading.Event | None = None,
     seeds: list[int | None] | None = None,
+    row_abort: list[threading.Event] | None = None,
+    row_done: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One SGLang-style output dict per prompt row; `seeds` (one per row) overrides the
-    params' single `sampling_seed`, so the rows of one group sample independently."""
+    params' single `sampling_seed`, so the rows of one group sample independently. `abort`
+    stops every row, `row_abort[i]` (set by /abort_request) stops row i alone: an aborted row
+    returns what it generated so far. `row_done(i, output)` is called as soon as row i has
+    finished (stop token, abort, or the end), so a caller can answer it before the batch ends."""
     temperature = float(params.get("temperature", 1.0))
     top_p = float(params.get("top_p", 1.0))
     top_k = int(params.get("top_k", -1))
@@ -79,11 +99,27 @@ def generate_batch(
     reasons = ["length"] * b
     done = torch.zeros(b, dtype=torch.bool)
     next_pos = positions[:, -1] + 1
+    row_abort = row_abort or [threading.Event() for _ in range(b)]
+    outputs: dict[int, dict[str, Any]] = {}
+    emitted: set[int] = set()
+
+    def emit(i: int) -> None:
+        emitted.add(i)
+        outputs[i] = _output(rows[i], tokens[i], logps[i], reasons[i], max_new)
+        if row_done is not None:
+            row_done(i, outputs[i])
+
     for step in range(max_new):
         if abort is not None and abort.is_set():
             for i in range(b):
                 if not done[i]:
                     reasons[i] = "abort"
+            break
+        for i in range(b):
+            if not done[i] and row_abort[i].is_set():
+                done[i], reasons[i] = True, "abort" if tokens[i] else "abort_waiting"
+                emit(i)
+        if done.all():
             break
         if step < min_new and stop_ids:
             logits[:, sorted(stop_ids)] = float("-inf")
@@ -103,6 +139,7 @@ def generate_batch(
             logps[i].append(float(chosen[i]))
             if tok in stop_ids:
                 done[i], reasons[i] = True, "stop"
+                emit(i)
         if done.all() or step == max_new - 1:
             break
         mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.long)], dim=1)
@@ -110,15 +147,7 @@ def generate_batch(
                     past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1].float()
         next_pos = next_pos + 1
-    return [
-        {
-            "output_ids": tokens[i],
-            "meta_info": {
-                "finish_reason": _finish_reason(reasons[i], tokens[i], max_new),
-                "prompt_tokens": len(rows[i]),
-                "completion_tokens": len(tokens[i]),
-                "output_token_logprobs": [[lp, t, None] for lp, t in zip(logps[i], tokens[i])],
-            },
-        }
-        for i in range(b)
-    ]
+    for i in range(b):
+        if i not in emitted:
+            emit(i)
+    return [outputs[i] for i in range(b)]
