@@ -120,7 +120,7 @@ class SGLangClient:
 
         `sampling_params` is one dict for every row or a list with one dict per row (how each
         sample gets its own `sampling_seed`); `rids`, one distinct request id per row, lets
-        `abort_request` stop rows while they run (an aborted row comes back with what it
+        `abort_request` stop a row while it runs (an aborted row comes back with what it
         generated so far and finish_reason 'abort')."""
         per_row = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
         if len(per_row) != len(input_ids):
@@ -191,8 +191,9 @@ class SGLangClient:
         return version
 
     def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
-        """Abort every request whose id starts with `rid` (SGLang matches by prefix), or all
-        of them; unknown ids are ignored. Their /generate calls answer with partial output."""
+        """Abort the live request `rid` (SGLang's scheduler then also aborts requests whose id
+        starts with it), or all of them; an id that is not live, a prefix included, is ignored.
+        An aborted /generate answers with its partial output."""
         self._request("POST", "/abort_request", {"rid": rid, "abort_all": abort_all})
 
     def pause_generation(self, mode: str = "abort") -> None:

@@ -6,9 +6,10 @@ queued requests with the same sampling parameters (seeds and n aside) as one bat
 is answered as soon as its own rows have finished, so the
 per-group requests a rollout manager sends at once are decoded together rather than one after
 another (a poor man's continuous batching: a request that arrives while a batch runs waits for
-the next one). /abort_request follows SGLang 0.5.23: `rid` aborts every request whose id
-starts with it (SGLang's scheduler matches by prefix), `abort_all` aborts everything, an
-empty rid without abort_all and an unknown rid are ignored, and the reply is an empty 200; the
+the next one). /abort_request follows SGLang 0.5.23 (one tokenizer worker): `rid` must be the id of
+a live request (anything else, a mere prefix included, is ignored), and then every request
+whose id starts with it is aborted (SGLang's scheduler matches by prefix); `abort_all` aborts
+everything; the reply is an empty 200; the
 aborted request's /generate answers 200 with what it generated so far and finish_reason
 {"type": "abort", "message": "Aborted"} ("Abort in waiting queue" when it had not started).
 What it does not: continuous batching (requests do not join a batch that is decoding), or
@@ -118,9 +119,14 @@ class Batcher:
                     self._decode(batch)
 
     def abort(self, rid: str, abort_all: bool) -> None:
+        """As SGLang 0.5.23 with one tokenizer worker: an id that is not a live request is
+        ignored (its tokenizer manager looks the id up exactly); a live one is passed on to
+        the scheduler, which aborts every request whose id starts with it."""
         with self._guard:
+            if not abort_all and rid not in self._live:
+                return
             for live, flags in self._live.items():
-                if abort_all or (rid and live.startswith(rid)):
+                if abort_all or live.startswith(rid):
                     for flag in flags:
                         flag.set()
 

@@ -20,6 +20,7 @@ trainer owns the weight-update group) or compute advantages.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -34,7 +35,7 @@ from rollout_sglang.reward_scoring import RewardScorer
 from rollout_sglang.rewards import apply_overlong_penalty
 from rollout_sglang.streaming import StreamResult, busy_fraction, stream_groups
 from rollout_sglang.types import EnginePlacement, Group, Prompt, RolloutBatch, Sample
-from rollout_sglang.watchdog import EngineHung, call_watched, tokens_requested
+from rollout_sglang.watchdog import EngineHung, call_watched, run_in_thread, tokens_requested
 
 log = logging.getLogger(__name__)
 MAX_GROUPS_IN_FLIGHT = 256
@@ -87,24 +88,26 @@ class RolloutManager(EnginePool):
         # A thread per group request in flight (two generation batches at most are).
         self.group_threads = ThreadPoolExecutor(
             max(16, min(MAX_GROUPS_IN_FLIGHT, 2 * max(r.gen_batch_prompts, r.prompts_per_step))))
-        self._rid_tag, self._streams = uuid.uuid4().hex[:12], 0
+        # Request ids: this manager's tag, then one number per stream (a prefix /abort_request takes).
+        self._rid_tag, self._stream_ids = uuid.uuid4().hex[:12], itertools.count(1)
 
     def ready(self) -> bool:
         return True
 
     # ---- generation ----------------------------------------------------------------------
     def _request(self, rows: list[list[int]], params: list[dict], first: int, rids: list[str],
-                 spans: list, cancelled: threading.Event) -> list[GenerateOutput]:
+                 spans: list, placed: dict[str, str], cancelled: threading.Event) -> list[GenerateOutput]:
         """Generate `rows` on a serving engine, with a deadline sized for the tokens they may
         generate; on failure mark the engine dead (kill it when hung) and try the next. Each
-        attempt's (engine, start, end) goes to `spans`; once `cancelled`, nothing is sent."""
+        attempt's (engine, start, end) goes to `spans`, its engine to `placed[rids[0]]`; once
+        `cancelled`, nothing is sent."""
         tried = 0
         deadline_s = self.watch.deadline_s(tokens_requested(len(rows), params))
         while not cancelled.is_set():
             serving = self._serving()
             en = serving[(first + tried) % len(serving)]
             client = SGLangClient(en.url, timeout_s=deadline_s, api_key=self.api_key)
-            start = time.perf_counter()
+            start, placed[rids[0]] = time.perf_counter(), en.url
             try:
                 return call_watched(client, lambda: client.generate(rows, params, True, rids),
                                     self.watch, deadline_s, f"a /generate of {len(rows)} rows")
@@ -122,30 +125,43 @@ class RolloutManager(EnginePool):
     def _stream(self, draw, n: int, params: dict, version: int, target: int, keep) -> StreamResult:
         """Stream groups (streaming.py): one request per group, its n samples each with its
         own request id and `sampling_seed` (run seed, group id, sample index), whatever engine
-        or thread serves it; ids share a prefix per call, so one /abort_request per engine
-        stops all that is left."""
-        self._streams += 1
-        prefix, spans, cancelled = f"{self._rid_tag}.{self._streams}.", [], threading.Event()
+        or thread serves it."""
+        prefix, spans, placed = f"{self._rid_tag}.{next(self._stream_ids)}.", [], {}
+        cancelled = threading.Event()
 
         def submit(gid: int, prompt: Prompt, i: int):
             rows = [list(prompt.prompt_ids) for _ in range(n)]
             per = [{**params, "sampling_seed": sample_seed(self.cfg.run.seed, gid, j)} for j in range(n)]
             rids = [f"{prefix}{gid}.{j}" for j in range(n)]
-            return self.group_threads.submit(self._request, rows, per, i, rids, spans, cancelled)
+            return self.group_threads.submit(self._request, rows, per, i, rids, spans, placed, cancelled)
 
-        def abort() -> None:
+        def abort(gids: list[int]) -> None:
             cancelled.set()
-            for en in [en for en in self.engines if not en.dead]:
-                try:
-                    SGLangClient(en.url, timeout_s=self.watch.probe_timeout_s,
-                                 api_key=self.api_key).abort_request(prefix)
-                except EngineError as exc:  # its requests fail and are not needed any more
-                    log.info("abort on %s failed: %s", en.url, exc)
+            by_url: dict[str, list[str]] = {}
+            for gid in gids:
+                if f"{prefix}{gid}.0" in placed:
+                    by_url.setdefault(placed[f"{prefix}{gid}.0"], []).extend(f"{prefix}{gid}.{j}" for j in range(n))
+            self._abort_on(by_url)
 
         res = stream_groups(draw, submit, lambda gid, p, outs: self._group(gid, p, outs, version),
                             keep, abort, target)
         res.spans = spans
         return res
+
+    def _abort_on(self, by_url: dict[str, list[str]]) -> None:
+        """/abort_request of each id on its engine, the engines at once. SGLang looks the id up
+        exactly (with one tokenizer worker), so every sample's id is sent; a failed abort is
+        left alone (the request fails, or answers, by itself)."""
+        def send(url: str, rids: list[str]) -> None:
+            client = SGLangClient(url, timeout_s=self.watch.probe_timeout_s, api_key=self.api_key)
+            for rid in rids:
+                client.abort_request(rid)
+
+        for url, f in [(url, run_in_thread(lambda u=url, r=rids: send(u, r))) for url, rids in by_url.items()]:
+            try:
+                f.result(timeout=self.watch.probe_timeout_s * 4)
+            except Exception as exc:  # noqa: BLE001 - see above
+                log.info("abort on %s failed: %s", url, exc)
 
     def _draw(self, prompts: list[Prompt]) -> list[tuple[int, Prompt]]:
         """`prompts` with the next group ids."""

@@ -36,14 +36,16 @@ def _sample(probs: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Te
 
 def _finish_reason(kind: str, tokens: list[int], max_new: int) -> dict[str, Any]:
     """SGLang's finish_reason object: the matched stop token, the length limit, or why it
-    was aborted (SGLang's FINISH_ABORT: "Aborted" for a running request, "Abort in waiting
-    queue" for one aborted before it ran; status_code None, so the reply is a 200)."""
+    was aborted: SGLang's FINISH_ABORT for a running request ("Aborted", status_code None, so
+    the reply is a 200), its tokenizer manager's {"type", "message"} for one aborted before
+    it ran ("Abort in waiting queue")."""
     if kind == "stop":
         return {"type": "stop", "matched": tokens[-1]}
     if kind == "length":
         return {"type": "length", "length": max_new}
-    message = "Abort in waiting queue" if kind == "abort_waiting" else "Aborted"
-    return {"type": "abort", "message": message, "status_code": None, "err_type": None}
+    if kind == "abort_waiting":
+        return {"type": "abort", "message": "Abort in waiting queue"}
+    return {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
 
 
 def _output(row: list[int], tokens: list[int], logps: list[float], reason: str, max_new: int) -> dict[str, Any]:

@@ -8,8 +8,8 @@ kept groups are exactly those the batch-at-a-time loop keeps (its `kept[:target]
 the next generation batch as soon as it is certainly needed -- kept + undecided < target, so
 whatever the undecided groups turn out to be -- which is exactly the batch the batch-at-a-time
 loop would draw next (same cursor order, same group ids). Once `target` groups are kept it
-aborts everything still in flight (SGLang's /abort_request, repeated until every request has
-answered, since a request may reach its engine after an abort was sent) and waits for the
+aborts every group still in flight (SGLang's /abort_request, repeated until every request
+has answered, since a request may reach its engine after an abort was sent) and waits for the
 answers, so no request of this step outlives it. `busy_fraction` measures how much of the
 generation time the engines had a request in flight. What it does not: talk HTTP, retry on
 another engine, score, or draw prompts (the rollout manager supplies those as callables).
@@ -58,13 +58,13 @@ class StreamResult:
 def stream_groups(draw: Callable[[], list[tuple[int, Prompt]] | None],
                   submit: Callable[[int, Prompt, int], Future],
                   score: Callable[[int, Prompt, list[GenerateOutput]], Group],
-                  keep: Callable[[Group], bool], abort: Callable[[], None], target: int) -> StreamResult:
+                  keep: Callable[[Group], bool], abort: Callable[[list[int]], None], target: int) -> StreamResult:
     """Generate, score and decide groups until `target` are kept or `draw` has no batch left.
 
     `draw()` gives the next batch as (group id, prompt) pairs, None when no batch may be drawn;
     `submit(group_id, prompt, index_in_batch)` starts a group's request (a future of its
-    outputs, [] for a request that was never sent); `abort()` aborts every request of this
-    stream on every engine."""
+    outputs, [] for a request that was never sent); `abort(group_ids)` aborts those groups'
+    requests (and sends no new ones)."""
     t0 = time.perf_counter()
     flying: dict[Future, tuple[int, Prompt]] = {}
     order: deque[int] = deque()
@@ -100,7 +100,7 @@ def stream_groups(draw: Callable[[], list[tuple[int, Prompt]] | None],
                 done[gid] = score(gid, prompt, outputs)
     except BaseException:
         if flying:
-            abort()
+            abort([gid for gid, _ in flying.values()])
         raise
     res.time_to_full_s = time.perf_counter() - t0
     if flying:
@@ -108,11 +108,11 @@ def stream_groups(draw: Callable[[], list[tuple[int, Prompt]] | None],
     return res
 
 
-def _abort_the_rest(flying: dict[Future, tuple[int, Prompt]], abort: Callable[[], None],
+def _abort_the_rest(flying: dict[Future, tuple[int, Prompt]], abort: Callable[[list[int]], None],
                     res: StreamResult) -> None:
     """Abort what is still generating and wait for every answer (an engine must not be left
     decoding this step's requests when its weights change)."""
-    abort()
+    abort([gid for gid, _ in flying.values()])
     pending = set(flying)
     while pending:
         finished, pending = wait(pending, timeout=ABORT_RESEND_S)
@@ -129,7 +129,7 @@ def _abort_the_rest(flying: dict[Future, tuple[int, Prompt]], abort: Callable[[]
             else:
                 res.discarded_groups += 1
         if pending:
-            abort()
+            abort([flying[f][0] for f in pending])
 
 
 def busy_fraction(spans: list[tuple[str, float, float]], urls: list[str], t0: float, t1: float) -> float:

@@ -65,7 +65,7 @@ def _scripted(accuracies: dict[int, list[float]], batch_size: int, max_batches: 
     worker = threading.Thread(target=complete, daemon=True)
     worker.start()
     res = stream_groups(draw, submit, score, lambda g: not g.accuracy_is_constant,
-                        lambda: aborts.append(time.monotonic()), target)
+                        lambda gids: aborts.append(time.monotonic()), target)
     if not aborts:
         aborts.append(0.0)  # nothing was in flight: let the completer end
     worker.join(5)
