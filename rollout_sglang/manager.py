@@ -143,8 +143,7 @@ class RolloutManager(EnginePool):
                     by_url.setdefault(placed[f"{prefix}{gid}.0"], []).extend(f"{prefix}{gid}.{j}" for j in range(n))
             self._abort_on(by_url)
 
-        res = stream_groups(draw, submit, lambda gid, p, outs: self._group(gid, p, outs, version),
-                            keep, abort, target)
+        res = stream_groups(draw, submit, lambda answered: self._groups(answered, version), keep, abort, target)
         res.spans = spans
         return res
 
@@ -168,22 +167,28 @@ class RolloutManager(EnginePool):
         first, self.next_group_id = self.next_group_id, self.next_group_id + len(prompts)
         return [(first + i, p) for i, p in enumerate(prompts)]
 
-    def _group(self, gid: int, prompt: Prompt, outputs: list[GenerateOutput], version: int) -> Group:
-        """The scored group of one request's outputs (reward, then the overlong penalty)."""
-        texts = [self.tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outputs]
-        labels = [f"prompt {prompt.index} (group {gid}, sample {k})" for k in range(len(outputs))]
-        scored = self.scorer.score(texts, [prompt.answer] * len(outputs), labels)
+    def _groups(self, answered: list[tuple[int, Prompt, list[GenerateOutput]]], version: int) -> list[Group]:
+        """The scored groups of requests' outputs (reward, then the overlong penalty), all
+        scored in one call."""
+        texts, answers, labels = [], [], []
+        for gid, prompt, outputs in answered:
+            texts += [self.tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outputs]
+            answers += [prompt.answer] * len(outputs)
+            labels += [f"prompt {prompt.index} (group {gid}, sample {k})" for k in range(len(outputs))]
+        scored = self.scorer.score(texts, answers, labels)
         self.reward_errors += len(scored.failures)
-        r, rw = self.cfg.rollout, self.cfg.reward
-        samples = []
-        for o, res in zip(outputs, scored.results):
-            score = res.score
-            if rw.overlong_buffer_enable:
-                score = apply_overlong_penalty(score, len(o.output_ids), r.max_response_tokens,
-                                               rw.overlong_buffer_tokens, rw.overlong_penalty_factor)
-            samples.append(Sample(gid, prompt.prompt_ids, tuple(o.output_ids), tuple(o.output_logprobs),
-                                  o.finish_reason, score, res.accuracy, version, res.pred))
-        return Group(gid, prompt, tuple(samples))
+        r, rw, results, groups = self.cfg.rollout, self.cfg.reward, iter(scored.results), []
+        for gid, prompt, outputs in answered:
+            samples = []
+            for o, res in zip(outputs, results):
+                score = res.score
+                if rw.overlong_buffer_enable:
+                    score = apply_overlong_penalty(score, len(o.output_ids), r.max_response_tokens,
+                                                   rw.overlong_buffer_tokens, rw.overlong_penalty_factor)
+                samples.append(Sample(gid, prompt.prompt_ids, tuple(o.output_ids), tuple(o.output_logprobs),
+                                      o.finish_reason, score, res.accuracy, version, res.pred))
+            groups.append(Group(gid, prompt, tuple(samples)))
+        return groups
 
     def _params(self, temperature: float, top_p: float) -> dict:
         r = self.cfg.rollout

@@ -57,13 +57,14 @@ class StreamResult:
 
 def stream_groups(draw: Callable[[], list[tuple[int, Prompt]] | None],
                   submit: Callable[[int, Prompt, int], Future],
-                  score: Callable[[int, Prompt, list[GenerateOutput]], Group],
+                  score: Callable[[list[tuple[int, Prompt, list[GenerateOutput]]]], list[Group]],
                   keep: Callable[[Group], bool], abort: Callable[[list[int]], None], target: int) -> StreamResult:
     """Generate, score and decide groups until `target` are kept or `draw` has no batch left.
 
     `draw()` gives the next batch as (group id, prompt) pairs, None when no batch may be drawn;
     `submit(group_id, prompt, index_in_batch)` starts a group's request (a future of its
-    outputs, [] for a request that was never sent); `abort(group_ids)` aborts those groups'
+    outputs, [] for a request that was never sent); `score([(group id, prompt, outputs)])`
+    gives their scored groups; `abort(group_ids)` aborts those groups'
     requests (and sends no new ones)."""
     t0 = time.perf_counter()
     flying: dict[Future, tuple[int, Prompt]] = {}
@@ -93,11 +94,10 @@ def stream_groups(draw: Callable[[], list[tuple[int, Prompt]] | None],
             if not flying:
                 break  # nothing in flight, nothing left to draw: underfilled
             finished, _ = wait(list(flying), return_when=FIRST_COMPLETED)
-            for f in finished:
-                gid, prompt = flying.pop(f)
-                outputs = f.result()
-                res.returned_tokens += sum(len(o.output_ids) for o in outputs)
-                done[gid] = score(gid, prompt, outputs)
+            answered = [(*flying.pop(f), f.result()) for f in finished]
+            res.returned_tokens += sum(len(o.output_ids) for _, _, outs in answered for o in outs)
+            # Groups that answered together are scored in one call (one trip to the scorer).
+            done.update((g.group_id, g) for g in score(answered))
     except BaseException:
         if flying:
             abort([gid for gid, _ in flying.values()])

@@ -46,9 +46,9 @@ def _scripted(accuracies: dict[int, list[float]], batch_size: int, max_batches: 
         futures[gid] = Future()
         return futures[gid]
 
-    def score(gid, prompt, outputs):
-        return Group(gid, prompt, tuple(Sample(gid, (1,), (2,), (-1.0,), "stop", a, a, 0)
-                                        for a in accuracies[gid]))
+    def score(answered):
+        return [Group(gid, prompt, tuple(Sample(gid, (1,), (2,), (-1.0,), "stop", a, a, 0)
+                                         for a in accuracies[gid])) for gid, prompt, _ in answered]
 
     def complete():  # answers the requests in random order, a few at a time
         while True:
