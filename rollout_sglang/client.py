@@ -4,8 +4,8 @@ What it does: token-in / token-out generation with per-token log-probs (one samp
 dict for all rows, or one per row), the weight-update group, weight-update sessions
 (`/begin_weight_update` ... `/end_weight_update`, which SGLang >= 0.5.21 requires around every
 distributed or tensor update), pause / continue, memory release / resume, cache flush,
-health, aborting requests by id, the weight version (`/model_info`; "default" before the first update) and the server
-version (`/server_info`, checked once against the supported range). Every request carries
+health, aborting requests by id, the weight version (`/model_info`; "default" before the first
+update) and the server version (`/server_info`, checked once against the supported range). Every request carries
 the engine's API key when one is set. The same client talks to `sglang.launch_server` and to
 our CPU server, which implements the same contract. What it does not: start servers
 (engine.py), retry on another engine (the rollout manager does), or remember which memory

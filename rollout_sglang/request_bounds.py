@@ -8,8 +8,8 @@ sampling_seed an int64), prompt + max_new_tokens <= the context length (SGLang's
 tokenizer-manager check), n and the number of sequences of one request -- and returns the
 first violation as a message naming the field, the value and the bound (the server answers it
 with HTTP 400, as SGLang does). A missing max_new_tokens becomes SGLang's default (128),
-capped at what the context leaves; request ids (`rid`) are normalised as SGLang does. What it does not: check the body size (the server's
-middleware does, from Content-Length) or generate.
+capped at what the context leaves; request ids (`rid`) are normalised as SGLang does. What it
+does not: check the body size (the server's middleware does, from Content-Length) or generate.
 """
 
 from __future__ import annotations

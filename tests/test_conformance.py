@@ -175,7 +175,8 @@ def _abort_while_running(url: str) -> dict:
     keep = {**body, "input_ids": [[5, 9, 11]], "rid": ["conf-keep.0"]}
     post = SGLangClient(url, timeout_s=120, api_key=KEY)
     aborted = run_in_thread(lambda: post._session.post(f"{url}/generate", json=body, timeout=120))
-    kept = run_in_thread(lambda: SGLangClient(url, api_key=KEY)._session.post(f"{url}/generate", json=keep, timeout=120))
+    other = SGLangClient(url, api_key=KEY)
+    kept = run_in_thread(lambda: other._session.post(f"{url}/generate", json=keep, timeout=120))
     replies = []
     while not aborted.done():
         for i in range(4):
@@ -211,7 +212,8 @@ def test_abort_request_as_sglang_does(urls):
             assert (reply.status_code, reply.content) == (200, b""), (u, body)
         params = {"temperature": 1.0, "max_new_tokens": 60, "ignore_eos": True}
         body = {"input_ids": [[5, 9, 11]] * 2, "sampling_params": params, "rid": ["conf-prefix.0", "conf-prefix.1"]}
-        running = run_in_thread(lambda: SGLangClient(u, api_key=KEY)._session.post(f"{u}/generate", json=body, timeout=120))
+        sender = SGLangClient(u, api_key=KEY)._session
+        running = run_in_thread(lambda: sender.post(f"{u}/generate", json=body, timeout=120))
         while not running.done():
             s.post(f"{u}/abort_request", json={"rid": "conf-prefix."}, timeout=30)
             time.sleep(0.01)

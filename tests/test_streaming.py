@@ -159,7 +159,8 @@ def _batch_at_a_time(cfg, url: str, model, steps: int) -> list[list[tuple]]:
                 groups.append(Group(gid + k, p, samples))
             gid += len(batch)
             kept += select_groups(groups, dynamic=True)[0]
-        out.append([(g.group_id, g.prompt.index, [s.response_ids for s in g.samples]) for g in kept[:r.prompts_per_step]])
+        out.append([(g.group_id, g.prompt.index, [s.response_ids for s in g.samples])
+                    for g in kept[:r.prompts_per_step]])
     return out
 
 
