@@ -31,9 +31,9 @@ from rollout_sglang.sampling import generate_batch
 from rollout_sglang.server_limits import Busy
 
 
-GATHER_QUIET_S = 0.01
+GATHER_QUIET_S = 0.002
 """A batch starts once no request has arrived for this long..."""
-GATHER_MAX_S = 0.1
+GATHER_MAX_S = 0.05
 """... or this long after the first one arrived."""
 
 
