@@ -4,8 +4,8 @@ What it does: token-in / token-out generation with per-token log-probs (one samp
 dict for all rows, or one per row), the weight-update group, weight-update sessions
 (`/begin_weight_update` ... `/end_weight_update`, which SGLang >= 0.5.21 requires around every
 distributed or tensor update), pause / continue, memory release / resume, cache flush,
-health, the weight version (`/model_info`; "default" before the first update) and the server
-version (`/server_info`, checked once against the supported range). Every request carries
+health, aborting requests by id, the weight version (`/model_info`; "default" before the first
+update) and the server version (`/server_info`, checked once against the supported range). Every request carries
 the engine's API key when one is set. The same client talks to `sglang.launch_server` and to
 our CPU server, which implements the same contract. What it does not: start servers
 (engine.py), retry on another engine (the rollout manager does), or remember which memory
@@ -115,17 +115,21 @@ class SGLangClient:
         return True
 
     def generate(self, input_ids: list[list[int]], sampling_params: dict[str, Any] | list[dict[str, Any]],
-                 return_logprob: bool = True) -> list[GenerateOutput]:
+                 return_logprob: bool = True, rids: list[str] | None = None) -> list[GenerateOutput]:
         """One response per row of `input_ids` (`n` per row when the params say so), row-major.
 
         `sampling_params` is one dict for every row or a list with one dict per row (how each
-        sample gets its own `sampling_seed`)."""
+        sample gets its own `sampling_seed`); `rids`, one distinct request id per row, lets
+        `abort_request` stop a row while it runs (an aborted row comes back with what it
+        generated so far and finish_reason 'abort')."""
         per_row = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(input_ids)
         if len(per_row) != len(input_ids):
             raise ValueError(f"{len(per_row)} sampling-params dicts for {len(input_ids)} rows; "
                              "send one dict, or one per row")
         payload = {"input_ids": input_ids, "sampling_params": sampling_params,
                    "return_logprob": return_logprob, "logprob_start_len": -1}
+        if rids is not None:
+            payload["rid"] = rids
         out = self._request("POST", "/generate", payload)
         items = out if isinstance(out, list) else [out]
         expected = sum(int(p.get("n", 1)) for p in per_row)
@@ -185,6 +189,12 @@ class SGLangClient:
         version = str(self.server_info().get("version"))
         check_supported_version(version, self.base_url)
         return version
+
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        """Abort the live request `rid` (SGLang's scheduler then also aborts requests whose id
+        starts with it), or all of them; an id that is not live, a prefix included, is ignored.
+        An aborted /generate answers with its partial output."""
+        self._request("POST", "/abort_request", {"rid": rid, "abort_all": abort_all})
 
     def pause_generation(self, mode: str = "abort") -> None:
         self._request("POST", "/pause_generation", {"mode": mode})

@@ -23,8 +23,10 @@ paused, longer than --lock-timeout-s (then 503); SIGTERM aborts in-flight genera
 server exits within seconds; /init_weights_update_group dials only the trainer addresses of
 --weight-sync-hosts (default loopback) and gives up after --weight-sync-timeout-s. With --fd
 it serves on a listening socket its launcher bound (the port is then never free in between).
-What it does not: paged attention, continuous batching or any GPU feature: it exists so the
-trainer's client and weight-sync path run for real on a CPU-only machine.
+Concurrent /generate requests are decoded together, and /abort_request aborts them by request
+id as SGLang does (cpu_generation.py). What it does not: paged attention, continuous batching
+(a request waits for the running batch to end) or any GPU feature: it exists so the trainer's
+client and weight-sync path run for real on a CPU-only machine.
 
     python -m rollout_sglang.cpu_server --model-path DIR --host 127.0.0.1 --port 30000
 """
@@ -46,9 +48,10 @@ import uvicorn
 from fastapi import Body, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from rollout_sglang.request_bounds import BadRequest, Bounds, check_generate
+from rollout_sglang.cpu_generation import Batcher, generation_routes
+from rollout_sglang.request_bounds import Bounds
 from rollout_sglang.server_limits import Busy, Limits, StoppableServer, refused_peer
-from rollout_sglang.sampling import eos_token_ids, generate_batch
+from rollout_sglang.sampling import eos_token_ids
 from rollout_sglang.tensor_payload import deserialize_named_tensors
 from rollout_sglang.weight_group import init_weight_group
 
@@ -57,6 +60,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 CONTRACT_VERSION = "0.5.23"
 """The SGLang release whose HTTP contract this server implements (reported by /server_info)."""
 _TAGS = ("weights", "kv_cache", "cuda_graph")
+WORKER_THREADS = 1024
+"""Requests served at once (each /generate holds a thread while it waits for its batch)."""
 
 
 class ServerState:
@@ -92,6 +97,7 @@ class ServerState:
         self.released_tags: set[str] = set()
         self.released_shapes: dict[str, torch.Size] = {}
         self.release_count = 0
+        self.batcher = Batcher(self)
 
     def params(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.model.named_parameters())
@@ -118,8 +124,19 @@ def _error(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": {"message": message}}, status_code=status)
 
 
+@contextlib.asynccontextmanager
+async def _many_threads(app: FastAPI):
+    """Room for many requests at once: sync routes run on anyio's worker threads (40 by
+    default), and a rollout manager has one /generate per group in flight, each waiting in
+    the batcher for its batch."""
+    import anyio.to_thread
+
+    anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
+    yield
+
+
 def build_app(state: ServerState) -> FastAPI:
-    app = FastAPI()
+    app = FastAPI(lifespan=_many_threads)
 
     @app.exception_handler(Busy)
     async def busy(request: Request, exc: Busy) -> JSONResponse:
@@ -144,7 +161,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     @app.get("/health_generate")
-    def health() -> dict:
+    async def health() -> dict:
+        # async: answered on the event loop even while every worker thread waits in /generate.
         return {"status": "ok"}
 
     @app.get("/model_info")
@@ -159,57 +177,12 @@ def build_app(state: ServerState) -> FastAPI:
     def server_info() -> dict:
         return {"model_path": state.model_path, "tp_size": 1, "version": CONTRACT_VERSION,
                 "frontend": "rollout_sglang.cpu_server", "memory_release_count": state.release_count,
-                "released_tags": sorted(state.released_tags)}
+                "released_tags": sorted(state.released_tags), "aborted_requests": state.batcher.aborted_rows}
 
-    _generation_routes(app, state)
+    generation_routes(app, state)
     _weight_routes(app, state)
     _memory_routes(app, state)
     return app
-
-
-def _generation_routes(app: FastAPI, state: ServerState) -> None:
-    @app.post("/generate")
-    def generate(req: Any = Body(...)) -> Any:
-        try:
-            rows, per_row = check_generate(req, state.bounds)
-        except BadRequest as exc:
-            return _error(str(exc))
-        single = not isinstance(req["input_ids"][0], list)
-        shared = [{k: v for k, v in p.items() if k not in ("sampling_seed", "n")} for p in per_row]
-        if any(s != shared[0] for s in shared):
-            return _error("the CPU server samples a request's rows together: their sampling_params "
-                          "may differ only in sampling_seed and n")
-        counts = [p["n"] for p in per_row]
-        seeds = [p.get("sampling_seed") for p, c in zip(per_row, counts) for _ in range(c)]
-        rows = [r for r, c in zip(rows, counts) for _ in range(c)]
-        if not state.running.wait(timeout=state.limits.lock_timeout_s):
-            raise Busy(f"generation stayed paused for {state.limits.lock_timeout_s} s (--lock-timeout-s); "
-                       "/continue_generation resumes it")
-        with state.locked():
-            if "weights" in state.released_tags:
-                return _error("weights are released; call /resume_memory_occupation first", 503)
-            outs = generate_batch(state.model, rows, shared[0], state.eos_ids, state.abort, seeds)
-        for o in outs:
-            o["meta_info"]["weight_version"] = state.weight_version
-        return outs[0] if single and len(outs) == 1 else outs
-
-    @app.post("/pause_generation")
-    def pause(req: dict[str, Any] = Body(default={})) -> dict:
-        state.running.clear()
-        if (req or {}).get("mode", "abort") == "abort":
-            state.abort.set()
-        return {"success": True}
-
-    @app.post("/continue_generation")
-    def resume(req: dict[str, Any] = Body(default={})) -> dict:
-        state.abort.clear()
-        state.running.set()
-        return {"success": True}
-
-    @app.post("/flush_cache")
-    @app.get("/flush_cache")
-    def flush() -> dict:
-        return {"success": True}
 
 
 def _weight_routes(app: FastAPI, state: ServerState) -> None:

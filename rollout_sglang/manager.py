@@ -1,65 +1,45 @@
-"""The rollout manager (a Ray actor): engines, generation, scoring, DAPO dynamic sampling.
+"""The rollout manager (a Ray actor): generation, scoring, DAPO dynamic sampling, over the
+engines of its EnginePool (engine_pool.py: start, hang kill, restart, control calls).
 
-What it does: starts the engines, spreads generation requests over the engines that hold the
-current weights, decodes and scores responses (reward fn + overlong penalty), drops groups
-whose accuracy is all-equal and refills from new generation batches until the step's batch is
-full, and returns typed groups. A failed request is retried on another engine; a group is
-accepted exactly once. Dead engines are restarted on request and get no work until the
-trainer has pushed the current weights to them. Every engine request has a deadline sized for
-it (tokens it may generate) and a /health watch: a hung engine (a stopped or wedged server that
-stops answering /health) is treated as a dead one -- killed at once, its requests retried
-elsewhere, restarted with the current weights at the next sync -- with a warning naming it and
-how long it was stuck. Remembers which memory tags each engine
-released and resumes only those (SGLang's scheduler dies on a resume of a tag it did not
-release). Every sample gets its own `sampling_seed` from (run seed, group id, sample index):
-the n samples of a group never share a seed. Reproducibility: the CPU server always samples
-from the seed, so a resumed run repeats itself; SGLang honours `sampling_seed` only with
-`--enable-deterministic-inference` (then per (seed, position)) and otherwise samples
-non-reproducibly. What it does not: push weights (the trainer owns the weight-update group)
-or compute advantages.
+What it does: draws generation batches from the prompt stream and streams them
+(streaming.py): one request per group, spread over the engines that hold the current weights,
+each group decoded and scored (reward fn + overlong penalty) as soon as it returns, DAPO's
+keep/drop decided in the order the groups were drawn, the next batch drawn as soon as it is
+certainly needed, and every request still in flight aborted once the step's batch is full;
+returns typed groups and the step's rollout metrics (tokens/s, engine busy fraction,
+time-to-full-batch, groups aborted). A failed request is retried on another engine; a group
+is accepted exactly once. Every engine request has a deadline sized for it (tokens it may
+generate: per group, not per step) and a /health watch: a hung engine is killed and its
+requests go elsewhere (engine_pool.py). Every sample gets its own `sampling_seed` from (run
+seed, group id, sample index) and its own request id: the n samples of a group never share a
+seed. Reproducibility: the CPU server always samples from the seed, so a resumed run repeats
+itself; SGLang honours `sampling_seed` only with `--enable-deterministic-inference` (then per
+(seed, position)) and otherwise samples non-reproducibly. What it does not: push weights (the
+trainer owns the weight-update group) or compute advantages.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
-import ray
-
-from rollout_sglang.client import EngineError, SGLangClient
+from rollout_sglang.client import EngineError, GenerateOutput, SGLangClient
 from rollout_sglang.data import PromptCursor, load_prompts
-from rollout_sglang.engine import RolloutEngine
+from rollout_sglang.engine_pool import EnginePool
 from rollout_sglang.eval_metrics import default_ks, eval_summary
 from rollout_sglang.reward_scoring import RewardScorer
 from rollout_sglang.rewards import apply_overlong_penalty
+from rollout_sglang.streaming import StreamResult, busy_fraction, stream_groups
 from rollout_sglang.types import EnginePlacement, Group, Prompt, RolloutBatch, Sample
-from rollout_sglang.watchdog import EngineHung, WatchPolicy, call_watched, run_in_thread, tokens_requested, wait_watching
+from rollout_sglang.watchdog import EngineHung, call_watched, run_in_thread, tokens_requested
 
 log = logging.getLogger(__name__)
-_ROWS_PER_REQUEST = 64
-
-
-@dataclass
-class _Engine:
-    actor: object
-    url: str
-    tp: int
-    synced_version: int | None = None
-    dead: bool = False
-    restarts: int = 0
-    released: set[str] = field(default_factory=set)
-    """Memory tags released and not resumed since (a restarted engine holds everything)."""
-    hung_s: float | None = None
-    """Seconds it was stuck when it was found hung and killed (None: not hung)."""
-
-
-def engine_watch_policy(e) -> WatchPolicy:
-    """The request deadlines and /health probing of `cfg.engine`."""
-    return WatchPolicy(e.request_s_per_token, e.request_floor_s, e.health_interval_s,
-                       e.health_timeout_s, e.health_failures)
+MAX_GROUPS_IN_FLIGHT = 256
+"""Group requests one manager has in flight at most (each holds a thread while it waits)."""
 
 
 def sample_seed(run_seed: int, group_id: int, sample_index: int) -> int:
@@ -78,25 +58,8 @@ def select_groups(groups: list[Group], dynamic: bool) -> tuple[list[Group], dict
     return kept, {"all_correct": correct, "all_wrong": len(dropped) - correct}
 
 
-def _engine_actor(e, place: EnginePlacement | None):
-    """The Ray actor class of one engine: its own GPUs, or pinned to its trainer ranks' node."""
-    actor = ray.remote(RolloutEngine)
-    if place is None:
-        on_gpu = e.backend == "sglang" and e.sglang_args.get("device", "cuda") != "cpu"
-        return actor.options(num_cpus=0, num_gpus=e.engine_tp if on_gpu else 0)
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = {n["NodeManagerHostname"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    if place.hostname not in nodes:
-        raise EngineError(f"colocated engine: trainer node {place.hostname!r} is not in the Ray cluster "
-                          f"({sorted(nodes)}); start a Ray node on every trainer node")
-    # The trainer (torchrun) already holds these GPUs outside Ray's accounting: ask Ray for none.
-    return actor.options(num_cpus=0, num_gpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        nodes[place.hostname], soft=False))
-
-
-class RolloutManager:
-    """Owns the engines and the prompt stream of one run."""
+class RolloutManager(EnginePool):
+    """Owns the engines (EnginePool) and the prompt stream of one run."""
 
     def __init__(self, cfg, model_path: str, log_dir: str,
                  placements: list[EnginePlacement] | None = None, api_key: str | None = None,
@@ -105,26 +68,18 @@ class RolloutManager:
         e = cfg.engine
         if placements is not None and len(placements) != e.num_engines:
             raise ValueError(f"{len(placements)} colocated placements for engine.num_engines={e.num_engines}")
-        # Engines first: their servers take seconds to start (SGLang: minutes), and everything
-        # below happens meanwhile.
-        multi_node = sum(1 for n in ray.nodes() if n["Alive"]) > 1
-        handles, self.scorer = [], None
-        for i in range(e.num_engines):
-            place = placements[i] if placements is not None else None
-            handles.append(_engine_actor(e, place).remote(
-                model_path, e.backend, e.host, e.port_base + 100 * i, e.engine_tp,
-                e.mem_fraction_static, dict(e.sglang_args), e.startup_timeout_s, e.request_timeout_s,
-                log_dir, cfg.run.seed + i, place.devices if place else (), place is not None,
-                python=e.sglang_python, api_key=api_key, bind_node_ip=multi_node,
-                weight_sync_hosts=(trainer_address,) if trainer_address else ()))
+        # Engines first: their servers take seconds to start (SGLang: minutes), and the reward
+        # workers, tokenizer and prompts load meanwhile.
+        handles = self._launch_engines(cfg, model_path, log_dir, placements, api_key, trainer_address)
+        self.scorer = None
         try:
             # Rewards run in processes: math-verify needs a main thread (actor methods run on
             # worker threads), and a hung reward can only be stopped by killing its process.
             rw = cfg.reward
             self.scorer = RewardScorer(rw.name, rw.num_workers, rw.timeout_s, rw.failure_score)
             self.reward_errors = 0
-            self._load_data(model_path)
-            self.engines = [_Engine(h, ray.get(h.url.remote()), e.engine_tp) for h in handles]
+            self._load_prompts(model_path)
+            self._await_engines(handles)
         except BaseException:
             # A reward module that does not import, bad data or an engine that fails to start:
             # no engine outlives the error (Ray would keep the started ones until the driver exits).
@@ -133,20 +88,18 @@ class RolloutManager:
             if self.scorer is not None:
                 self.scorer.close()
             raise
-        self._clients: dict[str, SGLangClient] = {}
-        self.requests_retried = 0
-        self.watch = engine_watch_policy(e)
-        self._dead_lock = threading.Lock()
-        self.warnings: list[str] = []
-        """Engine warnings not yet taken by the driver (this actor's log goes to Ray's files)."""
-        self.threads = ThreadPoolExecutor(max(4, 2 * len(self.engines)))
+        r = cfg.rollout
+        # A thread per group request in flight (two generation batches at most are).
+        self.group_threads = ThreadPoolExecutor(
+            max(16, min(MAX_GROUPS_IN_FLIGHT, 2 * max(r.gen_batch_prompts, r.prompts_per_step))))
+        # Request ids: this manager's tag, one number per stream, then group and sample.
+        self._rid_tag, self._stream_ids = uuid.uuid4().hex[:12], itertools.count(1)
 
-    def _load_data(self, model_path: str) -> None:
+    def _load_prompts(self, model_path: str) -> None:
         from transformers import AutoTokenizer
 
-        cfg = self.cfg
+        d, r = self.cfg.data, self.cfg.rollout
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        d, r = cfg.data, cfg.rollout
         kw = dict(prompt_key=d.prompt_key, answer_key=d.answer_key,
                   apply_chat_template=d.apply_chat_template, max_prompt_tokens=r.max_prompt_tokens)
         self.train_prompts = load_prompts(d.train_path, self.tokenizer, **kw)
@@ -157,170 +110,100 @@ class RolloutManager:
     def ready(self) -> bool:
         return True
 
-    # ---- engines -------------------------------------------------------------------------
-    def engine_endpoints(self) -> list[tuple[str, int]]:
-        return [(en.url, en.tp) for en in self.engines if not en.dead]
-
-    def engine_pids(self) -> list[int]:
-        return [ray.get(en.actor.pid.remote()) for en in self.engines]
-
-    def engines_needing_sync(self) -> list[str]:
-        return [en.url for en in self.engines if not en.dead and en.synced_version is None]
-
-    def mark_synced(self, urls: list[str], version: int) -> None:
-        for en in self.engines:
-            if en.url in urls:
-                en.synced_version = version
-
-    def take_warnings(self) -> list[str]:
-        """The engine warnings (hangs, restarts) since the last call, for the driver to show."""
-        with self._dead_lock:
-            taken, self.warnings = self.warnings, []
-        return taken
-
-    def _warn(self, message: str) -> None:
-        log.warning("%s", message)
-        with self._dead_lock:
-            self.warnings.append(message)
-
-    def restarts_total(self) -> float:
-        """Engine restarts since the run started (a restart during a weight sync included)."""
-        return float(sum(en.restarts for en in self.engines))
-
-    def sync_target(self, hung: dict[str, float]) -> tuple[list[str], list[tuple[str, int]], list[str]]:
-        """Before a weight sync, in one call: restart what is dead or `hung`, then the live
-        engines' endpoints and the warnings since the last call."""
-        restarted = self.restart_dead_engines(hung)
-        return restarted, self.engine_endpoints(), self.take_warnings()
-
-    def synced(self, urls: list[str], version: int) -> tuple[list[int], float]:
-        """After a weight sync, in one call: mark `urls` as holding `version`; the version each
-        of them reports in /model_info (-1 for SGLang's "default": no update yet) and the
-        engine restarts since the run started."""
-        self.mark_synced(urls, version)
-        versions = [self._client(en).weight_version() for en in self.engines if en.url in urls]
-        return [int(v) if v.lstrip("-").isdigit() else -1 for v in versions], self.restarts_total()
-
-    def restart_dead_engines(self, hung: dict[str, float] | None = None) -> list[str]:
-        """Restart engines whose process died, that failed a request, that the trainer found
-        `hung` ({url: seconds stuck}, during a weight sync) or that do not answer /health now;
-        they wait for weights before serving."""
-        restarted = []
-        for en in self.engines:
-            if not en.dead and en.url in (hung or {}):
-                self._kill_hung(en, hung[en.url], "a weight sync")
-            elif not en.dead:
-                if ray.get(en.actor.is_alive.remote()):
-                    self._probe(en)
-                else:
-                    en.dead = True
-            if en.dead:
-                if en.restarts >= self.cfg.engine.max_restarts:
-                    raise EngineError(f"engine {en.url} died again after {en.restarts} restarts "
-                                      "(engine.max_restarts); see its log under engine_logs/")
-                old = en.url
-                self._clients.pop(old, None)
-                en.restarts += 1
-                en.url = ray.get(en.actor.restart.remote())
-                why = f"hung for {en.hung_s:.1f} s" if en.hung_s is not None else "dead"
-                en.dead, en.synced_version, en.released, en.hung_s = False, None, set(), None
-                restarted.append(en.url)
-                self._warn(f"restarted engine {old} ({why}), now at {en.url}; it gets the current "
-                           "weights before it serves")
-        return restarted
-
-    def _probe(self, en: _Engine) -> None:
-        """Kill `en` when it misses engine.health_failures /health probes in a row."""
-        client, t0 = self._client(en), time.monotonic()
-        for _ in range(self.watch.probe_failures):
-            if client.health(timeout_s=self.watch.probe_timeout_s):
-                return
-        self._kill_hung(en, time.monotonic() - t0, "a health probe")
-
-    def _kill_hung(self, en: _Engine, stuck_s: float, what: str) -> None:
-        """A hung engine is a dead one: SIGKILL its process group now (it would not act on
-        SIGTERM), so its in-flight requests fail at once and go elsewhere."""
-        with self._dead_lock:
-            if en.dead:
-                return
-            en.dead, en.hung_s = True, stuck_s
-        self._warn(f"engine {en.url} hung: no answer to /health for {stuck_s:.1f} s during {what}; "
-                   "killed it; its requests go to other engines and it is restarted with the "
-                   "current weights at the next weight sync")
-        ray.get(en.actor.kill.remote())
-
-    def _serving(self) -> list[_Engine]:
-        ready = [en for en in self.engines if not en.dead and en.synced_version is not None]
-        if not ready:
-            raise EngineError("no live engine holds the current weights; the trainer must sync "
-                              "weights (restart_dead_engines + push) before generating")
-        return ready
-
     # ---- generation ----------------------------------------------------------------------
-    def _client(self, en: _Engine) -> SGLangClient:
-        """A client of `en` kept per URL: its session keeps the connection open (a new one
-        per call cost a TCP handshake a request, several a step)."""
-        client = self._clients.get(en.url)
-        if client is None:
-            client = SGLangClient(en.url, timeout_s=self.cfg.engine.request_timeout_s, api_key=self.api_key)
-            self._clients[en.url] = client
-        return client
-
-    def _request(self, rows: list[list[int]], params: list[dict], first: int) -> list:
+    def _request(self, rows: list[list[int]], params: list[dict], first: int, rids: list[str],
+                 spans: list, placed: dict[str, str], cancelled: threading.Event) -> list[GenerateOutput]:
         """Generate `rows` on a serving engine, with a deadline sized for the tokens they may
-        generate; on failure mark the engine dead (kill it when hung) and try the next."""
+        generate; on failure mark the engine dead (kill it when hung) and try the next. Each
+        attempt's (engine, start, end) goes to `spans`, its engine to `placed[rids[0]]`; once
+        `cancelled`, nothing is sent."""
         tried = 0
         deadline_s = self.watch.deadline_s(tokens_requested(len(rows), params))
-        while True:
+        while not cancelled.is_set():
             serving = self._serving()
             en = serving[(first + tried) % len(serving)]
             client = SGLangClient(en.url, timeout_s=deadline_s, api_key=self.api_key)
+            start, placed[rids[0]] = time.perf_counter(), en.url
             try:
-                return call_watched(client, lambda: client.generate(rows, params, return_logprob=True),
+                return call_watched(client, lambda: client.generate(rows, params, True, rids),
                                     self.watch, deadline_s, f"a /generate of {len(rows)} rows")
             except EngineHung as exc:
                 self._kill_hung(en, exc.stuck_s, "a /generate request")
-                tried += 1
-                self.requests_retried += 1
             except EngineError as exc:
                 self._warn(f"engine {en.url} failed ({exc}); retrying the request elsewhere")
                 en.dead = True
-                tried += 1
-                self.requests_retried += 1
+            finally:
+                spans.append((en.url, start, time.perf_counter()))
+            tried += 1
+            self.requests_retried += 1
+        return []
 
-    def _generate_groups(self, prompts: list[Prompt], n: int, params: dict, version: int) -> list[Group]:
-        per = max(1, _ROWS_PER_REQUEST // n)
-        chunks = [prompts[i: i + per] for i in range(0, len(prompts), per)]
-        # A seed per sample (run seed, group id, sample index), whatever engine or thread
-        # serves it: the group's n samples differ even where SGLang seeds by (seed, position).
-        first_ids = [self.next_group_id + i * per for i in range(len(chunks))]
-        futures = [self.threads.submit(
-            self._request, [list(p.prompt_ids) for p in c for _ in range(n)],
-            [{**params, "sampling_seed": sample_seed(self.cfg.run.seed, gid + k, j)}
-             for k in range(len(c)) for j in range(n)], i)
-            for i, (c, gid) in enumerate(zip(chunks, first_ids))]
-        outputs = [o for f in futures for o in f.result()]
-        texts = [self.tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outputs]
-        answers = [p.answer for p in prompts for _ in range(n)]
-        labels = [f"prompt {p.index} (group {self.next_group_id + gi}, sample {k})"
-                  for gi, p in enumerate(prompts) for k in range(n)]
+    def _stream(self, draw, n: int, params: dict, version: int, target: int, keep) -> StreamResult:
+        """Stream groups (streaming.py): one request per group, its n samples each with its
+        own request id and `sampling_seed` (run seed, group id, sample index), whatever engine
+        or thread serves it."""
+        prefix, spans, placed = f"{self._rid_tag}.{next(self._stream_ids)}.", [], {}
+        cancelled = threading.Event()
+
+        def submit(gid: int, prompt: Prompt, i: int):
+            rows = [list(prompt.prompt_ids) for _ in range(n)]
+            per = [{**params, "sampling_seed": sample_seed(self.cfg.run.seed, gid, j)} for j in range(n)]
+            rids = [f"{prefix}{gid}.{j}" for j in range(n)]
+            return self.group_threads.submit(self._request, rows, per, i, rids, spans, placed, cancelled)
+
+        def abort(gids: list[int]) -> None:
+            cancelled.set()
+            by_url: dict[str, list[str]] = {}
+            for gid in gids:
+                if f"{prefix}{gid}.0" in placed:
+                    by_url.setdefault(placed[f"{prefix}{gid}.0"], []).extend(f"{prefix}{gid}.{j}" for j in range(n))
+            self._abort_on(by_url)
+
+        res = stream_groups(draw, submit, lambda answered: self._groups(answered, version), keep, abort, target)
+        res.spans = spans
+        return res
+
+    def _abort_on(self, by_url: dict[str, list[str]]) -> None:
+        """/abort_request of each id on its engine, the engines at once. SGLang looks the id up
+        exactly (with one tokenizer worker), so every sample's id is sent; a failed abort is
+        left alone (the request fails, or answers, by itself)."""
+        def send(url: str, rids: list[str]) -> None:
+            client = SGLangClient(url, timeout_s=self.watch.probe_timeout_s, api_key=self.api_key)
+            for rid in rids:
+                client.abort_request(rid)
+
+        for url, f in [(url, run_in_thread(lambda u=url, r=rids: send(u, r))) for url, rids in by_url.items()]:
+            try:
+                f.result(timeout=self.watch.probe_timeout_s * 4)
+            except Exception as exc:  # noqa: BLE001 - see above
+                log.info("abort on %s failed: %s", url, exc)
+
+    def _draw(self, prompts: list[Prompt]) -> list[tuple[int, Prompt]]:
+        """`prompts` with the next group ids."""
+        first, self.next_group_id = self.next_group_id, self.next_group_id + len(prompts)
+        return [(first + i, p) for i, p in enumerate(prompts)]
+
+    def _groups(self, answered: list[tuple[int, Prompt, list[GenerateOutput]]], version: int) -> list[Group]:
+        """The scored groups of requests' outputs (reward, then the overlong penalty), all
+        scored in one call."""
+        texts, answers, labels = [], [], []
+        for gid, prompt, outputs in answered:
+            texts += [self.tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outputs]
+            answers += [prompt.answer] * len(outputs)
+            labels += [f"prompt {prompt.index} (group {gid}, sample {k})" for k in range(len(outputs))]
         scored = self.scorer.score(texts, answers, labels)
-        results = scored.results
         self.reward_errors += len(scored.failures)
-        groups = []
-        for gi, prompt in enumerate(prompts):
+        r, rw, results, groups = self.cfg.rollout, self.cfg.reward, iter(scored.results), []
+        for gid, prompt, outputs in answered:
             samples = []
-            for o, res in zip(outputs[gi * n:(gi + 1) * n], results[gi * n:(gi + 1) * n]):
+            for o, res in zip(outputs, results):
                 score = res.score
-                if self.cfg.reward.overlong_buffer_enable:
-                    score = apply_overlong_penalty(score, len(o.output_ids), self.cfg.rollout.max_response_tokens,
-                                                   self.cfg.reward.overlong_buffer_tokens,
-                                                   self.cfg.reward.overlong_penalty_factor)
-                samples.append(Sample(self.next_group_id, prompt.prompt_ids, tuple(o.output_ids),
-                                      tuple(o.output_logprobs), o.finish_reason, score, res.accuracy, version,
-                                      res.pred))
-            groups.append(Group(self.next_group_id, prompt, tuple(samples)))
-            self.next_group_id += 1
+                if rw.overlong_buffer_enable:
+                    score = apply_overlong_penalty(score, len(o.output_ids), r.max_response_tokens,
+                                                   rw.overlong_buffer_tokens, rw.overlong_penalty_factor)
+                samples.append(Sample(gid, prompt.prompt_ids, tuple(o.output_ids), tuple(o.output_logprobs),
+                                      o.finish_reason, score, res.accuracy, version, res.pred))
+            groups.append(Group(gid, prompt, tuple(samples)))
         return groups
 
     def _params(self, temperature: float, top_p: float) -> dict:
@@ -329,37 +212,42 @@ class RolloutManager:
                 "max_new_tokens": r.max_response_tokens}
 
     def generate(self, policy_version: int) -> RolloutBatch:
-        """The step's groups: DAPO dynamic sampling over generation batches."""
+        """The step's groups: DAPO dynamic sampling over generation batches, streamed."""
         r = self.cfg.rollout
         t0 = time.perf_counter()
-        params = self._params(r.temperature, r.top_p)
-        kept, generated, dropped = [], [], {"all_correct": 0, "all_wrong": 0}
         errors_before = self.reward_errors
-        batches = 0
-        while len(kept) < r.prompts_per_step:
-            if batches == (r.max_gen_batches if r.dynamic_sampling else 1):
-                self._underfilled(len(kept), batches)
-                break
-            size = r.gen_batch_prompts if r.dynamic_sampling else r.prompts_per_step
-            prompts = [self.train_prompts[i] for i in self.cursor.next_indices(size)]
-            new = self._generate_groups(prompts, r.n_samples_per_prompt, params, policy_version)
-            batches += 1
-            generated += new
-            take, counts = select_groups(new, r.dynamic_sampling)
-            kept += take
-            dropped = {k: dropped[k] + counts[k] for k in dropped}
+        size = r.gen_batch_prompts if r.dynamic_sampling else r.prompts_per_step
+        limit, drawn = (r.max_gen_batches if r.dynamic_sampling else 1), []
+
+        def draw() -> list[tuple[int, Prompt]] | None:
+            if len(drawn) == limit:
+                return None
+            drawn.append(size)
+            return self._draw([self.train_prompts[i] for i in self.cursor.next_indices(size)])
+
+        urls = [en.url for en in self._serving()]
+        res = self._stream(draw, r.n_samples_per_prompt, self._params(r.temperature, r.top_p), policy_version,
+                           r.prompts_per_step, lambda g: bool(select_groups([g], r.dynamic_sampling)[0]))
         gen_s = time.perf_counter() - t0
-        # As verl's DAPO: kept groups beyond the batch are discarded, not carried over, so
-        # every trained sample comes from the weights of this rollout step.
-        groups = kept[: r.prompts_per_step]
-        metrics = self._metrics(groups, generated, dropped, batches, gen_s)
-        metrics["rollout/groups_discarded_extra"] = float(len(kept) - len(groups))
-        metrics["rollout/groups"] = float(len(groups))
-        metrics["rollout/underfilled"] = float(len(groups) < r.prompts_per_step)
-        metrics["rollout/samples"] = float(sum(len(g.samples) for g in groups))
-        metrics["rollout/requests_retried_total"] = float(self.requests_retried)
-        metrics["rollout/engine_restarts_total"] = self.restarts_total()
-        metrics["reward/errors"] = float(self.reward_errors - errors_before)
+        if len(res.kept) < r.prompts_per_step:
+            self._underfilled(len(res.kept), res.batches)
+        # As verl's DAPO, nothing carries over to the next step: every trained sample comes
+        # from the weights of this rollout step (groups past the full batch are aborted).
+        groups = res.kept
+        dropped = select_groups(res.decided, r.dynamic_sampling)[1]
+        metrics = self._metrics(groups, res.decided, dropped, res.batches, gen_s)
+        metrics.update({
+            "rollout/groups_discarded_extra": float(res.discarded_groups),
+            "rollout/groups_aborted": float(res.aborted_groups),
+            "rollout/gen_tokens_per_s": res.returned_tokens / gen_s if gen_s > 0 else 0.0,
+            "rollout/engine_busy_frac": busy_fraction(res.spans, urls, t0, t0 + gen_s),
+            "rollout/time_to_full_batch_s": res.time_to_full_s,
+            "rollout/groups": float(len(groups)),
+            "rollout/underfilled": float(len(groups) < r.prompts_per_step),
+            "rollout/samples": float(sum(len(g.samples) for g in groups)),
+            "rollout/requests_retried_total": float(self.requests_retried),
+            "rollout/engine_restarts_total": self.restarts_total(),
+            "reward/errors": float(self.reward_errors - errors_before)})
         return RolloutBatch(groups, policy_version, metrics)
 
     def _underfilled(self, kept: int, batches: int) -> None:
@@ -404,9 +292,12 @@ class RolloutManager:
         are handed back, so evaluating changes nothing a resumed run repeats."""
         r = self.cfg.rollout
         errors_before = self.reward_errors
-        groups = self._generate_groups(self.val_prompts[start:stop], n_samples,
-                                       self._params(r.val_temperature, r.val_top_p), -1)
-        self.next_group_id -= len(groups)
+        first_id, prompts = self.next_group_id, self.val_prompts[start:stop]
+        batches = [self._draw(prompts)]
+        self.next_group_id = first_id
+        res = self._stream(lambda: batches.pop() if batches else None, n_samples,
+                           self._params(r.val_temperature, r.val_top_p), -1, len(prompts), lambda g: True)
+        groups = res.decided
         return groups, self.reward_errors - errors_before
 
     def evaluate(self, n_samples: int) -> dict[str, float]:
@@ -425,53 +316,7 @@ class RolloutManager:
         self.cursor.load_state_dict(state["cursor"])
         self.next_group_id = int(state["next_group_id"])
 
-    def pause(self) -> None:
-        self._each_live(lambda en, c: c.pause_generation())
-
-    def resume(self) -> None:
-        self._each_live(lambda en, c: c.continue_generation())
-
-    def release_memory(self, tags: list[str]) -> None:
-        """Colocated: engines free `tags` ("weights", "kv_cache") of GPU memory for training;
-        tags an engine already released are not sent again."""
-        def release(en: _Engine, client: SGLangClient) -> None:
-            todo = [t for t in tags if t not in en.released]
-            if todo:
-                client.release_memory_occupation(todo)
-                en.released |= set(todo)
-
-        self._each_live(release)
-
-    def resume_memory(self, tags: list[str]) -> None:
-        """Bring back those of `tags` each engine released (none for an engine that released
-        nothing, e.g. before the first step or after a restart)."""
-        def resume(en: _Engine, client: SGLangClient) -> None:
-            todo = [t for t in tags if t in en.released]
-            if todo:
-                client.resume_memory_occupation(todo)
-                en.released -= set(todo)
-
-        self._each_live(resume)
-
-    def released_tags(self) -> dict[str, list[str]]:
-        return {en.url: sorted(en.released) for en in self.engines}
-
-    def _each_live(self, call) -> None:
-        """`call(engine, client)` on every live engine at once; a failure marks that engine
-        dead (it is restarted, with current weights, at the next weight sync)."""
-        live = [en for en in self.engines if not en.dead]
-        clients = [self._client(en) for en in live]
-        futures = [run_in_thread(lambda en=en, c=c: call(en, c)) for en, c in zip(live, clients)]
-        for en, c, f in zip(live, clients, futures):
-            try:
-                wait_watching([(c, f)], self.watch, self.cfg.engine.request_timeout_s, "a control request")
-            except EngineHung as exc:
-                self._kill_hung(en, exc.stuck_s, "a control request")
-            except EngineError as exc:
-                self._warn(f"engine {en.url} failed ({exc}); it will be restarted")
-                en.dead = True
-
     def shutdown(self) -> None:
-        ray.get([en.actor.stop.remote() for en in self.engines])
+        self.stop_engines()
         self.scorer.close()
-        self.threads.shutdown(wait=False)
+        self.group_threads.shutdown(wait=False)

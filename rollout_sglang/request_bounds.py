@@ -8,13 +8,14 @@ sampling_seed an int64), prompt + max_new_tokens <= the context length (SGLang's
 tokenizer-manager check), n and the number of sequences of one request -- and returns the
 first violation as a message naming the field, the value and the bound (the server answers it
 with HTTP 400, as SGLang does). A missing max_new_tokens becomes SGLang's default (128),
-capped at what the context leaves. What it does not: check the body size (the server's
-middleware does, from Content-Length) or generate.
+capped at what the context leaves; request ids (`rid`) are normalised as SGLang does. What it
+does not: check the body size (the server's middleware does, from Content-Length) or generate.
 """
 
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,3 +134,22 @@ def check_generate(req: Any, bounds: Bounds) -> tuple[list[list[int]], list[dict
         raise BadRequest(f"input_ids x sampling_params.n = {total} sequences: at most "
                          f"{bounds.max_sequences} per request (--max-sequences)")
     return rows, checked
+
+
+def check_rids(rid: Any, rows: int) -> list[str]:
+    """One request id per row, as SGLang's GenerateReqInput normalises `rid`: none given, a
+    fresh id each; one string, `{rid}_{i}` for a batch (the string itself for one row); a list,
+    one distinct string per row."""
+    if rid is None:
+        return [uuid.uuid4().hex for _ in range(rows)]
+    if isinstance(rid, str):
+        return [rid] if rows == 1 else [f"{rid}_{i}" for i in range(rows)]
+    if not isinstance(rid, list) or not all(isinstance(r, str) for r in rid):
+        raise BadRequest(f"rid={rid!r}: must be a string or a list of strings")
+    if len(rid) != rows:
+        raise BadRequest(f"rid: {len(rid)} ids for {rows} input_ids rows; the rids length must match "
+                         "the batch size")
+    if len(set(rid)) != len(rid):
+        raise BadRequest(f"rid: duplicate request ids {sorted({r for r in rid if rid.count(r) > 1})}; "
+                         "every row needs its own id")
+    return list(rid)

@@ -4,13 +4,17 @@ both servers, must give the same status codes and response shapes, refusals incl
 unknown weight group, a request without the API key, removed routes); then greedy generation
 on both with the same fp32 weights gives the same tokens and log-probs; out-of-bounds /generate
 bodies (max_new_tokens past the context, sampling parameters out of range or of the wrong
-type) get SGLang's status from both.
+type) get SGLang's status from both; /abort_request of a request id stops that row the same
+way on both (200, partial output, finish_reason "abort"), spares the others, and ignores ids
+that are not live (a mere prefix of live ids included); malformed request ids get SGLang's 400.
 
 The real server is `sglang.launch_server --device cpu` from .venv-sglang, started once for the
 module by our own launcher.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from benchmarks.server import write_model_dir
 from rollout_sglang.client import EngineError, SGLangClient
 from rollout_sglang.engine import RolloutEngine
 from rollout_sglang.tensor_payload import pack_bucket, serialize_named_tensors
+from rollout_sglang.watchdog import run_in_thread
 from tests import tiny
 from tests.sglang_server import real_sglang
 
@@ -157,3 +162,68 @@ def test_out_of_bounds_generate_gets_sglangs_status(urls):
     # Both serve on after the refusals.
     for u in urls.values():
         assert SGLangClient(u, timeout_s=60, api_key=KEY).generate([[5, 9]], {"max_new_tokens": 2})
+
+
+def _abort_while_running(url: str) -> dict:
+    """A request of 4 rows (ids "conf-abort.i") and one of 1 row ("conf-keep.0") sent together;
+    the 4 ids are aborted (every 10 ms until their request answers, so an abort meets each row
+    queued or running); what each request answered."""
+    client = SGLangClient(url, timeout_s=120, api_key=KEY)
+    params = {"temperature": 1.0, "max_new_tokens": 120, "ignore_eos": True}
+    body = {"input_ids": [[5, 9, 11]] * 4, "sampling_params": params, "return_logprob": True,
+            "logprob_start_len": -1, "rid": [f"conf-abort.{i}" for i in range(4)]}
+    keep = {**body, "input_ids": [[5, 9, 11]], "rid": ["conf-keep.0"]}
+    post = SGLangClient(url, timeout_s=120, api_key=KEY)
+    aborted = run_in_thread(lambda: post._session.post(f"{url}/generate", json=body, timeout=120))
+    other = SGLangClient(url, api_key=KEY)
+    kept = run_in_thread(lambda: other._session.post(f"{url}/generate", json=keep, timeout=120))
+    replies = []
+    while not aborted.done():
+        for i in range(4):
+            replies.append(client._session.post(f"{url}/abort_request", json={"rid": f"conf-abort.{i}"}, timeout=30))
+        time.sleep(0.01)
+    return {"aborted": aborted.result(), "kept": kept.result(), "abort_replies": replies}
+
+
+def test_abort_request_as_sglang_does(urls):
+    got = {k: _abort_while_running(u) for k, u in urls.items()}
+    for server, r in got.items():
+        assert {(a.status_code, a.content) for a in r["abort_replies"]} == {(200, b"")}, server
+        assert r["aborted"].status_code == 200 and r["kept"].status_code == 200, server
+        rows = r["aborted"].json()
+        assert len(rows) == 4, server
+        for row in rows:
+            reason = row["meta_info"]["finish_reason"]
+            assert reason["type"] == "abort", (server, reason)
+            # Running when aborted: SGLang's FINISH_ABORT; still queued: its tokenizer's reply.
+            assert reason in ({"type": "abort", "message": "Aborted", "status_code": None, "err_type": None},
+                              {"type": "abort", "message": "Abort in waiting queue"}), (server, reason)
+            assert len(row["output_ids"]) < 120
+            assert len(row["meta_info"]["output_token_logprobs"]) == len(row["output_ids"]), server
+        (kept,) = r["kept"].json()  # the other request runs on
+        assert kept["meta_info"]["finish_reason"] == {"type": "length", "length": 120}, server
+        assert len(kept["output_ids"]) == 120
+    # Aborts that match no live id are ignored: an unknown id, an empty id without abort_all,
+    # and a mere prefix of live ids (SGLang's tokenizer manager looks the id up exactly).
+    for u in urls.values():
+        s = SGLangClient(u, api_key=KEY)._session
+        for body in ({"rid": "no-such-request"}, {}, {"rid": ""}):
+            reply = s.post(f"{u}/abort_request", json=body, timeout=30)
+            assert (reply.status_code, reply.content) == (200, b""), (u, body)
+        params = {"temperature": 1.0, "max_new_tokens": 60, "ignore_eos": True}
+        body = {"input_ids": [[5, 9, 11]] * 2, "sampling_params": params, "rid": ["conf-prefix.0", "conf-prefix.1"]}
+        sender = SGLangClient(u, api_key=KEY)._session
+        running = run_in_thread(lambda: sender.post(f"{u}/generate", json=body, timeout=120))
+        while not running.done():
+            s.post(f"{u}/abort_request", json={"rid": "conf-prefix."}, timeout=30)
+            time.sleep(0.01)
+        assert [row["meta_info"]["finish_reason"]["type"] for row in running.result().json()] == ["length"] * 2, u
+
+
+def test_generate_request_ids_are_checked_as_sglang_does(urls):
+    bodies = {"duplicate ids": ["x", "x"], "one id too few": ["x"]}
+    for name, rid in bodies.items():
+        body = {"input_ids": [[5, 9], [5, 9]], "sampling_params": {"max_new_tokens": 1}, "rid": rid}
+        status = {k: SGLangClient(u, api_key=KEY)._session.post(f"{u}/generate", json=body, timeout=60).status_code
+                  for k, u in urls.items()}
+        assert status["cpu"] == status["sglang"] == 400, (name, status)

@@ -54,11 +54,11 @@ def test_dynamic_sampling_keeps_mixed_groups_and_counts_drops(manager):
     assert len(batch.groups) == 6
     assert all(not g.accuracy_is_constant and len(g.samples) == 4 for g in batch.groups)
     # Independent recount: the reward is "first char odd", recomputed from the samples' text
-    # would need the tokenizer; instead the counts must add up over what was generated.
+    # would need the tokenizer; instead the counts must add up over the groups decided (in
+    # order, up to the one that filled the batch; tests/test_streaming.py checks which).
     generated = m["rollout/groups_generated"]
-    kept_or_discarded = len(batch.groups) + m["rollout/groups_discarded_extra"]
-    assert generated == kept_or_discarded + m["rollout/groups_dropped_all_correct"] + m["rollout/groups_dropped_all_wrong"]
-    assert m["rollout/gen_batches"] == generated / 12
+    assert generated == len(batch.groups) + m["rollout/groups_dropped_all_correct"] + m["rollout/groups_dropped_all_wrong"]
+    assert (m["rollout/gen_batches"] - 1) * 12 < generated <= m["rollout/gen_batches"] * 12
 
 
 def test_memory_resumes_only_the_tags_each_engine_released(manager):
