@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from rollout_sglang.client import EngineError, GenerateOutput, SGLangClient
 from rollout_sglang.data import PromptCursor, load_prompts
@@ -56,6 +56,22 @@ def select_groups(groups: list[Group], dynamic: bool) -> tuple[list[Group], dict
     dropped = [g for g in groups if g.accuracy_is_constant]
     correct = sum(1 for g in dropped if g.samples[0].accuracy > 0)
     return kept, {"all_correct": correct, "all_wrong": len(dropped) - correct}
+
+
+def _slice(request: Future, start: int, count: int) -> Future:
+    """A future of outputs [start, start + count) of `request`'s (one group of a request that
+    carries several)."""
+    part: Future = Future()
+
+    def settle(done: Future) -> None:
+        if done.exception() is not None:
+            part.set_exception(done.exception())
+        else:
+            outputs = done.result()
+            part.set_result(outputs[start: start + count] if outputs else [])
+
+    request.add_done_callback(settle)
+    return part
 
 
 class RolloutManager(EnginePool):
@@ -115,7 +131,7 @@ class RolloutManager(EnginePool):
                  spans: list, placed: dict[str, str], cancelled: threading.Event) -> list[GenerateOutput]:
         """Generate `rows` on a serving engine, with a deadline sized for the tokens they may
         generate; on failure mark the engine dead (kill it when hung) and try the next. Each
-        attempt's (engine, start, end) goes to `spans`, its engine to `placed[rids[0]]`; once
+        attempt's (engine, start, end) goes to `spans`, its engine to `placed[rid]` of each id; once
         `cancelled`, nothing is sent."""
         tried = 0
         deadline_s = self.watch.deadline_s(tokens_requested(len(rows), params))
@@ -123,7 +139,8 @@ class RolloutManager(EnginePool):
             serving = self._serving()
             en = serving[(first + tried) % len(serving)]
             client = SGLangClient(en.url, timeout_s=deadline_s, api_key=self.api_key)
-            start, placed[rids[0]] = time.perf_counter(), en.url
+            start = time.perf_counter()
+            placed.update(dict.fromkeys(rids, en.url))
             try:
                 return call_watched(client, lambda: client.generate(rows, params, True, rids),
                                     self.watch, deadline_s, f"a /generate of {len(rows)} rows")
@@ -145,11 +162,18 @@ class RolloutManager(EnginePool):
         prefix, spans, placed = f"{self._rid_tag}.{next(self._stream_ids)}.", [], {}
         cancelled = threading.Event()
 
-        def submit(gid: int, prompt: Prompt, i: int):
-            rows = [list(prompt.prompt_ids) for _ in range(n)]
-            per = [{**params, "sampling_seed": sample_seed(self.cfg.run.seed, gid, j)} for j in range(n)]
-            rids = [f"{prefix}{gid}.{j}" for j in range(n)]
-            return self.group_threads.submit(self._request, rows, per, i, rids, spans, placed, cancelled)
+        def submit(batch: list[tuple[int, Prompt]]) -> list[Future]:
+            """A request per rollout.groups_per_request groups; a future per group."""
+            k, futures = self.cfg.rollout.groups_per_request, []
+            for i in range(0, len(batch), k):
+                part = batch[i: i + k]
+                rows = [list(p.prompt_ids) for _, p in part for _ in range(n)]
+                per = [{**params, "sampling_seed": sample_seed(self.cfg.run.seed, gid, j)}
+                       for gid, _ in part for j in range(n)]
+                rids = [f"{prefix}{gid}.{j}" for gid, _ in part for j in range(n)]
+                request = self.group_threads.submit(self._request, rows, per, i // k, rids, spans, placed, cancelled)
+                futures += [_slice(request, g * n, n) for g in range(len(part))]
+            return futures
 
         def abort(gids: list[int]) -> None:
             cancelled.set()

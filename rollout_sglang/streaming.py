@@ -56,14 +56,14 @@ class StreamResult:
 
 
 def stream_groups(draw: Callable[[], list[tuple[int, Prompt]] | None],
-                  submit: Callable[[int, Prompt, int], Future],
+                  submit: Callable[[list[tuple[int, Prompt]]], list[Future]],
                   score: Callable[[list[tuple[int, Prompt, list[GenerateOutput]]]], list[Group]],
                   keep: Callable[[Group], bool], abort: Callable[[list[int]], None], target: int) -> StreamResult:
     """Generate, score and decide groups until `target` are kept or `draw` has no batch left.
 
     `draw()` gives the next batch as (group id, prompt) pairs, None when no batch may be drawn;
-    `submit(group_id, prompt, index_in_batch)` starts a group's request (a future of its
-    outputs, [] for a request that was never sent); `score([(group id, prompt, outputs)])`
+    `submit(batch)` starts the requests of a batch's groups and gives one future per group (of
+    its outputs, [] for a request that was never sent); `score([(group id, prompt, outputs)])`
     gives their scored groups; `abort(group_ids)` aborts those groups'
     requests (and sends no new ones)."""
     t0 = time.perf_counter()
@@ -86,8 +86,8 @@ def stream_groups(draw: Callable[[], list[tuple[int, Prompt]] | None],
             if not exhausted and len(res.kept) + len(order) < target:
                 batch = draw()
                 exhausted = batch is None
-                for i, (gid, prompt) in enumerate(batch or []):
-                    flying[submit(gid, prompt, i)] = (gid, prompt)
+                for (gid, prompt), future in zip(batch or [], submit(batch or [])):
+                    flying[future] = (gid, prompt)
                     order.append(gid)
                 res.batches += batch is not None
                 continue

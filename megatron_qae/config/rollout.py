@@ -28,6 +28,8 @@ class RolloutConfig:
     """Generation batches per rollout step before giving up on filling the batch."""
     on_underfilled: str = "train"
     """When max_gen_batches run out with fewer than prompts_per_step groups kept: 'train' on the groups kept (warns, logs rollout/underfilled), 'fail' stops (DAPO's strict behaviour)."""
+    groups_per_request: int = 1
+    """Groups per /generate request. 1 streams group by group (each scored and kept or dropped as it finishes, the rest aborted once the batch is full): for long, uneven responses. More cuts per-request HTTP cost where responses are short and even (the CPU demo: 8); a request's groups finish together."""
     dynamic_sampling: bool = True
     """Drop groups whose accuracy is all-equal (all right or all wrong) and refill."""
     max_prompt_tokens: int = 2048
@@ -49,7 +51,8 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_samples_per_prompt", "prompts_per_step", "mini_batch_prompts",
-                     "gen_batch_prompts", "max_gen_batches", "max_prompt_tokens", "max_response_tokens"):
+                     "gen_batch_prompts", "max_gen_batches", "groups_per_request", "max_prompt_tokens",
+                     "max_response_tokens"):
             _positive(f"rollout.{name}", getattr(self, name))
         _one_of("rollout.on_underfilled", self.on_underfilled, ("train", "fail"))
         _one_of("rollout.async_steps", self.async_steps, (0, 1))
