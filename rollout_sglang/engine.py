@@ -252,7 +252,7 @@ class RolloutEngine:
                                    f"{' '.join(shown)}; end of {self.log_path()}:\n{tail}")
             if self._serves_our_model(client):
                 return True
-            time.sleep(0.3)
+            time.sleep(0.1)
         self.stop()
         raise TimeoutError(f"engine at {self.url()} not ready after {self.startup_timeout_s} s; "
                            f"raise engine.startup_timeout_s or see {self.log_path()}")
