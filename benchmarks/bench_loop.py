@@ -3,13 +3,13 @@
 Same tiny Qwen2-architecture model (the demo's, random init), same prompts (the demo's sums),
 same group size, prompts per step, optimizer steps per rollout step and completion length;
 dynamic sampling off (TRL has none), one trainer process, one thread each. Ours runs the real
-loop (`python -m megatron_qae.train`: Megatron policy on gloo, local Ray, one CPU engine, reward
-workers); TRL runs GRPOTrainer with transformers' generate in-process. Both are started as
-fresh processes. Prints, per side: start-up seconds (launch to the start of step 1: when step 1's metrics appear,
-less that step's time; ours also prints the seconds from its last step to exit), seconds per rollout
-step over the steps after `--warmup`, our split into generate / reward and hand-off / train /
-weight sync / other, and the ratio ours / TRL (below 1: we are faster). TRL is a
-benchmark-only dependency: `pip install -e .[bench]`.
+loop (`python -m megatron_qae.train`, launched as the demo launches it: Megatron policy on gloo,
+local Ray, one CPU engine, reward workers); TRL runs GRPOTrainer with transformers' generate
+in-process. Both are started as fresh processes. Prints, per side: start-up seconds (launch to
+the start of step 1: when step 1's metrics appear, less that step's time; ours also prints the
+seconds from its last step to exit), seconds per rollout step over the steps after `--warmup`,
+our split into generate / reward and hand-off / train / weight sync / other, and the ratio
+ours / TRL (below 1: we are faster). TRL is a benchmark-only dependency: `pip install -e .[bench]`.
 
 `--shipped-demo` measures the demo as shipped instead (configs/demo.yaml unchanged: dynamic
 sampling on, up to 8 response tokens), both sides from the same supervised warm start the demo
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,12 +35,6 @@ from rollout_sglang import demo_task
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def warm_start(tmp: Path) -> Path:
@@ -61,8 +54,9 @@ def warm_start(tmp: Path) -> Path:
 def ours(tmp: Path, a: argparse.Namespace, model: Path) -> dict[str, float]:
     train, val = demo_task.write_demo_data(tmp / "data", seed=0)
     run_dir = tmp / "ours"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}",
-           "-m", "megatron_qae.train", "--config", "configs/demo.yaml", f"run.run_dir={run_dir}",
+    # One rank, launched as the demo launches it (`python -m`, a world of one): torchrun's
+    # launcher would add its own start (about 2 s here) before ours.
+    cmd = [sys.executable, "-m", "megatron_qae.train", "--config", "configs/demo.yaml", f"run.run_dir={run_dir}",
            f"model.path={model}", f"data.train_path={train}", f"data.val_path={val}",
            f"run.num_rollout_steps={a.steps}", "run.eval_interval_steps=0", "run.progress_bar=false",
            "run.log_tensorboard=false"]
