@@ -20,7 +20,7 @@ import argparse
 import torch
 
 from benchmarks.common import bench_hf_config, single_process_world, timed
-from megatron_qae.algorithm.loss import LossConfig
+from megatron_qae.algorithm.objective import LossConfig
 from megatron_qae.model import parallel, weights
 from megatron_qae.model.policy import build_policy
 from megatron_qae.run.batching import rank_micro_batches, response_tokens, seq_multiple, with_old_logprobs
