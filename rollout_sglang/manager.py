@@ -64,7 +64,9 @@ def _slice(request: Future, start: int, count: int) -> Future:
     part: Future = Future()
 
     def settle(done: Future) -> None:
-        if done.exception() is not None:
+        if done.cancelled():
+            part.cancel()
+        elif done.exception() is not None:
             part.set_exception(done.exception())
         else:
             outputs = done.result()

@@ -188,3 +188,26 @@ def test_full_batch_aborts_the_rest_and_keeps_the_batch_at_a_time_groups(streami
         assert 0.0 < m["rollout/time_to_full_batch_s"] <= m["rollout/generate_s"]
         assert m["rollout/gen_tokens_per_s"] > 0
         assert all(s.finish_reason != "abort" for g in b.groups for s in g.samples)
+
+
+def test_a_request_of_several_groups_answers_each_group_its_own_outputs():
+    from concurrent.futures import Future
+
+    from rollout_sglang.manager import _slice
+
+    request = Future()
+    first, second = _slice(request, 0, 2), _slice(request, 2, 2)
+    request.set_result(["a0", "a1", "b0", "b1"])
+    assert first.result() == ["a0", "a1"] and second.result() == ["b0", "b1"]
+    never_sent = Future()
+    part = _slice(never_sent, 2, 2)
+    never_sent.set_result([])  # a request cancelled before it was sent answers nothing
+    assert part.result() == []
+    failed = Future()
+    part = _slice(failed, 0, 2)
+    failed.set_exception(ValueError("engine gone"))
+    assert isinstance(part.exception(), ValueError)
+    cancelled = Future()
+    part = _slice(cancelled, 0, 2)
+    cancelled.cancel()
+    assert part.cancelled()
