@@ -138,7 +138,9 @@ def server_command(backend: str, model_path: str, host: str, port: int, tp_size:
     else:
         raise ValueError(f"engine.backend={backend!r}: use 'cpu' or 'sglang'")
     if api_key:
-        cmd += ["--api-key", api_key]
+        # One argument: a key starting with "-" (token_urlsafe draws one about 1 run in 64)
+        # would otherwise be read by argparse as an option, and the server would not start.
+        cmd.append(f"--api-key={api_key}")
     for key, value in extra_args.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -247,7 +249,7 @@ class RolloutEngine:
                 tail = self.log_path().read_text(errors="replace")[-2000:]
                 if "address already in use" in tail.lower():
                     return False
-                shown = [a if prev != "--api-key" else "***" for prev, a in zip([""] + cmd, cmd)]
+                shown = ["--api-key=***" if a.startswith("--api-key=") else a for a in cmd]
                 raise RuntimeError(f"engine exited with code {self.proc.returncode} during start-up: "
                                    f"{' '.join(shown)}; end of {self.log_path()}:\n{tail}")
             if self._serves_our_model(client):

@@ -27,6 +27,8 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import ray
+
 from rollout_sglang.client import EngineError, GenerateOutput, SGLangClient
 from rollout_sglang.data import PromptCursor, load_prompts
 from rollout_sglang.engine_pool import EnginePool
