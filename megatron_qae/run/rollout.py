@@ -93,10 +93,10 @@ class Rollout:
         finally:
             self._relay_warnings()
 
-    def _relay_warnings(self) -> None:
-        """Show the manager's engine warnings (hung, restarted) here: the actor's own log goes
-        to Ray's files, not the terminal."""
-        for message in ray.get(self.manager.take_warnings.remote()):
+    def _relay_warnings(self, taken: list[str] | None = None) -> None:
+        """Show the manager's engine warnings (hung, restarted) here, those `taken` already or
+        else fetched now: the actor's own log goes to Ray's files, not the terminal."""
+        for message in taken if taken is not None else ray.get(self.manager.take_warnings.remote()):
             log.warning("%s", message)
 
     def prepare_sync(self, last_failed: bool, hung: dict[str, float] | None = None) -> SyncTarget:
@@ -106,8 +106,7 @@ class Rollout:
         (`last_failed`)."""
         # One round trip to the manager per sync (it was three; each costs a few ms a step).
         restarted, endpoints, warnings = ray.get(self.manager.sync_target.remote(hung or {}))
-        for message in warnings:
-            log.warning("%s", message)
+        self._relay_warnings(warnings)
         reform = not self._formed or bool(restarted) or last_failed or endpoints != self._endpoints
         if restarted:
             log.warning("re-forming the weight groups after restarting %s", restarted)
