@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from megatron_qae.run.metrics import read_metrics
+from megatron_qae.persistence.metrics import read_metrics
 from rollout_sglang import demo_task
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from megatron.core.dist_checkpointing import ShardedTensor
 
 from benchmarks.common import single_process_world
 from megatron_qae.model import cpu_compat
-from megatron_qae.run.checkpoint_verify import file_digests, verify
+from megatron_qae.persistence.checkpoint_verify import file_digests, verify
 
 
 def _state(gb: float) -> dict:

@@ -22,24 +22,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_qae.model import parallel
-from megatron_qae.run import handoff
-from rollout_sglang.types import Group, Prompt, RolloutBatch, Sample
-
-
-def synthetic_batch(prompts: int, n: int, prompt_tokens: int, max_response: int, seed: int = 0) -> RolloutBatch:
-    g = torch.Generator().manual_seed(seed)
-    groups = []
-    for gid in range(prompts):
-        samples = []
-        for _ in range(n):
-            r = int(torch.randint(max_response // 10, max_response + 1, (1,), generator=g))
-            ids = torch.randint(1, 150_000, (prompt_tokens + r,), generator=g).tolist()
-            acc = float(torch.rand(1, generator=g) < 0.5)
-            samples.append(Sample(gid, tuple(ids[:prompt_tokens]), tuple(ids[prompt_tokens:]),
-                                  tuple((-torch.rand(r, generator=g)).tolist()), "stop", 2 * acc - 1, acc, 0))
-        prompt = Prompt(gid, samples[0].prompt_ids, "42", "Q" * 400)
-        groups.append(Group(gid, prompt, tuple(samples)))
-    return RolloutBatch(groups, 0, {"rollout/accuracy_all": 0.5})
+from megatron_qae.batch import handoff
+from rollout_sglang.types import RolloutBatch
+from testsupport.tiny import synthetic_batch
 
 
 def advantage_gather_bytes(n: int, dp: int) -> int:

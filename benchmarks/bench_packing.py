@@ -23,10 +23,10 @@ from benchmarks.common import bench_hf_config, single_process_world, timed
 from megatron_qae.algorithm.objective import LossConfig
 from megatron_qae.model import parallel, weights
 from megatron_qae.model.policy import build_policy
-from megatron_qae.run.batching import rank_micro_batches, response_tokens, seq_multiple, with_old_logprobs
+from megatron_qae.batch.batching import rank_micro_batches, response_tokens, seq_multiple, with_old_logprobs
 from megatron_qae.run.train_step import compute_logprobs, train_step
 from rollout_sglang.types import Sample
-from tests.tiny import run_config
+from testsupport.tiny import run_config
 
 
 def spread_batch(n: int, shortest: int, longest: int, vocab: int, prompt: int = 32, seed: int = 0):

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import bench_hf_config
-from benchmarks.server import CpuServer, write_model_dir
-from rollout_sglang.client import SGLangClient
+from testsupport.cpu_server import CpuServer, write_model_dir
+from rollout_sglang.sglang.client import SGLangClient
 
 
 def main() -> None:

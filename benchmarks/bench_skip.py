@@ -15,12 +15,12 @@ import torch
 from benchmarks.common import bench_hf_config, single_process_world, timed
 from megatron_qae.model import parallel, weights
 from megatron_qae.algorithm.advantage import compute_group_advantages
-from megatron_qae.run.batching import empty_micro_batch, rank_micro_batches, response_tokens, with_old_logprobs
+from megatron_qae.batch.batching import empty_micro_batch, rank_micro_batches, response_tokens, with_old_logprobs
 from megatron_qae.algorithm.objective import LossConfig
 from megatron_qae.model.policy import build_policy
 from megatron_qae.run.train_step import compute_logprobs, train_step
 from rollout_sglang.types import Sample
-from tests.tiny import run_config
+from testsupport.tiny import run_config
 
 
 def qae_batch(groups: int, n: int, prompt: int, response: int, vocab: int, seed: int = 0):

@@ -20,12 +20,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from benchmarks.common import bench_hf_config, single_process_world, timed
 from megatron_qae.model import cpu_compat, parallel
-from megatron_qae.run.batching import rank_micro_batches, response_tokens, with_old_logprobs
+from megatron_qae.batch.batching import rank_micro_batches, response_tokens, with_old_logprobs
 from megatron_qae.algorithm.objective import LossConfig
 from megatron_qae.model.policy import build_policy
 from megatron_qae.run.train_step import compute_logprobs, train_step
 from rollout_sglang.types import Sample
-from tests.tiny import run_config
+from testsupport.tiny import run_config
 
 PRESETS = {
     "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,

@@ -6,7 +6,7 @@ machine the same path to a CUDA server), which loads them. Colocated: the same t
 per bucket and passed by memory handle (`/update_weights_from_tensor`). Baseline: one plain
 tensor copy of the same number of bytes on the same machine. Prints GB/s of each and the
 ratios, and the peak extra memory of one broadcast sync as a multiple of the bucket (torch's
-CPU allocator; pipeline stages are measured by tests/test_weight_sync.py at pp=2).
+CPU allocator; pipeline stages are measured by tests/sync/test_weight_sync.py at pp=2).
 
     python -m benchmarks.bench_weight_sync [--hidden 512 --layers 8]
 """
@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import bench_hf_config, peak_allocated_bytes, single_process_world, timed
-from benchmarks.server import CpuServer, write_model_dir
+from benchmarks.common import bench_hf_config, single_process_world, timed
+from testsupport.measure import peak_allocated_bytes
+from testsupport.cpu_server import CpuServer, write_model_dir
 from megatron_qae.model import parallel, weights
 from megatron_qae.sync import weight_sync
 from megatron_qae.sync.colocated_sync import ColocatedSync
 from megatron_qae.model.policy import build_policy
-from tests.tiny import run_config
+from testsupport.tiny import run_config
 
 
 def main() -> None:

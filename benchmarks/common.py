@@ -39,19 +39,3 @@ def timed(fn, repeats: int = 3) -> float:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best
-
-
-def peak_allocated_bytes(fn) -> int:
-    """Run `fn()` once; the most bytes torch's CPU allocator held during it beyond what it held
-    before (torch.profiler's memory events, every allocation and free in order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak

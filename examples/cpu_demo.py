@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from megatron_qae import sft
-from megatron_qae.run.metrics import read_metrics
+from megatron_qae.persistence.metrics import read_metrics
 from rollout_sglang import demo_task
 
 RUNS = {"qae": [], "mean": ["algo.baseline=mean"]}

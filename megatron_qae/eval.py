@@ -4,7 +4,7 @@
         [--n 32] [--k 1,4,16] [--config configs/X.yaml] [--out runs/eval] [--verbose] [key=value ...]
 
 What it does: a trainer checkpoint is first written as an HF directory by the existing
-converter (tools.convert_checkpoint.mcore_to_hf, into a temporary directory); then the rollout
+converter (megatron_qae.model.hf_convert.mcore_to_hf, into a temporary directory); then the rollout
 engines of the config start on that directory (`engine.backend=cpu`, or `engine.backend=sglang`
 exactly as the trainer takes it), every prompt of `--data` is sampled `--n` times at the
 validation sampling parameters (rollout.val_temperature / val_top_p / top_k), scored with the
@@ -78,11 +78,11 @@ def _base_config(a: argparse.Namespace) -> str | None:
 
 
 def _hf_dir_of(a: argparse.Namespace, base_model_path: str, tmp: Path) -> Path:
-    """The HF directory to serve: --hf-dir, or the checkpoint converted by tools.convert_checkpoint."""
+    """The HF directory to serve: --hf-dir, or the checkpoint converted by model/hf_convert.py."""
     if a.hf_dir is not None:
         return a.hf_dir
     from megatron_qae.model import parallel
-    from tools.convert_checkpoint import mcore_to_hf
+    from megatron_qae.model.hf_convert import mcore_to_hf
 
     hf_config_dir = a.hf_config_dir or Path(base_model_path)
     if not (hf_config_dir / "config.json").is_file():

@@ -9,6 +9,15 @@ it does not: initialize torch.distributed (model/parallel.py does).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the entry point read from the environment, once."""
+
+    master_address: str
+    """Address of global rank 0, reachable by the engines (weight-update rendezvous)."""
 
 
 def single_process_env() -> None:

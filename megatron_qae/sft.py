@@ -8,7 +8,7 @@ truth followed by the end token as the target, `--batch-prompts` prompts drawn p
 a generator seeded by run.seed (the same draw on every rank). Writes a model-only trainer
 checkpoint to `<out>/checkpoints/step_N` (any layout), the per-step metrics (sft/nll, the
 token-mean NLL before the step's update; sft/p_target) to `<out>/sft_metrics.json` and, in a
-one-process run, the HF model directory `<out>/hf` through tools.convert_checkpoint's writer,
+one-process run, the HF model directory `<out>/hf` through megatron_qae.model.hf_convert's writer,
 which RL then starts from (`model.path=<out>/hf`). Multi-process runs convert the checkpoint with
 `python -m tools.convert_checkpoint mcore-to-hf`. What it does not: RL, evaluation, or any
 data format other than the RL data (prompt + ground-truth answer).
@@ -68,8 +68,8 @@ def train(cfg, a: argparse.Namespace) -> dict[str, float]:
     from megatron_qae.model import parallel, weights
     from megatron_qae.model.build import load_hf_config
     from megatron_qae.model.policy import build_policy, finish_param_sync
-    from megatron_qae.run import checkpoint
-    from megatron_qae.run.batching import schedule_multiple, seq_multiple
+    from megatron_qae.persistence import checkpoint
+    from megatron_qae.batch.batching import schedule_multiple, seq_multiple
     from megatron_qae.run.sft_step import sft_micro_batches, sft_step
 
     p = cfg.parallel
@@ -94,7 +94,7 @@ def train(cfg, a: argparse.Namespace) -> dict[str, float]:
     path = checkpoint.save_checkpoint(a.out, a.steps, policy, {"step": a.steps, "model_path": cfg.model.path},
                                       keep_last=1, with_optimizer=False)
     if dist.get_world_size() == 1:
-        from tools.convert_checkpoint import policy_to_hf
+        from megatron_qae.model.hf_convert import policy_to_hf
 
         policy_to_hf(policy, hf, Path(cfg.model.path), a.out / "hf", cfg.model.params_dtype)
     else:

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     console.attach_run_dir(cfg.run.run_dir, rank)
     local_ray_auth_default(cfg.ray.address, os.environ)
     start_ray_while_importing(cfg, rank)
-    from megatron_qae.run.loop import LaunchEnv, run
+    from megatron_qae.launch_env import LaunchEnv
+    from megatron_qae.run.loop import run
 
     env = LaunchEnv(master_address=os.environ["MASTER_ADDR"])
     run(cfg, env)

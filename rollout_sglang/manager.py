@@ -29,15 +29,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
 
-from rollout_sglang.client import EngineError, GenerateOutput, SGLangClient
+from rollout_sglang.sglang.client import EngineError, GenerateOutput, SGLangClient
 from rollout_sglang.data import PromptCursor, load_prompts
-from rollout_sglang.engine_pool import EnginePool
+from rollout_sglang.engines.pool import EnginePool
 from rollout_sglang.eval_metrics import default_ks, eval_summary
-from rollout_sglang.reward_scoring import RewardScorer
-from rollout_sglang.rewards import apply_overlong_penalty
+from rollout_sglang.rewards.scoring import RewardScorer
+from rollout_sglang.rewards.registry import apply_overlong_penalty
 from rollout_sglang.streaming import StreamResult, busy_fraction, stream_groups
 from rollout_sglang.types import EnginePlacement, Group, Prompt, RolloutBatch, Sample
-from rollout_sglang.watchdog import EngineHung, call_watched, run_in_thread, tokens_requested
+from rollout_sglang.engines.watchdog import EngineHung, call_watched, run_in_thread, tokens_requested
 
 log = logging.getLogger(__name__)
 MAX_GROUPS_IN_FLIGHT = 256

@@ -24,7 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
-from rollout_sglang.client import GenerateOutput
+from rollout_sglang.sglang.client import GenerateOutput
 from rollout_sglang.types import Group, Prompt
 
 log = logging.getLogger(__name__)

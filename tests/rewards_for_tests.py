@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rollout_sglang.rewards import RewardResult
+from rollout_sglang.rewards.registry import RewardResult
 
 _calls = {"n": 0}
 

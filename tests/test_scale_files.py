@@ -15,7 +15,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests import tiny
+from testsupport import tiny
 
 SCRIPT = tiny.ROOT / "examples" / "run_qwen2.5_32b_qae.sh"
 

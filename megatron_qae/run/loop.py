@@ -19,19 +19,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_qae.run import checkpoint
+from megatron_qae.persistence import checkpoint
 
 from megatron_qae.model import parallel, weights
 from megatron_qae.algorithm.advantage import compute_group_advantages
 from megatron_qae.sync.colocated_sync import ColocatedSync, engine_placements
-from megatron_qae.run.batching import (build_micro_batches, schedule_multiple, seq_multiple, skip_metrics,
+from megatron_qae.batch.batching import (build_micro_batches, schedule_multiple, seq_multiple, skip_metrics,
                                        with_old_logprobs, with_ref_logprobs)
-from megatron_qae.run.handoff import (HandoffBytes, hand_off_header, hand_off_scores, hand_off_train_share,
+from megatron_qae.batch.handoff import (HandoffBytes, hand_off_header, hand_off_scores, hand_off_train_share,
                                       score_source)
+from megatron_qae.launch_env import LaunchEnv
 from megatron_qae.config.loading import Config, save_config, to_dict, validate_against_model
 from megatron_qae.algorithm.objective import LossConfig, zero_advantage_gradient
-from megatron_qae.run.ledger import GroupLedger
-from megatron_qae.run.metrics import MetricsSink
+from megatron_qae.persistence.ledger import GroupLedger
+from megatron_qae.persistence.metrics import MetricsSink
 from megatron_qae.model.build import load_hf_config
 from megatron_qae.model.offload import OffloadedState, offload_train_state, restore_train_state
 from megatron_qae.model.policy import Policy, build_policy, finish_param_sync
@@ -39,7 +40,7 @@ from megatron_qae.model.reference import Reference, build_reference
 from megatron_qae.run.rollout import Rollout
 from megatron_qae.run.train_step import compute_logprobs, logprob_gap, train_step
 from megatron_qae.sync.weight_sync import StageLink, push_weights
-from rollout_sglang.client import EngineError
+from rollout_sglang.sglang.client import EngineError
 from rollout_sglang.types import Sample
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,6 @@ log = logging.getLogger(__name__)
 
 Sync = ColocatedSync | StageLink
 """How weights reach the engines: by handle (colocated) or by each stage's weight link."""
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    """What the entry point read from the environment, once."""
-
-    master_address: str
-    """Address of global rank 0, reachable by the engines (weight-update rendezvous)."""
 
 
 def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:

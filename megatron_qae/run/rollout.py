@@ -20,7 +20,7 @@ import ray
 from megatron_qae.model import cpu_compat
 from megatron_qae.run import ray_cluster
 from megatron_qae.sync.weight_sync import SyncTarget
-from rollout_sglang.engine_pool import engine_watch_policy
+from rollout_sglang.engines.pool import engine_watch_policy
 from rollout_sglang.manager import RolloutManager
 from rollout_sglang.types import EnginePlacement, RolloutBatch
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from megatron_qae.algorithm.logprobs import response_logprobs
 from megatron_qae.model.policy import Policy
-from megatron_qae.run.batching import MicroBatch, rank_micro_batches
+from megatron_qae.batch.batching import MicroBatch, rank_micro_batches
 from megatron_qae.run.train_step import NonFiniteLossError, run_schedule
 from rollout_sglang.types import Sample
 

@@ -17,14 +17,14 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_qae.model import cpu_compat
-from megatron_qae.run.micro_batch import MicroBatch
-from megatron_qae.run.packing import packed_seq_params
+from megatron_qae.batch.micro_batch import MicroBatch
+from megatron_qae.batch.packing import packed_seq_params
 from megatron_qae.algorithm.aggregation import Aggregation
 from megatron_qae.algorithm.logprobs import response_logprobs
 from megatron_qae.algorithm.objective import LossConfig, LossInputs, metric_names, total_loss
 from megatron_qae.model.policy import Policy, finish_param_sync
 from megatron_qae.model.reference import Reference
-from megatron_qae.run.token_selection import with_cov_selection
+from megatron_qae.batch.token_selection import with_cov_selection
 
 
 class NonFiniteLossError(RuntimeError):

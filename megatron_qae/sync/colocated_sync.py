@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 from megatron_qae.model.policy import Policy
 from megatron_qae.sync.hf_buckets import SyncTimes, hf_buckets
-from rollout_sglang.client import EngineError, SGLangClient
-from rollout_sglang.tensor_payload import pack_bucket, serialize_named_tensors
+from rollout_sglang.sglang.client import EngineError, SGLangClient
+from rollout_sglang.sglang.tensor_payload import pack_bucket, serialize_named_tensors
 from rollout_sglang.types import EnginePlacement
 
 log = logging.getLogger(__name__)

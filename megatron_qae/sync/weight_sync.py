@@ -36,9 +36,9 @@ import torch.distributed as dist
 
 from megatron_qae.model.policy import Policy
 from megatron_qae.sync.hf_buckets import SyncTimes, hf_buckets
-from rollout_sglang.client import EngineError, SGLangClient
-from rollout_sglang.watchdog import EngineHung, HealthWatch, WatchPolicy, wait_watching
-from rollout_sglang.weight_group import destroy_weight_group, host_rendezvous, host_weight_group
+from rollout_sglang.sglang.client import EngineError, SGLangClient
+from rollout_sglang.engines.watchdog import EngineHung, HealthWatch, WatchPolicy, wait_watching
+from rollout_sglang.sglang.weight_group import destroy_weight_group, host_rendezvous, host_weight_group
 
 log = logging.getLogger(__name__)
 

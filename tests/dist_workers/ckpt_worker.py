@@ -20,14 +20,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_qae.run import checkpoint  # noqa: E402
+from megatron_qae.persistence import checkpoint  # noqa: E402
 
 from megatron_qae.model import parallel, weights  # noqa: E402
-from megatron_qae.run.batching import rank_micro_batches, response_tokens, with_old_logprobs  # noqa: E402
+from megatron_qae.batch.batching import rank_micro_batches, response_tokens, with_old_logprobs  # noqa: E402
 from megatron_qae.algorithm.objective import LossConfig  # noqa: E402
 from megatron_qae.model.policy import build_policy  # noqa: E402
 from megatron_qae.run.train_step import compute_logprobs, train_step  # noqa: E402
-from tests import tiny  # noqa: E402
+from testsupport import tiny  # noqa: E402
 
 
 def step(policy, groups, k: int) -> float:

@@ -23,12 +23,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_qae.run import batching, handoff, loop  # noqa: E402
+from megatron_qae.batch import batching, handoff
+
+from megatron_qae.run import loop  # noqa: E402
 
 from megatron_qae.model import parallel  # noqa: E402
 from megatron_qae.config.loading import load_config  # noqa: E402
 from megatron_qae.model.policy import build_policy  # noqa: E402
-from tests import tiny  # noqa: E402
+from testsupport import tiny  # noqa: E402
 
 CUDA_ONLY = "cudaonlygloo"
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron_qae.model import parallel, weights  # noqa: E402
 from megatron_qae.model import qwen2_mapping as qm  # noqa: E402
 from megatron_qae.model.build import build_model_chunks, build_transformer_config  # noqa: E402
-from tests import tiny  # noqa: E402
+from testsupport import tiny  # noqa: E402
 
 
 def main() -> None:

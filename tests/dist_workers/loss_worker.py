@@ -19,10 +19,10 @@ from megatron_qae.algorithm.objective import LossConfig, zero_advantage_gradient
 from megatron_qae.model import parallel, weights  # noqa: E402
 from megatron_qae.model.policy import build_policy  # noqa: E402
 from megatron_qae.model.reference import build_reference  # noqa: E402
-from megatron_qae.run.batching import (rank_micro_batches, response_tokens, seq_multiple,  # noqa: E402
+from megatron_qae.batch.batching import (rank_micro_batches, response_tokens, seq_multiple,  # noqa: E402
                                        with_old_logprobs, with_ref_logprobs)
 from megatron_qae.run.train_step import compute_logprobs, forward_backward  # noqa: E402
-from tests import tiny  # noqa: E402
+from testsupport import tiny  # noqa: E402
 from tests.dist_workers.train_worker import gather_full_grads  # noqa: E402
 
 VARIANTS = {

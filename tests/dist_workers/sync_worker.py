@@ -34,13 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron_qae.model import parallel, qwen2_mapping, weights  # noqa: E402
 
 from megatron_qae.sync import weight_sync  # noqa: E402
-from megatron_qae.run.batching import build_micro_batch  # noqa: E402
+from megatron_qae.batch.batching import build_micro_batch  # noqa: E402
 from megatron_qae.sync.colocated_sync import ColocatedSync  # noqa: E402
 from megatron_qae.model.policy import build_policy  # noqa: E402
 from megatron_qae.run.train_step import compute_logprobs  # noqa: E402
-from rollout_sglang.client import SGLangClient  # noqa: E402
+from rollout_sglang.sglang.client import SGLangClient  # noqa: E402
 from rollout_sglang.types import Sample  # noqa: E402
-from tests import tiny  # noqa: E402
+from testsupport import tiny  # noqa: E402
 
 
 def corrupt_mapping() -> None:
@@ -128,7 +128,7 @@ def _measured_push(a, policy, link) -> dict:
     if not a.measure_memory:
         weight_sync.push_weights(policy, link, version=3, bucket_bytes=a.bucket_bytes)
         return {}
-    from benchmarks.common import peak_allocated_bytes
+    from testsupport.measure import peak_allocated_bytes
 
     peak = peak_allocated_bytes(lambda: weight_sync.push_weights(policy, link, version=3,
                                                                  bucket_bytes=a.bucket_bytes))

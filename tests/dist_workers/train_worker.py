@@ -13,15 +13,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_qae.run import checkpoint  # noqa: E402
+from megatron_qae.persistence import checkpoint  # noqa: E402
 
 from megatron_qae.model import parallel, weights  # noqa: E402
-from megatron_qae.run.batching import (rank_micro_batches, response_tokens, schedule_multiple,  # noqa: E402
+from megatron_qae.batch.batching import (rank_micro_batches, response_tokens, schedule_multiple,  # noqa: E402
                                   seq_multiple, with_old_logprobs)
 from megatron_qae.algorithm.objective import LossConfig  # noqa: E402
 from megatron_qae.model.policy import build_policy, finish_param_sync  # noqa: E402
 from megatron_qae.run.train_step import compute_logprobs, forward_backward, logprob_gap, train_step  # noqa: E402
-from tests import tiny  # noqa: E402
+from testsupport import tiny  # noqa: E402
 
 
 def main() -> None:

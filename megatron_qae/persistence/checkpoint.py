@@ -1,0 +1,294 @@
+"""Atomic, layout-independent checkpoints with megatron-core dist_checkpointing.
+
+What it does: saves model, optimizer (distributed optimizer in the fully reshardable format,
+so a checkpoint loads into any (tp, pp, dp) layout), LR schedule, RNG states and the loop's own
+state into `<run_dir>/checkpoints/tmp.step_<k>.<id>`, renames it to `step_<k>` once complete,
+then points `latest` at it (written last, atomically); keeps the newest N. A run killed during
+a save leaves the previous checkpoint intact and loadable. The completion marker holds a sha256
+digest and size of every file; a resume verifies them and falls back to the newest intact
+checkpoint, with a warning, when one is damaged (or refuses, in the strict mode). SIGTERM sets a flag the loop checks
+(it saves and exits; nothing runs inside the handler). What it does not: convert to HF
+(model/hf_convert.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from torch.distributed.checkpoint.api import CheckpointException
+
+from megatron_qae.persistence.checkpoint_verify import CheckpointDamaged, file_digests, table_from_json, table_to_json, verify
+
+from megatron_qae.model.policy import Policy
+from megatron_qae.model.weights import unwrap
+
+log = logging.getLogger(__name__)
+_DONE = "complete.json"
+_OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _ckpt_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _sharded_state(policy: Policy, is_loading: bool, with_optimizer: bool = True) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    chunks = policy.chunks
+    for i, chunk in enumerate(chunks):
+        state["model" if len(chunks) == 1 else f"model{i}"] = unwrap(chunk).sharded_state_dict()
+    if with_optimizer:
+        state["optimizer"] = policy.optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=_OPT_META)
+    return state
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(run_dir: str | Path, step: int, policy: Policy, loop_state: dict[str, Any],
+                    keep_last: int = 2, with_optimizer: bool = True) -> Path:
+    """Collective: every trainer rank calls it. Returns the final checkpoint directory.
+
+    `with_optimizer=False` writes model weights only (conversion from HF)."""
+    root = _ckpt_root(run_dir)
+    name = [f"tmp.step_{step}.{uuid.uuid4().hex[:8]}"]
+    dist.broadcast_object_list(name, src=0)
+    tmp = root / name[0]
+    if dist.get_rank() == 0:
+        tmp.mkdir(parents=True, exist_ok=False)
+    dist.barrier()
+    state = _sharded_state(policy, is_loading=False, with_optimizer=with_optimizer)
+    state["scheduler"] = policy.scheduler.state_dict()
+    state["rng"] = _rng_state()
+    state["loop"] = loop_state
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+    digests = table_to_json(file_digests(tmp, exclude=_DONE))
+    final = root / f"step_{step}"
+    if dist.get_rank() == 0:
+        (tmp / _DONE).write_text(json.dumps({"step": step, "with_optimizer": with_optimizer,
+                                             "model_path": loop_state.get("model_path"),
+                                             "files": digests}))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(root, final.name)
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in [*path.rglob("*"), path]:
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / f"latest.tmp.{uuid.uuid4().hex[:8]}"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / "latest")
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and (path / _DONE).is_file()
+
+
+def _steps(root: Path) -> list[Path]:
+    done = [p for p in root.glob("step_*") if _complete(p)]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for old in _steps(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("tmp.step_*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` points at, or the newest complete one if the pointer is stale."""
+    root = _ckpt_root(run_dir)
+    pointer = root / "latest"
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if _complete(target):
+            return target
+        log.warning("%s points at %s, which is incomplete; using the newest complete checkpoint",
+                    pointer, target)
+    steps = _steps(root) if root.is_dir() else []
+    return steps[-1] if steps else None
+
+
+def resume_candidates(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints to resume from, best first: `latest`'s target, then newest to oldest."""
+    root = _ckpt_root(run_dir)
+    steps = list(reversed(_steps(root))) if root.is_dir() else []
+    first = latest_checkpoint(run_dir)
+    return ([first] if first is not None else []) + [p for p in steps if p != first]
+
+
+def load_latest(run_dir: str | Path, policy: Policy, on_damaged: str) -> tuple[Path, dict[str, Any]] | None:
+    """Collective. Load the newest intact checkpoint of the run; None when there is none at all.
+
+    A damaged one is skipped with a warning naming the file and the reason
+    (`on_damaged="fallback"`) or stops the run (`"fail"`); all damaged is always an error."""
+    damaged: list[CheckpointDamaged] = []
+    for path in resume_candidates(run_dir):
+        try:
+            return path, load_checkpoint(path, policy)
+        except CheckpointDamaged as exc:
+            if on_damaged == "fail":
+                raise RuntimeError(f"{exc}. run.resume_from_damaged=fail: not resuming. Set "
+                                   "run.resume_from_damaged=fallback to resume from the newest intact "
+                                   f"checkpoint, or move {path} out of {path.parent}") from exc
+            log.warning("%s; falling back to an older checkpoint", exc)
+            damaged.append(exc)
+    if damaged:
+        raise RuntimeError(f"no intact checkpoint under {_ckpt_root(run_dir)}: "
+                           + " | ".join(str(d) for d in damaged)
+                           + ". Move the damaged step_* directories away to start this run from scratch")
+    return None
+
+
+def _read_marker(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / _DONE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointDamaged(path, [f"{_DONE}: unreadable ({exc})"]) from exc
+
+
+def _verify(path: Path, marker: dict[str, Any]) -> None:
+    if "files" not in marker:
+        log.warning("%s has no file digests (saved by an older version): loading it unverified", path)
+        return
+    problems = verify(path, table_from_json(marker["files"]))
+    if problems:
+        raise CheckpointDamaged(path, problems)
+
+
+def load_checkpoint(path: str | Path, policy: Policy, model_only: bool = False) -> dict[str, Any]:
+    """Collective. Load a checkpoint into the policy (any layout); returns the loop state.
+
+    Every file is verified against the digests written at save first (CheckpointDamaged names
+    the file and the reason). Model-only checkpoints (from HF conversion), or
+    `model_only=True`, leave the optimizer, LR schedule and RNG as they are."""
+    path = Path(path)
+    if not _complete(path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_DONE}); "
+                                "point at a step_<k> directory written by save_checkpoint")
+    marker = _read_marker(path)
+    _verify(path, marker)
+    model_only = model_only or not marker.get("with_optimizer", True)
+    added_steps = [] if model_only else _init_optimizer_state(policy.optimizer)
+    template = _sharded_state(policy, is_loading=True, with_optimizer=not model_only)
+    template.update(scheduler=None, rng=None, loop=None)
+    try:
+        loaded = dist_checkpointing.load(template, str(path))
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        if "files" not in marker:  # unverified: damage is the likely cause
+            raise CheckpointDamaged(path, [f"the loader failed: {type(exc).__name__}: {exc}"]) from exc
+        raise ValueError(f"cannot load checkpoint {path} (its files are intact): {exc}. Was it saved "
+                         "for the same model (model.path's config.json)?") from exc
+    chunks = policy.chunks
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+    if model_only:
+        # The optimizer keeps its own (fp32) main params with bf16 weights: re-read them.
+        policy.optimizer.reload_model_params()
+        return loaded["loop"]
+    for state in added_steps:
+        del state["step"]
+    _patch_reshardable_load_without_te()
+    policy.optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(policy.optimizer)
+    policy.scheduler.load_state_dict(loaded["scheduler"])
+    rng = loaded["rng"]
+    torch.set_rng_state(rng["torch"])
+    get_cuda_rng_tracker().set_states(rng["tracker"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return loaded["loop"]
+
+
+def _patch_reshardable_load_without_te() -> None:
+    """megatron-core 0.19 without Apex/TE keeps Adam's `step` as a tensor in the optimizer
+    state, and its fully-reshardable loader then looks for a `step` shard that the format
+    stores separately (KeyError). Hide `step` while the shards are copied; the step itself is
+    restored by megatron from the param groups. Does nothing when TE or Apex is present."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if getattr(dopt, "HAVE_APEX_OR_TE", True) or getattr(dopt, "_qae_patched", False):
+        return
+    original = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def without_step(self, model_param, tensors):
+        held = {id(st): st.pop("step") for st in self.optimizer.state.values() if "step" in st}
+        try:
+            original(self, model_param, tensors)
+        finally:
+            for st in self.optimizer.state.values():
+                if id(st) in held:
+                    st["step"] = held[id(st)]
+
+    dopt.DistributedOptimizer._set_main_param_and_optimizer_states = without_step
+    dopt._qae_patched = True
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron's no-Apex/TE loader gives every parameter the same `step` tensor; torch's Adam
+    increments each parameter's step in place, so a shared one would advance once per
+    parameter per optimizer step (wrong bias correction after a resume). Give each its own."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def _init_optimizer_state(optimizer) -> list[dict]:
+    """Give a fresh optimizer its (zero) Adam state, so its sharded state dict can describe
+    what to load (megatron's DistributedOptimizer expects one step count per parameter while
+    building it, and none while loading). Returns the states given a temporary step."""
+    added = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if not inner.state and getattr(opt, "init_state_fn", None) is not None:
+            opt.init_state_fn(inner, opt.config)
+            for state in inner.state.values():
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                added.append(state)
+    return added
+
+
+@dataclass
+class StopFlag:
+    """Set by SIGTERM; the loop saves and exits at the next step boundary."""
+
+    requested: bool = False
+
+
+def install_sigterm_save() -> StopFlag:
+    flag = StopFlag()
+
+    def handler(signum, frame) -> None:  # noqa: ARG001
+        flag.requested = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return flag
