@@ -45,6 +45,8 @@ class LossInputs:
 
 
 class PolicyLossFn(Protocol):
+    """The one signature of a policy loss: one micro-batch's (loss, token-sum metrics)."""
+
     def __call__(self, x: LossInputs, agg: Aggregation,
                  algo: AlgoConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
