@@ -20,7 +20,7 @@ import argparse
 import torch
 
 from benchmarks.common import bench_hf_config, single_process_world, timed
-from megatron_qae.algorithm.objective import LossConfig
+from megatron_qae.config.algo import AlgoConfig
 from megatron_qae.model import parallel, weights
 from megatron_qae.model.policy import build_policy
 from megatron_qae.batch.batching import rank_micro_batches, response_tokens, seq_multiple, with_old_logprobs
@@ -70,7 +70,7 @@ def main() -> None:
 
         def step() -> None:
             reset()
-            train_step(policy, mbs, response_tokens(samples), LossConfig(), step=0)
+            train_step(policy, mbs, response_tokens(samples), AlgoConfig(), step=0)
 
         reset()  # each setting's fresh policy starts from the same weights, old log-probs included
         mbs = with_old_logprobs(mbs, compute_logprobs(policy, mbs))

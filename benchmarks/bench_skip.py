@@ -16,7 +16,7 @@ from benchmarks.common import bench_hf_config, single_process_world, timed
 from megatron_qae.model import parallel, weights
 from megatron_qae.algorithm.advantage import compute_group_advantages
 from megatron_qae.batch.batching import empty_micro_batch, rank_micro_batches, response_tokens, with_old_logprobs
-from megatron_qae.algorithm.objective import LossConfig
+from megatron_qae.config.algo import AlgoConfig
 from megatron_qae.model.policy import build_policy
 from megatron_qae.run.train_step import compute_logprobs, train_step
 from rollout_sglang.types import Sample
@@ -76,7 +76,7 @@ def main() -> None:
 
         def step() -> None:
             reset()
-            train_step(policy, mbs, tokens, LossConfig(), step=0)
+            train_step(policy, mbs, tokens, AlgoConfig(), step=0)
 
         reset()
         mbs = with_old_logprobs(mbs, compute_logprobs(policy, mbs))

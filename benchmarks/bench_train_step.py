@@ -21,7 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from benchmarks.common import bench_hf_config, single_process_world, timed
 from megatron_qae.model import cpu_compat, parallel
 from megatron_qae.batch.batching import rank_micro_batches, response_tokens, with_old_logprobs
-from megatron_qae.algorithm.objective import LossConfig
+from megatron_qae.config.algo import AlgoConfig
 from megatron_qae.model.policy import build_policy
 from megatron_qae.run.train_step import compute_logprobs, train_step
 from rollout_sglang.types import Sample
@@ -91,7 +91,7 @@ def main() -> None:
     mbs = with_old_logprobs(mbs, compute_logprobs(policy, mbs))
     tokens = sum(mb.tokens.numel() for mb in mbs)
     t_bare = timed(lambda: bare_forward_backward(policy, mbs))
-    t_ours = timed(lambda: train_step(policy, mbs, response_tokens(samples), LossConfig(), 0))
+    t_ours = timed(lambda: train_step(policy, mbs, response_tokens(samples), AlgoConfig(), 0))
     params = sum(p.numel() for p in policy.chunks[0].parameters())
     flops = 6 * params * tokens + 12 * hf["num_hidden_layers"] * hf["hidden_size"] * a.seq * tokens
     print(f"model: {params / 1e6:.1f}M params, {tokens} tokens/step in {len(mbs)} micro-batches "

@@ -1,1 +1,2 @@
-"""The algorithm as pure tensor functions: QAE / mean advantages, the policy losses, log-probs."""
+"""The algorithm as pure tensor functions: QAE / mean advantages, the objective and the registered
+policy losses (losses/), log-probs."""

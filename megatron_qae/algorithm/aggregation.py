@@ -6,7 +6,8 @@ zero-advantage samples included), so summing the micro-batches' values gives the
 gradient however the mini-batch is split. 'token-mean' divides the token sum by the global
 token count (DAPO); 'seq-mean-token-mean' averages each response over its own tokens and
 divides by the global response count (GSPO, verl's loss_agg_mode of that name). What it does
-not: choose the mode (objective.py does, per loss) or count the tokens (batching.py does).
+not: choose the mode (each policy loss registers its own, losses/registry.py) or count the
+tokens (batching.py does).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ inputs, same seeded generator), and returns micro-batches carrying their tokens'
 `cov_selected`. So the step does not depend on how the mini-batch is split into micro-batches
 or DP ranks. Cost: one forward-only pass per optimizer step and an all-gather of three floats
 per response token of the mini-batch over the DP group. What it does not: run the forward pass
-(train_step.py) or apply the selection (clip_cov.py / kl_cov.py).
+(run/train_step.py) or apply the selection (algorithm/losses/clip_cov.py / kl_cov.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from megatron_qae.algorithm.cov_selection import clip_cov_pick, kl_cov_pick
-from megatron_qae.algorithm.objective import LossConfig
+from megatron_qae.algorithm.losses.registry import get_policy_loss
 from megatron_qae.batch.batching import MicroBatch
+from megatron_qae.config.algo import AlgoConfig
 
 
 def _rows(mbs: list[MicroBatch], current: list[torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -39,10 +39,11 @@ def selection_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def with_cov_selection(mbs: list[MicroBatch], current: list[torch.Tensor | None], cfg: LossConfig,
-                       step: int, dp_group: dist.ProcessGroup | None) -> list[MicroBatch]:
-    """`mbs` with `cov_selected` attached. Collective over `dp_group`; call on the last
-    pipeline stage only (`current` is None elsewhere, and no loss is computed there)."""
+def with_cov_selection(mbs: list[MicroBatch], current: list[torch.Tensor | None], algo: AlgoConfig,
+                       seed: int, step: int, dp_group: dist.ProcessGroup | None) -> list[MicroBatch]:
+    """`mbs` with `cov_selected` attached, picked by the selection algo.policy_loss registered
+    (its draw seeded by `seed`, the run's seed, and `step`). Collective over `dp_group`; call on
+    the last pipeline stage only (`current` is None elsewhere, and no loss is computed there)."""
     mine = _rows(mbs, current)
     shares: list = [None] * (dist.get_world_size(dp_group) if dp_group is not None else 1)
     if len(shares) > 1:
@@ -53,10 +54,9 @@ def with_cov_selection(mbs: list[MicroBatch], current: list[torch.Tensor | None]
     order = sorted(every)
     flat = torch.cat([every[k] for k in order], dim=1) if order else torch.zeros(3, 0)
     adv, lp, old = flat[0], flat[1], flat[2]
-    if cfg.policy_loss == "clip_cov":
-        picked = clip_cov_pick(adv, lp, old, cfg, selection_generator(cfg.seed, step))
-    else:
-        picked = kl_cov_pick(adv, lp, cfg)
+    select = get_policy_loss(algo.policy_loss).selection
+    assert select is not None, f"{algo.policy_loss} has no token selection; the train step asks first"
+    picked = select(adv, lp, old, algo, selection_generator(seed, step))
     starts, offset = {}, 0
     for k in order:
         starts[k] = offset

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 from megatron_qae.config.sections import _fail, _one_of, _positive
 
+POLICY_LOSSES = ("dapo", "gspo", "clip_cov", "kl_cov")
+"""The allowed algo.policy_loss values: the names megatron_qae/algorithm/losses/ registers (a
+test holds the two equal; the config does not import the losses)."""
+
 
 @dataclass(frozen=True)
 class AlgoConfig:
@@ -77,7 +81,7 @@ class AlgoConfig:
         self._check_loss_variants()
 
     def _check_loss_variants(self) -> None:
-        _one_of("algo.policy_loss", self.policy_loss, ("dapo", "gspo", "clip_cov", "kl_cov"))
+        _one_of("algo.policy_loss", self.policy_loss, POLICY_LOSSES)
         _one_of("algo.kl_estimator", self.kl_estimator, ("k1", "k2", "k3", "low_var_kl"))
         for name in ("gspo_clip_low", "gspo_clip_high", "kl_cov_coef"):
             _positive(f"algo.{name}", getattr(self, name))

@@ -29,8 +29,9 @@ from megatron_qae.batch.batching import (build_micro_batches, schedule_multiple,
 from megatron_qae.batch.handoff import (HandoffBytes, hand_off_header, hand_off_scores, hand_off_train_share,
                                       score_source)
 from megatron_qae.launch_env import LaunchEnv
+from megatron_qae.config.algo import AlgoConfig
 from megatron_qae.config.loading import Config, save_config, to_dict, validate_against_model
-from megatron_qae.algorithm.objective import LossConfig, zero_advantage_gradient
+from megatron_qae.algorithm.objective import zero_advantage_gradient
 from megatron_qae.persistence.ledger import GroupLedger
 from megatron_qae.persistence.metrics import MetricsSink
 from megatron_qae.model.build import load_hf_config
@@ -66,7 +67,7 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
         save_config(cfg, run_dir)
     total_steps = cfg.run.num_rollout_steps * cfg.rollout.steps_per_rollout
     rollout, sync = None, None
-    _log_zero_advantage_skip(cfg, is_driver)
+    _log_zero_advantage_skip(cfg.algo, is_driver)
     if is_driver and not cfg.engine.colocate:
         # Engines on their own devices start (SGLang: minutes at scale) while the policy is built
         # and restored; colocated ones wait for the trainer's memory to be allocated first, as
@@ -195,22 +196,14 @@ def _advantages(cfg: Config, policy: Policy, samples: list[Sample] | None, num_s
     return out, metrics
 
 
-def loss_config(cfg: Config) -> LossConfig:
-    """The objective's knobs from config.algo (Clip-Cov's draw seeded by run.seed)."""
-    a = cfg.algo
-    return LossConfig(a.clip_low, a.clip_high, a.clip_c, a.tis_cap, a.policy_loss, a.gspo_clip_low,
-                      a.gspo_clip_high, a.clip_cov_ratio, a.clip_cov_lb, a.clip_cov_ub, a.kl_cov_ratio,
-                      a.kl_cov_coef, a.kl_coef, a.kl_estimator, a.entropy_coef, cfg.run.seed)
-
-
-def skips_zero_advantage(cfg: Config) -> bool:
+def skips_zero_advantage(algo: AlgoConfig) -> bool:
     """algo.skip_zero_advantage, unless the loss gives zero-advantage responses a gradient."""
-    return cfg.algo.skip_zero_advantage and zero_advantage_gradient(loss_config(cfg)) is None
+    return algo.skip_zero_advantage and zero_advantage_gradient(algo) is None
 
 
-def _log_zero_advantage_skip(cfg: Config, is_driver: bool) -> None:
-    reason = zero_advantage_gradient(loss_config(cfg))
-    if is_driver and cfg.algo.skip_zero_advantage and reason is not None:
+def _log_zero_advantage_skip(algo: AlgoConfig, is_driver: bool) -> None:
+    reason = zero_advantage_gradient(algo)
+    if is_driver and algo.skip_zero_advantage and reason is not None:
         log.info("algo.skip_zero_advantage is off for this run: a zero-advantage response still "
                  "has a gradient (%s), so leaving it out would change the step", reason)
 
@@ -222,9 +215,9 @@ def _train(cfg: Config, policy: Policy, reference: Reference | None, samples: li
     `samples` on rank 0, None elsewhere; each rank receives the samples it trains on."""
     if not advantages:
         return {"train/optimizer_steps": 0.0}
-    groups, loss_cfg = policy.groups, loss_config(cfg)
+    groups = policy.groups
     per_mini = cfg.rollout.mini_batch_prompts * cfg.rollout.n_samples_per_prompt
-    skip = skips_zero_advantage(cfg)
+    skip = skips_zero_advantage(cfg.algo)
     share = hand_off_train_share(samples, advantages, per_mini, skip, groups, sent)
     plans = []
     for k, (part, mine, tokens) in enumerate(zip(share.samples, share.mine, share.response_tokens)):
@@ -246,8 +239,8 @@ def _train(cfg: Config, policy: Policy, reference: Reference | None, samples: li
     gap = logprob_gap(policy, [mb for mbs, _, _ in plans for mb in mbs])
     sums: dict[str, float] = {}
     for i, (mbs, (tokens, responses), bmetrics) in enumerate(plans):
-        m = train_step(policy, mbs, tokens, loss_cfg, (step - 1) * len(plans) + i,
-                       cfg.rollout.temperature, chunk, global_samples=responses)
+        m = train_step(policy, mbs, tokens, cfg.algo, (step - 1) * len(plans) + i,
+                       cfg.rollout.temperature, chunk, global_samples=responses, seed=cfg.run.seed)
         for k, v in {**m, **bmetrics}.items():
             sums[k] = sums.get(k, 0.0) + v / len(plans)
     finish_param_sync(policy)  # weight sync and checkpoints read the parameters next

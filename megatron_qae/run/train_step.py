@@ -2,7 +2,8 @@
 
 What it does: feeds micro-batches to `get_forward_backward_func` (which runs the micro-batch
 and pipeline schedule), computes per-token log-probs on the last pipeline stage, applies the
-objective (algorithm/objective.py) with the global token- or sequence-mean denominator, stops
+objective (algorithm/objective.py, reading the `algo` config section) with the global token-
+or sequence-mean denominator, stops
 on a non-finite loss before the optimizer, clips gradients and steps optimizer + LR schedule.
 What it does not: build batches (batching.py) or compute advantages (advantage.py).
 """
@@ -20,8 +21,10 @@ from megatron_qae.model import cpu_compat
 from megatron_qae.batch.micro_batch import MicroBatch
 from megatron_qae.batch.packing import packed_seq_params
 from megatron_qae.algorithm.aggregation import Aggregation
+from megatron_qae.algorithm.losses.registry import LossInputs
 from megatron_qae.algorithm.logprobs import response_logprobs
-from megatron_qae.algorithm.objective import LossConfig, LossInputs, metric_names, total_loss
+from megatron_qae.algorithm.objective import aggregation, metric_names, needs_selection, total_loss
+from megatron_qae.config.algo import AlgoConfig
 from megatron_qae.model.policy import Policy, finish_param_sync
 from megatron_qae.model.reference import Reference
 from megatron_qae.batch.token_selection import with_cov_selection
@@ -91,14 +94,14 @@ def compute_logprobs(
     return [d["logprobs"] for d in out]
 
 
-def _loss_fn(cfg: LossConfig, agg: Aggregation, temperature: float, chunk_tokens: int, tp_group,
+def _loss_fn(algo: AlgoConfig, agg: Aggregation, temperature: float, chunk_tokens: int, tp_group,
              mb: MicroBatch, logits: torch.Tensor):
     if mb.old_logprobs is None:
         raise ValueError("a micro-batch reached the loss without old log-probs; pass the "
                          "micro-batches through compute_logprobs and with_old_logprobs first")
     pick = mb.loss_mask.bool()
     lp, entropy = response_logprobs(logits, mb.targets, mb.loss_mask, tp_group, temperature,
-                                    chunk_tokens, with_entropy=True, entropy_grad=cfg.entropy_coef > 0)
+                                    chunk_tokens, with_entropy=True, entropy_grad=algo.entropy_coef > 0)
 
     def rows(flat: torch.Tensor) -> torch.Tensor:
         # Back to [b, s] (0 outside the response), differentiably: the losses work per response.
@@ -108,7 +111,7 @@ def _loss_fn(cfg: LossConfig, agg: Aggregation, temperature: float, chunk_tokens
     view = mb.per_sample
     loss, metrics = total_loss(LossInputs(
         view(rows(lp)), view(mb.old_logprobs), view(mb.advantages), view(mb.loss_mask),
-        view(mb.rollout_logprobs), view(rows(entropy)), view(mb.ref_logprobs), view(mb.cov_selected)), agg, cfg)
+        view(mb.rollout_logprobs), view(rows(entropy)), view(mb.ref_logprobs), view(mb.cov_selected)), agg, algo)
     rollout = mb.rollout_logprobs[pick]
     metrics["loss/entropy_sum"] = entropy.detach().sum()
     metrics["loss/logprob_gap_sum"] = (lp.detach() - rollout).abs().sum()
@@ -120,10 +123,10 @@ def _loss_fn(cfg: LossConfig, agg: Aggregation, temperature: float, chunk_tokens
     return loss, num_tokens, metrics
 
 
-def _reduce_metrics(policy: Policy, per_mb: list[dict], cfg: LossConfig) -> dict[str, float]:
+def _reduce_metrics(policy: Policy, per_mb: list[dict], algo: AlgoConfig) -> dict[str, float]:
     """Sum token-sum metrics over micro-batches and DP ranks; mean per trained response token
     (skipped zero-advantage samples are not in the forward pass, so not in these means)."""
-    names = [*metric_names(cfg), "loss/entropy_sum", "loss/logprob_gap_sum", "loss/loss_sum", "loss/tokens"]
+    names = [*metric_names(algo), "loss/entropy_sum", "loss/logprob_gap_sum", "loss/loss_sum", "loss/tokens"]
     sums = torch.zeros(len(names), dtype=torch.float64)
     for m in per_mb:
         if m:
@@ -147,50 +150,54 @@ def forward_backward(
     policy: Policy,
     mbs: list[MicroBatch],
     global_tokens: int,
-    loss_cfg: LossConfig,
+    algo: AlgoConfig,
     temperature: float = 1.0,
     chunk_tokens: int = 4096,
     global_samples: int = 0,
     step: int = 0,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Gradients of the global-mean loss over this rank's micro-batches (DP-reduced).
 
     `global_tokens` / `global_samples`: response tokens / responses of the whole mini-batch
     (samples only for GSPO's sequence-mean). Clip-Cov / KL-Cov first run a forward-only pass
-    for the current log-probs their mini-batch-wide token selection needs (seeded by `step`)."""
-    agg = Aggregation(loss_cfg.agg_mode, global_tokens, global_samples)
-    if loss_cfg.needs_selection:
+    for the current log-probs their mini-batch-wide token selection needs (Clip-Cov's draw
+    seeded by `seed`, the run's seed, and `step`)."""
+    agg = aggregation(algo, global_tokens, global_samples)
+    if needs_selection(algo):
         current = compute_logprobs(policy, mbs, temperature, chunk_tokens)
         if policy.groups.is_last_stage:
-            mbs = with_cov_selection(mbs, current, loss_cfg, step, policy.groups.dp)
+            mbs = with_cov_selection(mbs, current, algo, seed, step, policy.groups.dp)
     for chunk in policy.chunks:
         chunk.train()
         chunk.zero_grad_buffer()
     policy.optimizer.zero_grad()
-    loss_fn = partial(_loss_fn, loss_cfg, agg, temperature, chunk_tokens, policy.groups.tp)
+    loss_fn = partial(_loss_fn, algo, agg, temperature, chunk_tokens, policy.groups.tp)
     per_mb = run_schedule(policy, mbs, loss_fn, forward_only=False)
-    return _reduce_metrics(policy, per_mb, loss_cfg)
+    return _reduce_metrics(policy, per_mb, algo)
 
 
 def train_step(
     policy: Policy,
     mbs: list[MicroBatch],
     global_tokens: int,
-    loss_cfg: LossConfig,
+    algo: AlgoConfig,
     step: int,
     temperature: float = 1.0,
     chunk_tokens: int = 4096,
     global_samples: int = 0,
+    seed: int = 0,
 ) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches of a global mini-batch.
 
     `global_tokens` / `global_samples` are the response-token / response counts of the whole
-    mini-batch over all DP ranks (skipped samples included).
+    mini-batch over all DP ranks (skipped samples included); `seed` (run.seed) seeds
+    Clip-Cov's token draw.
     Raises NonFiniteLossError (naming `step`) before the optimizer when the loss is not
     finite, and after it when the gradient norm is not (megatron then skips the update).
     """
-    metrics = forward_backward(policy, mbs, global_tokens, loss_cfg, temperature, chunk_tokens,
-                               global_samples, step)
+    metrics = forward_backward(policy, mbs, global_tokens, algo, temperature, chunk_tokens,
+                               global_samples, step, seed)
     if not math.isfinite(metrics["loss/loss"]):
         raise NonFiniteLossError(
             f"step {step}: loss is {metrics['loss/loss']}; the optimizer was not stepped. "

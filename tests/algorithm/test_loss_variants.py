@@ -4,6 +4,7 @@ give a zero-advantage response a gradient (then zero-advantage skipping must be 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -14,7 +15,9 @@ from megatron_qae.algorithm.cov_selection import clip_cov_pick, kl_cov_pick
 from megatron_qae.algorithm.entropy_bonus import entropy_term
 from megatron_qae.algorithm.kl_penalty import kl_estimate, kl_term
 from megatron_qae.algorithm.logprobs import token_entropy
-from megatron_qae.algorithm.objective import LossConfig, LossInputs, total_loss, zero_advantage_gradient
+from megatron_qae.algorithm.losses.registry import LossInputs
+from megatron_qae.algorithm.objective import aggregation, needs_selection, total_loss, zero_advantage_gradient
+from megatron_qae.config.algo import AlgoConfig
 from megatron_qae.config.loading import load_config
 from megatron_qae.run import loop
 from tests.verl_oracle import ActorConfig, load_verl_core_algos
@@ -36,7 +39,7 @@ def _inputs(seed: int, zero_rows: tuple[int, ...] = ()) -> dict[str, torch.Tenso
     return {"logp": logp, "old": old, "adv": adv, "mask": mask, "rollout": rollout}
 
 
-def _verl_config(cfg: LossConfig) -> ActorConfig:
+def _verl_config(cfg: AlgoConfig) -> ActorConfig:
     info = {"dp_size": 1, "batch_num_tokens": GLOBAL_TOKENS, "global_batch_size": GLOBAL_SAMPLES}
     # verl's GSPO reads the same clip fields as PPO; ours has its own pair.
     low, high = (cfg.gspo_clip_low, cfg.gspo_clip_high) if cfg.policy_loss == "gspo" else (cfg.clip_low, cfg.clip_high)
@@ -46,23 +49,24 @@ def _verl_config(cfg: LossConfig) -> ActorConfig:
                            clip_cov_ub=cfg.clip_cov_ub, kl_cov_ratio=cfg.kl_cov_ratio, ppo_kl_coef=cfg.kl_cov_coef))
 
 
-def _ours(x: dict, cfg: LossConfig, selected: torch.Tensor | None, tis: bool) -> tuple[float, torch.Tensor]:
+def _ours(x: dict, cfg: AlgoConfig, selected: torch.Tensor | None, tis: bool) -> tuple[float, torch.Tensor]:
     logp = x["logp"].clone().requires_grad_(True)
     inputs = LossInputs(logp, x["old"], x["adv"], x["mask"], x["rollout"] if tis else None, cov_selected=selected)
-    loss, _ = total_loss(inputs, Aggregation(cfg.agg_mode, GLOBAL_TOKENS, GLOBAL_SAMPLES), cfg)
+    loss, _ = total_loss(inputs, aggregation(cfg, GLOBAL_TOKENS, GLOBAL_SAMPLES), cfg)
     loss.backward()
     return loss.item(), logp.grad
 
 
-def _verl(fn, x: dict, cfg: LossConfig, tis: bool) -> tuple[float, torch.Tensor]:
+def _verl(fn, x: dict, cfg: AlgoConfig, tis: bool) -> tuple[float, torch.Tensor]:
     logp = x["logp"].clone().requires_grad_(True)
     weights = (x["old"] - x["rollout"]).exp().clamp(max=cfg.tis_cap) if tis else None
-    loss, _ = fn(x["old"], logp, x["adv"], x["mask"], cfg.agg_mode, _verl_config(cfg), weights)
+    loss, _ = fn(x["old"], logp, x["adv"], x["mask"], aggregation(cfg, GLOBAL_TOKENS, GLOBAL_SAMPLES).mode,
+                 _verl_config(cfg), weights)
     loss.backward()
     return loss.item(), logp.grad
 
 
-def _flat_selection(x: dict, cfg: LossConfig, seed: int) -> torch.Tensor:
+def _flat_selection(x: dict, cfg: AlgoConfig, seed: int) -> torch.Tensor:
     """Our selection over this batch as the whole mini-batch, back in [b, t]."""
     pick = x["mask"].bool()
     adv, lp, old = x["adv"][pick], x["logp"][pick], x["old"][pick]
@@ -76,11 +80,11 @@ def _flat_selection(x: dict, cfg: LossConfig, seed: int) -> torch.Tensor:
 
 
 CASES = {
-    "dapo": (LossConfig(clip_c=3.0), "compute_policy_loss_vanilla"),
-    "gspo": (LossConfig(policy_loss="gspo", gspo_clip_low=0.05, gspo_clip_high=0.08), "compute_policy_loss_gspo"),
-    "clip_cov": (LossConfig(policy_loss="clip_cov", clip_cov_ratio=0.1, clip_cov_lb=0.05, clip_cov_ub=3.0),
+    "dapo": (AlgoConfig(clip_c=3.0), "compute_policy_loss_vanilla"),
+    "gspo": (AlgoConfig(policy_loss="gspo", gspo_clip_low=0.05, gspo_clip_high=0.08), "compute_policy_loss_gspo"),
+    "clip_cov": (AlgoConfig(policy_loss="clip_cov", clip_cov_ratio=0.1, clip_cov_lb=0.05, clip_cov_ub=3.0),
                  "compute_policy_loss_clip_cov"),
-    "kl_cov": (LossConfig(policy_loss="kl_cov", kl_cov_ratio=0.1, kl_cov_coef=2.0), "compute_policy_loss_kl_cov"),
+    "kl_cov": (AlgoConfig(policy_loss="kl_cov", kl_cov_ratio=0.1, kl_cov_coef=2.0), "compute_policy_loss_kl_cov"),
 }
 
 
@@ -88,10 +92,10 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_policy_loss_equals_verl(name, tis):
     base, verl_name = CASES[name]
-    cfg = LossConfig(**{**base.__dict__, "tis_cap": 1.5})
+    cfg = dataclasses.replace(base, tis_cap=1.5)
     for seed in range(5):
         x = _inputs(seed)
-        selected = _flat_selection(x, cfg, seed) if cfg.needs_selection else None
+        selected = _flat_selection(x, cfg, seed) if needs_selection(cfg) else None
         torch.manual_seed(seed)  # verl's Clip-Cov draws from the default generator
         theirs, their_grad = _verl(getattr(VERL, verl_name), x, cfg, tis)
         ours, our_grad = _ours(x, cfg, selected, tis)
@@ -138,20 +142,20 @@ def test_entropy_bonus_equals_verl(mode):
     assert (ours_in.grad - theirs_in.grad).abs().max() < 1e-6
 
 
-def _grads(cfg: LossConfig, x: dict, seed: int) -> torch.Tensor:
+def _grads(cfg: AlgoConfig, x: dict, seed: int) -> torch.Tensor:
     logp = x["logp"].clone().requires_grad_(True)
     ref = x["old"] - 0.3
     entropy = logp * -0.5  # any entropy that depends on the parameters
-    selected = _flat_selection(x, cfg, seed) if cfg.needs_selection else None
-    agg = Aggregation(cfg.agg_mode, GLOBAL_TOKENS, GLOBAL_SAMPLES)
+    selected = _flat_selection(x, cfg, seed) if needs_selection(cfg) else None
+    agg = aggregation(cfg, GLOBAL_TOKENS, GLOBAL_SAMPLES)
     loss, _ = total_loss(LossInputs(logp, x["old"], x["adv"], x["mask"], None, entropy, ref, selected), agg, cfg)
     loss.backward()
     return logp.grad
 
 
 @pytest.mark.parametrize("cfg,has_reason", [
-    (LossConfig(), False), (LossConfig(policy_loss="gspo"), False),
-    (LossConfig(kl_coef=0.1), True), (LossConfig(entropy_coef=0.01), True),
+    (AlgoConfig(), False), (AlgoConfig(policy_loss="gspo"), False),
+    (AlgoConfig(kl_coef=0.1), True), (AlgoConfig(entropy_coef=0.01), True),
     (CASES["clip_cov"][0], True), (CASES["kl_cov"][0], True),
 ])
 def test_zero_advantage_responses_get_a_gradient_exactly_when_skipping_is_off(cfg, has_reason):
@@ -169,15 +173,15 @@ def test_zero_advantage_responses_get_a_gradient_exactly_when_skipping_is_off(cf
 
 
 def test_skipping_is_switched_off_with_one_log_line(caplog):
-    assert loop.skips_zero_advantage(load_config(None, []))
-    assert loop.skips_zero_advantage(load_config(None, ["algo.policy_loss=gspo"]))
+    assert loop.skips_zero_advantage(load_config(None, []).algo)
+    assert loop.skips_zero_advantage(load_config(None, ["algo.policy_loss=gspo"]).algo)
     for override in ["algo.kl_coef=0.01", "algo.entropy_coef=0.001", "algo.policy_loss=clip_cov",
                      "algo.policy_loss=kl_cov"]:
         cfg = load_config(None, [override])
-        assert not loop.skips_zero_advantage(cfg)
+        assert not loop.skips_zero_advantage(cfg.algo)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="megatron_qae.run.loop"):
-            loop._log_zero_advantage_skip(cfg, is_driver=True)
+            loop._log_zero_advantage_skip(cfg.algo, is_driver=True)
         lines = [r.getMessage() for r in caplog.records]
         assert len(lines) == 1 and "algo.skip_zero_advantage is off" in lines[0], lines
         assert override.split("=")[1] in lines[0]

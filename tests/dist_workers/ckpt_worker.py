@@ -24,7 +24,7 @@ from megatron_qae.persistence import checkpoint  # noqa: E402
 
 from megatron_qae.model import parallel, weights  # noqa: E402
 from megatron_qae.batch.batching import rank_micro_batches, response_tokens, with_old_logprobs  # noqa: E402
-from megatron_qae.algorithm.objective import LossConfig  # noqa: E402
+from megatron_qae.config.algo import AlgoConfig  # noqa: E402
 from megatron_qae.model.policy import build_policy  # noqa: E402
 from megatron_qae.run.train_step import compute_logprobs, train_step  # noqa: E402
 from testsupport import tiny  # noqa: E402
@@ -34,7 +34,7 @@ def step(policy, groups, k: int) -> float:
     samples, advs = tiny.synthetic_samples(seed=k)
     mbs, _ = rank_micro_batches(samples, advs, groups.dp_rank, groups.dims.dp, 64)
     mbs = with_old_logprobs(mbs, compute_logprobs(policy, mbs))
-    return train_step(policy, mbs, response_tokens(samples), LossConfig(), k)["loss/loss"]
+    return train_step(policy, mbs, response_tokens(samples), AlgoConfig(), k)["loss/loss"]
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ def _same_micro_batches_as_whole_batch(cfg, groups, everything, samples, advanta
     """The micro-batches built from this rank's hand-off share are bit for bit those the
     loop built when every rank held the whole batch (rank_micro_batches)."""
     per_mini = cfg.rollout.mini_batch_prompts * cfg.rollout.n_samples_per_prompt
-    skip, multiple = loop.skips_zero_advantage(cfg), batching.seq_multiple(groups.dims.tp)
+    skip, multiple = loop.skips_zero_advantage(cfg.algo), batching.seq_multiple(groups.dims.tp)
     share = handoff.hand_off_train_share(samples, advantages, per_mini, skip, groups, handoff.HandoffBytes())
     for k, (part, mine) in enumerate(zip(share.samples, share.mine)):
         lo, hi = k * per_mini, (k + 1) * per_mini

@@ -18,7 +18,7 @@ from megatron_qae.persistence import checkpoint  # noqa: E402
 from megatron_qae.model import parallel, weights  # noqa: E402
 from megatron_qae.batch.batching import (rank_micro_batches, response_tokens, schedule_multiple,  # noqa: E402
                                   seq_multiple, with_old_logprobs)
-from megatron_qae.algorithm.objective import LossConfig  # noqa: E402
+from megatron_qae.config.algo import AlgoConfig  # noqa: E402
 from megatron_qae.model.policy import build_policy, finish_param_sync  # noqa: E402
 from megatron_qae.run.train_step import compute_logprobs, forward_backward, logprob_gap, train_step  # noqa: E402
 from testsupport import tiny  # noqa: E402
@@ -82,14 +82,14 @@ def run_once(a, groups, hf, cfg, budget: int) -> dict:
     if a.learn_steps:
         mbs = with_old_logprobs(mbs, before)
         for step in range(a.learn_steps):
-            train_step(policy, mbs, response_tokens(samples), LossConfig(), step)
+            train_step(policy, mbs, response_tokens(samples), AlgoConfig(), step)
         return {"before": before, "after": compute_logprobs(policy, mbs), "mbs": mbs}
     if a.mini_steps:
         return mini_steps(a, policy, groups, with_old_logprobs(mbs, before), samples)
     # Only the last pipeline stage has log-probs (None elsewhere).
     noisy = [lp + tiny.old_logprob_noise(mb) if lp is not None else None for mb, lp in zip(mbs, before)]
     mbs = with_old_logprobs(mbs, noisy)
-    metrics = forward_backward(policy, mbs, response_tokens(samples), LossConfig(policy_loss=a.policy_loss),
+    metrics = forward_backward(policy, mbs, response_tokens(samples), AlgoConfig(policy_loss=a.policy_loss),
                                chunk_tokens=a.chunk_tokens, global_samples=len(samples))
     grads = {} if a.dist_opt else gather_full_grads(policy, groups)
     ok, grad_norm, _ = policy.optimizer.step()
@@ -125,7 +125,7 @@ def mini_steps(a, policy, groups, mbs, samples) -> dict:
         # Reading params between steps would force the param all-gather that --overlap
         # leaves to the next forward; with --overlap only the steps' metrics are kept.
         params = None if a.overlap else {n: t.clone() for n, t in weights.iter_full_params(policy.chunks, groups.tp)}
-        metrics = train_step(policy, mbs, response_tokens(samples), LossConfig(), k, chunk_tokens=a.chunk_tokens)
+        metrics = train_step(policy, mbs, response_tokens(samples), AlgoConfig(), k, chunk_tokens=a.chunk_tokens)
         history.append({"params": params, "metrics": metrics,
                         "offload": offload_round_trip(policy) if a.offload else None})
     finish_param_sync(policy)
