@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_qae.model import parallel
+from megatron_qae.config.sections import ParallelConfig
 from megatron_qae.batch import handoff
 from rollout_sglang.types import RolloutBatch
 from testsupport.tiny import synthetic_batch
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--no-skip", action="store_true", help="train zero-advantage samples too (a loss with KL)")
     ap.add_argument("--repeats", type=int, default=7, help="hand-offs timed, each way (median and min printed)")
     a = ap.parse_args()
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, 1))
+    groups = parallel.init_distributed(ParallelConfig(tp=a.tp))
     batch = synthetic_batch(a.prompts, a.n, a.prompt_tokens, a.max_response) if dist.get_rank() == 0 else None
     world = dist.get_world_size()
 

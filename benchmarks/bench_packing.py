@@ -22,6 +22,7 @@ import torch
 from benchmarks.common import bench_hf_config, single_process_world, timed
 from megatron_qae.config.algo import AlgoConfig
 from megatron_qae.model import parallel, weights
+from megatron_qae.config.sections import ParallelConfig
 from megatron_qae.model.policy import build_policy
 from megatron_qae.batch.batching import rank_micro_batches, response_tokens, seq_multiple, with_old_logprobs
 from megatron_qae.run.train_step import compute_logprobs, train_step
@@ -52,7 +53,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=2048, help="train.micro_batch_max_tokens")
     a = ap.parse_args()
     single_process_world()
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, 1))
+    groups = parallel.init_distributed(ParallelConfig())
     hf = bench_hf_config()
     samples, advs = spread_batch(a.samples, a.min_tokens, a.max_tokens_per_sample, hf["vocab_size"])
     real = sum(s.num_tokens for s in samples)

@@ -14,6 +14,7 @@ import torch
 
 from benchmarks.common import bench_hf_config, single_process_world, timed
 from megatron_qae.model import parallel, weights
+from megatron_qae.config.sections import ParallelConfig
 from megatron_qae.algorithm.advantage import compute_group_advantages
 from megatron_qae.batch.batching import empty_micro_batch, rank_micro_batches, response_tokens, with_old_logprobs
 from megatron_qae.config.algo import AlgoConfig
@@ -55,7 +56,7 @@ def main() -> None:
     a = ap.parse_args()
     single_process_world()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, 1))
+    groups = parallel.init_distributed(ParallelConfig())
     hf = bench_hf_config()
     start = None
     samples, adv, adv_metrics = qae_batch(a.groups, a.n, 64, a.response_tokens, hf["vocab_size"])

@@ -20,6 +20,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from benchmarks.common import bench_hf_config, single_process_world, timed
 from megatron_qae.model import cpu_compat, parallel
+from megatron_qae.config.sections import ParallelConfig
 from megatron_qae.batch.batching import rank_micro_batches, response_tokens, with_old_logprobs
 from megatron_qae.config.algo import AlgoConfig
 from megatron_qae.model.policy import build_policy
@@ -78,7 +79,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     a = ap.parse_args()
     single_process_world()
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, 1))
+    groups = parallel.init_distributed(ParallelConfig())
     hf = bench_hf_config(a.hidden, a.layers)
     if a.preset:
         hf.update(PRESETS[a.preset])

@@ -23,6 +23,7 @@ from benchmarks.common import bench_hf_config, single_process_world, timed
 from testsupport.measure import peak_allocated_bytes
 from testsupport.cpu_server import CpuServer, write_model_dir
 from megatron_qae.model import parallel, weights
+from megatron_qae.config.sections import ParallelConfig
 from megatron_qae.sync import weight_sync
 from megatron_qae.sync.colocated_sync import ColocatedSync
 from megatron_qae.model.policy import build_policy
@@ -36,7 +37,7 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=int, default=64)
     a = ap.parse_args()
     single_process_world()
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, 1))
+    groups = parallel.init_distributed(ParallelConfig())
     hf = bench_hf_config(a.hidden, a.layers, vocab=8192)
     policy = build_policy(run_config(), hf, groups, total_steps=1)
     total = sum(p.numel() * p.element_size() for _, p in weights.global_named_parameters(policy.chunks[0]))

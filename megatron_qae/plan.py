@@ -50,6 +50,7 @@ from typing import Any
 
 from megatron_qae.run import console
 from megatron_qae.config.loading import Config, load_config, validate_against_model
+from megatron_qae.model.layout import ParallelDims
 from megatron_qae.model.qwen2_mapping import attention_dims, has_qk_norm, has_qkv_bias
 
 GIB = 1024**3
@@ -95,11 +96,12 @@ def megatron_shape(hf: dict[str, Any]) -> ModelShape:
 
     from megatron_qae.launch_env import single_process_env
     from megatron_qae.model import build as model_lib, parallel
+    from megatron_qae.config.sections import ParallelConfig
 
     from megatron.core.models.gpt import GPTModel
 
     single_process_env()
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, 1))
+    groups = parallel.init_distributed(ParallelConfig())
     config = model_lib.build_transformer_config(hf, groups.dims)
     tied = bool(hf.get("tie_word_embeddings", False))
     with torch.device("meta"):
@@ -236,7 +238,7 @@ def node_layout(cfg: Config, world: int, total_gpus: int, gpus_per_node: int) ->
     """One line per node: trainer ranks with their (pp stage, dp rank), then engine GPUs.
     Rank order is megatron's default tp-cp-dp-pp (tp fastest)."""
     p, etp = cfg.parallel, cfg.engine.engine_tp
-    dp = p.dp(world)
+    dp = ParallelDims.from_config(p, world).dp
     lines = []
     for node in range(math.ceil(total_gpus / gpus_per_node)):
         gpus = range(node * gpus_per_node, min((node + 1) * gpus_per_node, total_gpus))
@@ -307,7 +309,7 @@ def report(cfg: Config, hf: dict[str, Any], shape: ModelShape, n_params: int, wo
            total_gpus: int, gpus_per_node: int, gpu: float) -> list[str]:
     """Print the plan; return the shortfalls (empty = fits)."""
     p, e = cfg.parallel, cfg.engine
-    dp = p.dp(world)
+    dp = ParallelDims.from_config(p, world).dp
     mem = [trainer_memory(cfg, hf, shape, dp, s) for s in range(p.pp)]
     eng = engine_memory(cfg, hf, n_params, gpu)
     print(f"model: {cfg.model.path}  parameters: {n_params / 1e9:.2f}B ({n_params:,}; "

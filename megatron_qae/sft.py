@@ -72,9 +72,8 @@ def train(cfg, a: argparse.Namespace) -> dict[str, float]:
     from megatron_qae.batch.batching import schedule_multiple, seq_multiple
     from megatron_qae.run.sft_step import sft_micro_batches, sft_step
 
-    p = cfg.parallel
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, p.tp, p.pp, p.cp, p.vpp),
-                                       seed=cfg.run.seed, collective_timeout_s=cfg.run.collective_timeout_s)
+    groups = parallel.init_distributed(cfg.parallel, seed=cfg.run.seed,
+                                       collective_timeout_s=cfg.run.collective_timeout_s)
     hf = load_hf_config(cfg.model.path)
     policy = build_policy(cfg, hf, groups, total_steps=a.steps)
     if cfg.model.load_weights:

@@ -29,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
 
+from rollout_sglang.config import DataConfig, EngineConfig, RewardConfig, RolloutConfig
 from rollout_sglang.sglang.client import EngineError, GenerateOutput, SGLangClient
 from rollout_sglang.data import PromptCursor, load_prompts
 from rollout_sglang.engines.pool import EnginePool
@@ -81,21 +82,22 @@ def _slice(request: Future, start: int, count: int) -> Future:
 class RolloutManager(EnginePool):
     """Owns the engines (EnginePool) and the prompt stream of one run."""
 
-    def __init__(self, cfg, model_path: str, log_dir: str,
-                 placements: list[EnginePlacement] | None = None, api_key: str | None = None,
-                 trainer_address: str | None = None) -> None:
-        self.cfg, self.api_key = cfg, api_key
-        e = cfg.engine
+    def __init__(self, rollout: RolloutConfig, engine: EngineConfig, reward: RewardConfig, data: DataConfig,
+                 run_seed: int, model_path: str, log_dir: str, placements: list[EnginePlacement] | None = None,
+                 api_key: str | None = None, trainer_address: str | None = None) -> None:
+        """The run's sections it reads and `run_seed` (run.seed: engine and sampling seeds)."""
+        self.rollout_cfg, self.reward_cfg, self.data_cfg, self.run_seed = rollout, reward, data, run_seed
+        e = engine
         if placements is not None and len(placements) != e.num_engines:
             raise ValueError(f"{len(placements)} colocated placements for engine.num_engines={e.num_engines}")
         # Engines first: their servers take seconds to start (SGLang: minutes), and the reward
         # workers, tokenizer and prompts load meanwhile.
-        handles = self._launch_engines(cfg, model_path, log_dir, placements, api_key, trainer_address)
+        handles = self._launch_engines(engine, run_seed, model_path, log_dir, placements, api_key, trainer_address)
         self.scorer = None
         try:
             # Rewards run in processes: math-verify needs a main thread (actor methods run on
             # worker threads), and a hung reward can only be stopped by killing its process.
-            rw = cfg.reward
+            rw = reward
             self.scorer = RewardScorer(rw.name, rw.num_workers, rw.timeout_s, rw.failure_score)
             self.reward_errors = 0
             self._load_prompts(model_path)
@@ -108,7 +110,7 @@ class RolloutManager(EnginePool):
             if self.scorer is not None:
                 self.scorer.close()
             raise
-        r = cfg.rollout
+        r = rollout
         # A thread per group request in flight (two generation batches at most are).
         self.group_threads = ThreadPoolExecutor(
             max(16, min(MAX_GROUPS_IN_FLIGHT, 2 * max(r.gen_batch_prompts, r.prompts_per_step))))
@@ -118,7 +120,7 @@ class RolloutManager(EnginePool):
     def _load_prompts(self, model_path: str) -> None:
         from transformers import AutoTokenizer
 
-        d, r = self.cfg.data, self.cfg.rollout
+        d, r = self.data_cfg, self.rollout_cfg
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         kw = dict(prompt_key=d.prompt_key, answer_key=d.answer_key,
                   apply_chat_template=d.apply_chat_template, max_prompt_tokens=r.max_prompt_tokens)
@@ -168,11 +170,11 @@ class RolloutManager(EnginePool):
 
         def submit(batch: list[tuple[int, Prompt]]) -> list[Future]:
             """A request per rollout.groups_per_request groups; a future per group."""
-            k, futures = self.cfg.rollout.groups_per_request, []
+            k, futures = self.rollout_cfg.groups_per_request, []
             for i in range(0, len(batch), k):
                 part = batch[i: i + k]
                 rows = [list(p.prompt_ids) for _, p in part for _ in range(n)]
-                per = [{**params, "sampling_seed": sample_seed(self.cfg.run.seed, gid, j)}
+                per = [{**params, "sampling_seed": sample_seed(self.run_seed, gid, j)}
                        for gid, _ in part for j in range(n)]
                 rids = [f"{prefix}{gid}.{j}" for gid, _ in part for j in range(n)]
                 request = self.group_threads.submit(self._request, rows, per, i // k, rids, spans, placed, cancelled)
@@ -221,7 +223,7 @@ class RolloutManager(EnginePool):
             labels += [f"prompt {prompt.index} (group {gid}, sample {k})" for k in range(len(outputs))]
         scored = self.scorer.score(texts, answers, labels)
         self.reward_errors += len(scored.failures)
-        r, rw, results, groups = self.cfg.rollout, self.cfg.reward, iter(scored.results), []
+        r, rw, results, groups = self.rollout_cfg, self.reward_cfg, iter(scored.results), []
         for gid, prompt, outputs in answered:
             samples = []
             for o, res in zip(outputs, results):
@@ -235,13 +237,13 @@ class RolloutManager(EnginePool):
         return groups
 
     def _params(self, temperature: float, top_p: float) -> dict:
-        r = self.cfg.rollout
+        r = self.rollout_cfg
         return {"temperature": temperature, "top_p": top_p, "top_k": r.top_k,
                 "max_new_tokens": r.max_response_tokens}
 
     def generate(self, policy_version: int) -> RolloutBatch:
         """The step's groups: DAPO dynamic sampling over generation batches, streamed."""
-        r = self.cfg.rollout
+        r = self.rollout_cfg
         t0 = time.perf_counter()
         errors_before = self.reward_errors
         size = r.gen_batch_prompts if r.dynamic_sampling else r.prompts_per_step
@@ -282,7 +284,7 @@ class RolloutManager(EnginePool):
         """The generation batches are spent and the batch is not full: stop when asked to;
         otherwise the step trains on what was kept (rank 0's loop warns on the terminal; the
         loss is a token-mean over it; nothing kept = no update this step)."""
-        r = self.cfg.rollout
+        r = self.rollout_cfg
         if r.on_underfilled == "fail":
             raise RuntimeError(
                 f"dynamic sampling kept {kept} of rollout.prompts_per_step={r.prompts_per_step} groups "
@@ -318,7 +320,7 @@ class RolloutManager(EnginePool):
         """Scored groups of validation prompts [start, stop) at the validation sampling
         parameters, and how many of their rewards failed. Not training groups: the group ids
         are handed back, so evaluating changes nothing a resumed run repeats."""
-        r = self.cfg.rollout
+        r = self.rollout_cfg
         errors_before = self.reward_errors
         first_id, prompts = self.next_group_id, self.val_prompts[start:stop]
         batches = [self._draw(prompts)]

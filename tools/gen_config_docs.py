@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import inspect
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "megatron_qae" / "config" / name for name in ("loading.py", "sections.py", "algo.py", "rollout.py")]
 OUT = ROOT / "docs" / "config.md"
+
+
+def _class_node(cls: type) -> ast.ClassDef:
+    """The AST of `cls` in its own source file (field docstrings are not kept at run time):
+    each section is read where it is defined, whichever package that is."""
+    tree = ast.parse(Path(inspect.getsourcefile(cls)).read_text())
+    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
 
 
 def _fields(cls: ast.ClassDef) -> list[tuple[str, str, str, str]]:
@@ -30,18 +38,16 @@ def _fields(cls: ast.ClassDef) -> list[tuple[str, str, str, str]]:
 
 
 def render() -> str:
-    classes = {}
-    for src in SOURCES:
-        for node in ast.parse(src.read_text()).body:
-            if isinstance(node, ast.ClassDef) and node.name.endswith("Config"):
-                classes[node.name] = node
-    top = classes.pop("Config")
+    from megatron_qae.config.loading import Config
+
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    top = _class_node(Config)
     lines = ["# Configuration reference", "",
              "Generated from the dataclass docstrings by `python -m tools.gen_config_docs`; do not edit.",
              "Set fields in a YAML file (`--config`) or as dotted overrides (`algo.quantile_k=0.6`).", ""]
-    for section, annotation, _, doc in _fields(top):
+    for section, _, _, doc in _fields(top):
         lines += [f"## `{section}`", "", doc, "", "| field | type | default | meaning |", "| --- | --- | --- | --- |"]
-        for name, typ, default, fdoc in _fields(classes[annotation]):
+        for name, typ, default, fdoc in _fields(_class_node(sections[section])):
             default = default.replace("field(default_factory=dict)", "{}").replace("|", "\\|")
             lines.append(f"| `{section}.{name}` | `{typ.replace('|', chr(92) + '|')}` | `{default}` | {fdoc} |")
         lines.append("")

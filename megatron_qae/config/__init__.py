@@ -1,2 +1,3 @@
-"""The run configuration: `loading` (YAML + dotted overrides, cross-field checks) and `sections`
-(one frozen dataclass per config section)."""
+"""The run configuration: `loading` (the root `Config` that composes the sections, YAML + dotted
+overrides, cross-section checks), `sections` and `algo` (the trainer-side sections); the
+rollout-side sections live in rollout_sglang.config, beside the code that reads them."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_qae.config.sections import _fail, _one_of, _positive
+from rollout_sglang.config_checks import fail as _fail, one_of as _one_of, positive as _positive
 
 POLICY_LOSSES = ("dapo", "gspo", "clip_cov", "kl_cov")
 """The allowed algo.policy_loss values: the names megatron_qae/algorithm/losses/ registers (a

@@ -1,12 +1,13 @@
-"""The run configuration: one typed tree of frozen dataclasses.
+"""The run configuration: one typed tree of frozen dataclasses, composed here.
 
-What it does: defines every knob with a one-line docstring, loads YAML files plus dotted
-`key=value` overrides through OmegaConf structured configs (unknown keys and wrong types are
-errors), validates values and cross-field constraints (ValueError naming the field, the value
-and the fix), and writes the resolved config into the run directory. Derived values are
-properties. What it does not: re-declare megatron-core's or SGLang's own knobs (the
-`*_overrides` / `sglang_args` dicts pass them through, checked against upstream fields), or
-silently rewrite anything.
+What it does: composes the root `Config` from the sections, each defined beside the code that
+reads it (trainer side: sections.py, algo.py; rollout side: rollout_sglang.config); loads YAML
+files plus dotted `key=value` overrides through OmegaConf structured configs (unknown keys and
+wrong types are errors); validates the constraints across trainer and rollout sections and
+against the model (ValueError naming the field, the value and the fix); writes the resolved
+config into the run directory. Derived values are properties. What it does not: re-declare
+megatron-core's or SGLang's own knobs (the `*_overrides` / `sglang_args` dicts pass them
+through, checked against upstream fields), or silently rewrite anything.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_qae.config.algo import AlgoConfig
-from megatron_qae.config.rollout import DataConfig, EngineConfig, RayConfig, RewardConfig, RolloutConfig
-from megatron_qae.config.sections import ModelConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig
+from megatron_qae.config.sections import ModelConfig, OptimConfig, ParallelConfig, RayConfig, RunConfig, TrainConfig
+from rollout_sglang.config import DataConfig, EngineConfig, RewardConfig, RolloutConfig, check_rollout_sections
+from rollout_sglang.config_checks import fail
 
 
 @dataclass(frozen=True)
@@ -54,26 +56,17 @@ class Config:
 
     def __post_init__(self) -> None:
         r = self.rollout
-        if self.reward.overlong_buffer_enable and self.reward.overlong_buffer_tokens >= r.max_response_tokens:
-            _fail("reward.overlong_buffer_tokens", self.reward.overlong_buffer_tokens,
-                  f"must be < rollout.max_response_tokens={r.max_response_tokens}; shrink the buffer "
-                  "or set reward.overlong_buffer_enable=false")
-        if self.engine.backend == "cpu" and self.engine.engine_tp != 1:
-            _fail("engine.engine_tp", self.engine.engine_tp, "the CPU rollout server runs tp=1; set 1")
+        check_rollout_sections(r, self.engine, self.reward)
         if self.model.fp8 and self.model.params_dtype != "bfloat16":
-            _fail("model.fp8", self.model.fp8, "FP8 training needs model.params_dtype=bfloat16")
+            fail("model.fp8", self.model.fp8, "FP8 training needs model.params_dtype=bfloat16")
         if r.async_steps and self.algo.tis_cap is None:
             # The trainer's old log-probs are one version newer than the policy that sampled:
             # without the truncated importance weight the loss is biased by the staleness.
-            _fail("rollout.async_steps", r.async_steps, "one-step off-policy needs truncated importance "
+            fail("rollout.async_steps", r.async_steps, "one-step off-policy needs truncated importance "
                   "sampling against the rollout log-probs: set algo.tis_cap (e.g. 2.0)")
         if r.async_steps and self.engine.colocate:
-            _fail("rollout.async_steps", r.async_steps, "colocated engines share the trainer's GPUs, so "
+            fail("rollout.async_steps", r.async_steps, "colocated engines share the trainer's GPUs, so "
                   "generation cannot overlap training: set engine.colocate=false or rollout.async_steps=0")
-
-
-def _fail(name: str, value: Any, fix: str) -> None:
-    raise ValueError(f"{name}={value!r}: {fix}")
 
 
 def _load_error(exc: OmegaConfBaseException, source: str) -> ValueError:
@@ -150,18 +143,18 @@ def validate_against_model(cfg: Config, hf: dict[str, Any]) -> None:
     kv = hf.get("num_key_value_heads", heads)
     tp, pp, vpp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp or 1
     if heads % tp or kv % tp:
-        _fail("parallel.tp", tp, f"must divide num_attention_heads={heads} and num_key_value_heads={kv}")
+        fail("parallel.tp", tp, f"must divide num_attention_heads={heads} and num_key_value_heads={kv}")
     if vocab % tp:
-        _fail("parallel.tp", tp, f"must divide vocab_size={vocab} (vocab-parallel embedding)")
+        fail("parallel.tp", tp, f"must divide vocab_size={vocab} (vocab-parallel embedding)")
     if layers % (pp * vpp):
-        _fail("parallel.pp", pp, f"pp*vpp={pp * vpp} must divide num_hidden_layers={layers}")
+        fail("parallel.pp", pp, f"pp*vpp={pp * vpp} must divide num_hidden_layers={layers}")
     etp = cfg.engine.engine_tp
     if heads % etp or (kv % etp and etp % kv):
-        _fail("engine.engine_tp", etp, f"must divide num_attention_heads={heads}, and divide or be a "
+        fail("engine.engine_tp", etp, f"must divide num_attention_heads={heads}, and divide or be a "
               f"multiple of num_key_value_heads={kv} (SGLang's tensor-parallel split)")
     total = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
     limit = hf.get("max_position_embeddings", total)
     if total > limit:
-        _fail("rollout.max_response_tokens", cfg.rollout.max_response_tokens,
+        fail("rollout.max_response_tokens", cfg.rollout.max_response_tokens,
               f"prompt + response = {total} exceeds the model's max_position_embeddings={limit}; "
               "lower rollout.max_prompt_tokens / rollout.max_response_tokens")

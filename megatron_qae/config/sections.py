@@ -1,9 +1,10 @@
-"""The trainer-side sections of the run config (run, model, parallel, optim, train) and the
-validation helpers every section uses; algo.py and rollout.py hold the other sections.
+"""The trainer-side sections of the run config: run, model, parallel, optim, train, ray.
 
 What it does: one frozen dataclass per section, a docstring per field, per-field validation
-in `__post_init__` (ValueError naming field, value and fix). What it does not: load files or
-check across sections (loading.py).
+in `__post_init__` (ValueError through rollout_sglang.config_checks, naming field, value and
+fix); the parallel degrees are checked here on their own, and against the world size once, by
+`ParallelDims.from_config` (model/layout.py). What it does not: load files or check across
+sections (loading.py); algo.py and rollout_sglang.config hold the other sections.
 """
 
 from __future__ import annotations
@@ -14,19 +15,16 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from rollout_sglang.config_checks import fail, one_of, positive
 
-def _fail(name: str, value: Any, fix: str) -> None:
-    raise ValueError(f"{name}={value!r}: {fix}")
-
-
-def _one_of(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        _fail(name, value, f"use one of {list(allowed)}")
-
-
-def _positive(name: str, value: float, strict: bool = True) -> None:
-    if value < 0 or (strict and value == 0):
-        _fail(name, value, "must be > 0" if strict else "must be >= 0")
+CP_UNSUPPORTED = ("context parallelism is not built: nothing splits sequences over cp ranks, so "
+                  "every cp rank would train on whole sequences with wrong attention and loss; set "
+                  "parallel.cp=1 (for long sequences use model.recompute_granularity=full and "
+                  "parallel.tp / parallel.sequence_parallel)")
+VPP_UNSUPPORTED = ("the interleaved schedule is not supported yet: with variable sequence lengths "
+                   "(every micro-batch its own length) it deadlocked in megatron-core 0.19's "
+                   "pipeline shape exchange in our pp=2 and pp=4 runs; set parallel.vpp=null "
+                   "(the 1F1B schedule)")
 
 
 def check_upstream_keys(name: str, keys: dict[str, Any], module: str, upstream_name: str) -> None:
@@ -40,7 +38,7 @@ def check_upstream_keys(name: str, keys: dict[str, Any], module: str, upstream_n
     for key in keys:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=3)
-            _fail(f"{name}.{key}", keys[key],
+            fail(f"{name}.{key}", keys[key],
                   f"{upstream.__name__} has no field {key!r}" + (f"; did you mean {close}?" if close else ""))
 
 
@@ -74,15 +72,15 @@ class RunConfig:
     """How long trainer ranks wait for rank 0's rollout / eval hand-off (its own gloo group)."""
 
     def __post_init__(self) -> None:
-        _positive("run.num_rollout_steps", self.num_rollout_steps)
-        _positive("run.save_interval_steps", self.save_interval_steps, strict=False)
-        _positive("run.keep_last_checkpoints", self.keep_last_checkpoints)
-        _positive("run.eval_interval_steps", self.eval_interval_steps, strict=False)
-        _positive("run.eval_n_samples", self.eval_n_samples)
-        _one_of("run.resume_from_damaged", self.resume_from_damaged, ("fallback", "fail"))
-        _positive("run.collective_timeout_s", self.collective_timeout_s)
+        positive("run.num_rollout_steps", self.num_rollout_steps)
+        positive("run.save_interval_steps", self.save_interval_steps, strict=False)
+        positive("run.keep_last_checkpoints", self.keep_last_checkpoints)
+        positive("run.eval_interval_steps", self.eval_interval_steps, strict=False)
+        positive("run.eval_n_samples", self.eval_n_samples)
+        one_of("run.resume_from_damaged", self.resume_from_damaged, ("fallback", "fail"))
+        positive("run.collective_timeout_s", self.collective_timeout_s)
         if self.rollout_wait_timeout_s < self.collective_timeout_s:
-            _fail("run.rollout_wait_timeout_s", self.rollout_wait_timeout_s,
+            fail("run.rollout_wait_timeout_s", self.rollout_wait_timeout_s,
                   f"must be >= run.collective_timeout_s={self.collective_timeout_s} (a rollout "
                   "outlasts any collective); raise it to the longest rollout + eval you expect")
 
@@ -111,14 +109,14 @@ class ModelConfig:
     """Extra megatron.core TransformerConfig fields, passed through (checked against its fields)."""
 
     def __post_init__(self) -> None:
-        _one_of("model.params_dtype", self.params_dtype, ("float32", "bfloat16"))
-        _one_of("model.fp8", self.fp8, (None, "hybrid", "e4m3"))
-        _one_of("model.fp8_recipe", self.fp8_recipe, ("tensorwise", "delayed", "blockwise", "mxfp8"))
-        _one_of("model.transformer_impl", self.transformer_impl, ("auto", "local", "transformer_engine"))
-        _one_of("model.recompute_granularity", self.recompute_granularity, (None, "full", "selective"))
-        _one_of("model.recompute_method", self.recompute_method, (None, "uniform", "block"))
+        one_of("model.params_dtype", self.params_dtype, ("float32", "bfloat16"))
+        one_of("model.fp8", self.fp8, (None, "hybrid", "e4m3"))
+        one_of("model.fp8_recipe", self.fp8_recipe, ("tensorwise", "delayed", "blockwise", "mxfp8"))
+        one_of("model.transformer_impl", self.transformer_impl, ("auto", "local", "transformer_engine"))
+        one_of("model.recompute_granularity", self.recompute_granularity, (None, "full", "selective"))
+        one_of("model.recompute_method", self.recompute_method, (None, "uniform", "block"))
         if self.recompute_granularity == "full" and self.recompute_method is None:
-            _fail("model.recompute_method", None, "full recompute needs 'uniform' or 'block'")
+            fail("model.recompute_method", None, "full recompute needs 'uniform' or 'block'")
         check_upstream_keys("model.transformer_overrides", self.transformer_overrides,
                             "megatron.core.transformer", "TransformerConfig")
 
@@ -142,29 +140,17 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp"):
-            _positive(f"parallel.{name}", getattr(self, name))
+            positive(f"parallel.{name}", getattr(self, name))
         if self.cp != 1:
-            from megatron_qae.model.parallel import CP_UNSUPPORTED
-
-            _fail("parallel.cp", self.cp, CP_UNSUPPORTED)
+            fail("parallel.cp", self.cp, CP_UNSUPPORTED)
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
-            _fail("parallel.vpp", self.vpp, f"needs vpp >= 2 and pp >= 2 (pp={self.pp}); or null")
+            fail("parallel.vpp", self.vpp, f"needs vpp >= 2 and pp >= 2 (pp={self.pp}); or null")
         if self.vpp is not None:
-            from megatron_qae.model.parallel import VPP_UNSUPPORTED
-
-            _fail("parallel.vpp", self.vpp, VPP_UNSUPPORTED)
+            fail("parallel.vpp", self.vpp, VPP_UNSUPPORTED)
         if self.sequence_parallel and self.tp < 2:
-            _fail("parallel.sequence_parallel", True, "needs parallel.tp > 1")
+            fail("parallel.sequence_parallel", True, "needs parallel.tp > 1")
         check_upstream_keys("parallel.ddp_overrides", self.ddp_overrides,
                             "megatron.core.distributed", "DistributedDataParallelConfig")
-
-    def dp(self, world_size: int) -> int:
-        """Data-parallel degree for a world of `world_size` ranks."""
-        mp = self.tp * self.pp * self.cp
-        if world_size % mp:
-            raise ValueError(f"world size {world_size} is not divisible by tp*pp*cp = {mp}; "
-                             f"launch a multiple of {mp} processes or change parallel.*")
-        return world_size // mp
 
 
 @dataclass(frozen=True)
@@ -191,13 +177,13 @@ class OptimConfig:
     """Extra megatron.core OptimizerConfig fields (checked against its fields)."""
 
     def __post_init__(self) -> None:
-        _positive("optim.lr", self.lr)
-        _positive("optim.min_lr", self.min_lr, strict=False)
-        _positive("optim.warmup_steps", self.warmup_steps, strict=False)
-        _one_of("optim.lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine"))
-        _positive("optim.clip_grad", self.clip_grad)
+        positive("optim.lr", self.lr)
+        positive("optim.min_lr", self.min_lr, strict=False)
+        positive("optim.warmup_steps", self.warmup_steps, strict=False)
+        one_of("optim.lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine"))
+        positive("optim.clip_grad", self.clip_grad)
         if self.min_lr > self.lr:
-            _fail("optim.min_lr", self.min_lr, f"must be <= optim.lr={self.lr}")
+            fail("optim.min_lr", self.min_lr, f"must be <= optim.lr={self.lr}")
         check_upstream_keys("optim.optimizer_overrides", self.optimizer_overrides,
                             "megatron.core.optimizer", "OptimizerConfig")
 
@@ -213,5 +199,13 @@ class TrainConfig:
     budget is then the row's total tokens); false: one right-padded row per sample."""
 
     def __post_init__(self) -> None:
-        _positive("train.micro_batch_max_tokens", self.micro_batch_max_tokens)
-        _positive("train.logprob_chunk_tokens", self.logprob_chunk_tokens)
+        positive("train.micro_batch_max_tokens", self.micro_batch_max_tokens)
+        positive("train.logprob_chunk_tokens", self.logprob_chunk_tokens)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None
+    """Ray cluster address to join (e.g. 'auto' or 'head:6379'); None = start a local Ray."""
+    num_cpus: int | None = None
+    """CPUs of the local Ray (None = all)."""

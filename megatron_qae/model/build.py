@@ -29,7 +29,7 @@ from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.module import Float16Module  # noqa: E402
 
 from megatron_qae.model.packed_attention import PackedDotProductAttention  # noqa: E402
-from megatron_qae.model.parallel import ParallelDims  # noqa: E402
+from megatron_qae.model.layout import ParallelDims  # noqa: E402
 from megatron_qae.model.qwen2_mapping import attention_dims, has_qk_norm, has_qkv_bias  # noqa: E402
 
 _ARCHS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}

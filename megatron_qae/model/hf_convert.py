@@ -25,6 +25,7 @@ import torch
 
 from megatron_qae.launch_env import single_process_env
 from megatron_qae.model import parallel, qwen2_mapping as qm
+from megatron_qae.config.sections import ParallelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
@@ -39,7 +40,7 @@ def _policy(hf_dir: Path):
     from megatron_qae.model.policy import build_policy
 
     hf = load_hf_config(hf_dir)
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, 1))
+    groups = parallel.init_distributed(ParallelConfig())
     cfg = SimpleNamespace(
         model=SimpleNamespace(params_dtype="float32", fp8=None, fp8_recipe="tensorwise", transformer_impl="local",
                               recompute_granularity=None, recompute_method=None, recompute_num_layers=None,

@@ -1,12 +1,13 @@
-"""The parallel layout of the trainer and the one place that sets up megatron's groups.
+"""The one place that sets up torch.distributed and megatron's groups for a trainer layout.
 
-What it does: `ParallelDims` validates a (tp, pp, cp, dp) layout against the world size;
-`init_distributed` starts torch.distributed (gloo for CPU tensors everywhere, plus nccl for
-device tensors on GPU: `process_group_backend` is the one rule) and calls megatron's
-`initialize_model_parallel` exactly once; `ParallelGroups` hands the process groups that code
-below needs explicitly, including the hand-off group over which rank 0 gives the others what
-only it computed (`broadcast_from_driver`), whose wait is sized for rollouts. What it does not: read environment variables other than the
-torchrun ones at the entry point, or decide the layout (the config does).
+What it does: `init_distributed` builds the layout (`ParallelDims`, layout.py) from the
+`parallel` config section and the world size, starts torch.distributed (gloo for CPU tensors
+everywhere, plus nccl for device tensors on GPU: `process_group_backend` is the one rule) and
+calls megatron's `initialize_model_parallel` exactly once; `ParallelGroups` hands the process
+groups that code below needs explicitly, including the hand-off group over which rank 0 gives
+the others what only it computed (`broadcast_from_driver`), whose wait is sized for rollouts.
+What it does not: read environment variables other than the torchrun ones at the entry point,
+or decide the layout (the config does).
 """
 
 from __future__ import annotations
@@ -18,59 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_qae.config.sections import ParallelConfig
 from megatron_qae.model import cpu_compat
-
-CP_UNSUPPORTED = ("context parallelism is not built: nothing splits sequences over cp ranks, so "
-                  "every cp rank would train on whole sequences with wrong attention and loss; set "
-                  "parallel.cp=1 (for long sequences use model.recompute_granularity=full and "
-                  "parallel.tp / parallel.sequence_parallel)")
-VPP_UNSUPPORTED = ("the interleaved schedule is not supported yet: with variable sequence lengths "
-                   "(every micro-batch its own length) it deadlocked in megatron-core 0.19's "
-                   "pipeline shape exchange in our pp=2 and pp=4 runs; set parallel.vpp=null "
-                   "(the 1F1B schedule)")
-
-
-@dataclass(frozen=True)
-class ParallelDims:
-    """A validated trainer layout: world = tp * cp * pp * dp."""
-
-    tp: int
-    pp: int
-    dp: int
-    cp: int = 1
-    vpp: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("tp", "pp", "dp", "cp"):
-            value = getattr(self, name)
-            if value < 1:
-                raise ValueError(f"parallel.{name}={value} must be >= 1")
-        if self.cp != 1:
-            raise ValueError(f"parallel.cp={self.cp}: {CP_UNSUPPORTED}")
-        if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
-            raise ValueError(
-                f"parallel.vpp={self.vpp} needs pp >= 2 and vpp >= 2 (pp={self.pp}); "
-                "set parallel.vpp=null to disable interleaving"
-            )
-        if self.vpp is not None:
-            raise ValueError(f"parallel.vpp={self.vpp}: {VPP_UNSUPPORTED}")
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.cp * self.pp * self.dp
-
-    @classmethod
-    def from_world(
-        cls, world_size: int, tp: int, pp: int, cp: int = 1, vpp: int | None = None
-    ) -> ParallelDims:
-        model_parallel = tp * pp * cp
-        if world_size % model_parallel:
-            raise ValueError(
-                f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp} = "
-                f"{model_parallel}; launch a multiple of {model_parallel} processes or change "
-                "parallel.tp / parallel.pp / parallel.cp"
-            )
-        return cls(tp=tp, pp=pp, dp=world_size // model_parallel, cp=cp, vpp=vpp)
+from megatron_qae.model.layout import ParallelDims
 
 
 @dataclass(frozen=True)
@@ -114,7 +65,7 @@ def process_group_backend(accelerator: str | None) -> str:
 
 
 def init_distributed(
-    dims_fn,
+    parallel: ParallelConfig,
     seed: int = 1234,
     collective_timeout_s: float = 1800.0,
     rollout_wait_timeout_s: float = 21600.0,
@@ -122,8 +73,8 @@ def init_distributed(
 ) -> ParallelGroups:
     """Start torch.distributed from torchrun's environment and build megatron's groups.
 
-    `dims_fn(world_size) -> ParallelDims` lets the caller validate the layout against the
-    real world size before any group is made. Seeds megatron's model-parallel RNG tracker
+    The layout is `parallel` over the real world size (`ParallelDims.from_config`), checked
+    before any group is made. Seeds megatron's model-parallel RNG tracker
     (same seed on every rank: weights are initialized on CPU in full, then sharded).
     `accelerator_backend` defaults to nccl where CUDA is present, none on CPU (tests name a
     CUDA-only stand-in to run the GPU's group rules on CPU).
@@ -141,9 +92,7 @@ def init_distributed(
             backend=process_group_backend(accelerator_backend),
             timeout=datetime.timedelta(seconds=collective_timeout_s),
         )
-    dims = dims_fn(dist.get_world_size())
-    if dims.world_size != dist.get_world_size():
-        raise ValueError(f"layout {dims} needs {dims.world_size} ranks, got {dist.get_world_size()}")
+    dims = ParallelDims.from_config(parallel, dist.get_world_size())
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(
             tensor_model_parallel_size=dims.tp,

@@ -53,9 +53,8 @@ Sync = ColocatedSync | StageLink
 
 def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
     """Train for cfg.run.num_rollout_steps rollout steps; returns rank 0's logged metrics."""
-    p = cfg.parallel
     groups = parallel.init_distributed(
-        lambda w: parallel.ParallelDims.from_world(w, p.tp, p.pp, p.cp, p.vpp), seed=cfg.run.seed,
+        cfg.parallel, seed=cfg.run.seed,
         collective_timeout_s=cfg.run.collective_timeout_s,
         rollout_wait_timeout_s=cfg.run.rollout_wait_timeout_s,
     )

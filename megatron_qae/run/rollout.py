@@ -17,9 +17,11 @@ from pathlib import Path
 
 import ray
 
+from megatron_qae.config.loading import Config
 from megatron_qae.model import cpu_compat
 from megatron_qae.run import ray_cluster
 from megatron_qae.sync.weight_sync import SyncTarget
+from rollout_sglang.config import EngineConfig
 from rollout_sglang.engines.pool import engine_watch_policy
 from rollout_sglang.manager import RolloutManager
 from rollout_sglang.types import EnginePlacement, RolloutBatch
@@ -30,8 +32,9 @@ log = logging.getLogger(__name__)
 class Rollout:
     """Driver-side facade over the RolloutManager actor."""
 
-    def __init__(self, cfg, manager, master_address: str, api_key: str) -> None:
-        self.cfg = cfg
+    def __init__(self, engine: EngineConfig, manager: ray.actor.ActorHandle, master_address: str,
+                 api_key: str) -> None:
+        self.engine_cfg = engine
         self.manager = manager
         self.api_key = api_key
         """The run's engine API key: every engine requires it, every client sends it."""
@@ -44,7 +47,7 @@ class Rollout:
         """The manager's data state before that batch drew its prompts (what a checkpoint keeps)."""
 
     @classmethod
-    def start(cls, cfg, master_address: str, placements: list[EnginePlacement] | None = None,
+    def start(cls, cfg: Config, master_address: str, placements: list[EnginePlacement] | None = None,
               wait: bool = True) -> Rollout:
         """Join or start Ray and the rollout manager; `placements` pins colocated engines.
         `wait=False` returns while the engines start; `wait_ready` (or any later call) waits."""
@@ -52,8 +55,9 @@ class Rollout:
         actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4)
         log_dir = str(Path(cfg.run.run_dir) / "engine_logs")
         api_key = secrets.token_urlsafe(24)
-        manager = actor.remote(cfg, cfg.model.path, log_dir, placements, api_key, master_address)
-        rollout = cls(cfg, manager, master_address, api_key)
+        manager = actor.remote(cfg.rollout, cfg.engine, cfg.reward, cfg.data, cfg.run.seed, cfg.model.path,
+                               log_dir, placements, api_key, master_address)
+        rollout = cls(cfg.engine, manager, master_address, api_key)
         if wait:
             rollout.wait_ready()
         return rollout
@@ -112,7 +116,7 @@ class Rollout:
             log.warning("re-forming the weight groups after restarting %s", restarted)
         self._formed, self._endpoints = True, endpoints
         backend = "gloo" if not cpu_compat.cuda_available() else "nccl"
-        e = self.cfg.engine
+        e = self.engine_cfg
         # Control and weight-update replies: the configured timeout, a /health watch throughout.
         watch = replace(engine_watch_policy(e), s_per_token=0.0, floor_s=e.request_timeout_s)
         return SyncTarget(endpoints, backend, e.request_timeout_s, self.api_key, reform, watch)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from rollout_sglang.config import EngineConfig
 from rollout_sglang.sglang.client import EngineError, SGLangClient
 from rollout_sglang.engines.engine import RolloutEngine
 from rollout_sglang.types import EnginePlacement
@@ -42,13 +43,13 @@ class _Engine:
     """Seconds it was stuck when it was found hung and killed (None: not hung)."""
 
 
-def engine_watch_policy(e) -> WatchPolicy:
-    """The request deadlines and /health probing of `cfg.engine`."""
+def engine_watch_policy(e: EngineConfig) -> WatchPolicy:
+    """The request deadlines and /health probing of the engine section."""
     return WatchPolicy(e.request_s_per_token, e.request_floor_s, e.health_interval_s,
                        e.health_timeout_s, e.health_failures)
 
 
-def _engine_actor(e, place: EnginePlacement | None):
+def _engine_actor(e: EngineConfig, place: EnginePlacement | None):
     """The Ray actor class of one engine: its own GPUs, or pinned to its trainer ranks' node."""
     actor = ray.remote(RolloutEngine)
     if place is None:
@@ -68,13 +69,14 @@ def _engine_actor(e, place: EnginePlacement | None):
 class EnginePool:
     """The engines of one run; the rollout manager is one (it subclasses this)."""
 
-    def _launch_engines(self, cfg, model_path: str, log_dir: str, placements: list[EnginePlacement] | None,
-                        api_key: str | None, trainer_address: str | None) -> list:
+    def _launch_engines(self, engine: EngineConfig, run_seed: int, model_path: str, log_dir: str,
+                        placements: list[EnginePlacement] | None, api_key: str | None,
+                        trainer_address: str | None) -> list:
         """Create the engine actors and return at once: each starts its server (seconds on CPU,
         minutes for SGLang at scale) while the caller does its own start-up; `_await_engines`
-        waits for them."""
-        self.cfg, self.api_key = cfg, api_key
-        e = cfg.engine
+        waits for them. Engine i's server seed is `run_seed` + i."""
+        self.engine_cfg, self.api_key = engine, api_key
+        e = engine
         multi_node = sum(1 for n in ray.nodes() if n["Alive"]) > 1
         handles = []
         for i in range(e.num_engines):
@@ -82,14 +84,14 @@ class EnginePool:
             handles.append(_engine_actor(e, place).remote(
                 model_path, e.backend, e.host, e.port_base + 100 * i, e.engine_tp,
                 e.mem_fraction_static, dict(e.sglang_args), e.startup_timeout_s, e.request_timeout_s,
-                log_dir, cfg.run.seed + i, place.devices if place else (), place is not None,
+                log_dir, run_seed + i, place.devices if place else (), place is not None,
                 python=e.sglang_python, api_key=api_key, bind_node_ip=multi_node,
                 weight_sync_hosts=(trainer_address,) if trainer_address else ()))
         return handles
 
     def _await_engines(self, handles: list) -> None:
         """Wait until every launched engine serves (raises what an engine's start raised)."""
-        e = self.cfg.engine
+        e = self.engine_cfg
         self.engines = [_Engine(h, ray.get(h.url.remote()), e.engine_tp) for h in handles]
         self._clients: dict[str, SGLangClient] = {}
         self.requests_retried = 0
@@ -156,7 +158,7 @@ class EnginePool:
                 else:
                     en.dead = True
             if en.dead:
-                if en.restarts >= self.cfg.engine.max_restarts:
+                if en.restarts >= self.engine_cfg.max_restarts:
                     raise EngineError(f"engine {en.url} died again after {en.restarts} restarts "
                                       "(engine.max_restarts); see its log under engine_logs/")
                 old = en.url
@@ -202,7 +204,7 @@ class EnginePool:
         per call cost a TCP handshake a request, several a step)."""
         client = self._clients.get(en.url)
         if client is None:
-            client = SGLangClient(en.url, timeout_s=self.cfg.engine.request_timeout_s, api_key=self.api_key)
+            client = SGLangClient(en.url, timeout_s=self.engine_cfg.request_timeout_s, api_key=self.api_key)
             self._clients[en.url] = client
         return client
 
@@ -245,7 +247,7 @@ class EnginePool:
         futures = [run_in_thread(lambda en=en, c=c: call(en, c)) for en, c in zip(live, clients)]
         for en, c, f in zip(live, clients, futures):
             try:
-                wait_watching([(c, f)], self.watch, self.cfg.engine.request_timeout_s, "a control request")
+                wait_watching([(c, f)], self.watch, self.engine_cfg.request_timeout_s, "a control request")
             except EngineHung as exc:
                 self._kill_hung(en, exc.stuck_s, "a control request")
             except EngineError as exc:

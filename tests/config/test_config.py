@@ -141,19 +141,22 @@ def test_overlong_buffer_check_is_off_with_the_buffer():
 
 
 def test_context_parallel_and_interleaving_are_refused_until_built():
-    from megatron_qae.model.parallel import ParallelDims
+    from megatron_qae.config.sections import ParallelConfig
+    from megatron_qae.model.layout import ParallelDims
 
     with pytest.raises(ValueError, match="parallel.cp=2: context parallelism is not built"):
-        ParallelDims.from_world(4, tp=1, pp=1, cp=2)
+        ParallelDims.from_config(ParallelConfig(cp=2), 4)
     with pytest.raises(ValueError, match="parallel.vpp=2: the interleaved schedule is not supported"):
-        ParallelDims.from_world(4, tp=1, pp=2, vpp=2)
+        ParallelDims.from_config(ParallelConfig(pp=2, vpp=2), 4)
 
 
 def test_dp_degree_and_its_error():
+    from megatron_qae.model.layout import ParallelDims
+
     p = load_config(None, ["parallel.tp=2", "parallel.pp=2"]).parallel
-    assert p.dp(8) == 2 and p.dp(4) == 1
+    assert ParallelDims.from_config(p, 8).dp == 2 and ParallelDims.from_config(p, 4).dp == 1
     with pytest.raises(ValueError, match="world size 6 is not divisible by tp\\*pp\\*cp = 4"):
-        p.dp(6)
+        ParallelDims.from_config(p, 6)
 
 
 def test_layout_checks_against_the_model():

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron_qae.persistence import checkpoint  # noqa: E402
 
 from megatron_qae.model import parallel, weights  # noqa: E402
+from megatron_qae.config.sections import ParallelConfig  # noqa: E402
 from megatron_qae.batch.batching import rank_micro_batches, response_tokens, with_old_logprobs  # noqa: E402
 from megatron_qae.config.algo import AlgoConfig  # noqa: E402
 from megatron_qae.model.policy import build_policy  # noqa: E402
@@ -48,7 +49,7 @@ def main() -> None:
     ap.add_argument("--on-damaged", choices=["fallback", "fail"], default="fallback")
     ap.add_argument("--run-dir", required=True)
     a = ap.parse_args()
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, a.pp))
+    groups = parallel.init_distributed(ParallelConfig(tp=a.tp, pp=a.pp))
     hf = tiny.tiny_hf_config()
     policy = build_policy(tiny.run_config(a.tp, a.pp, a.dist_opt, lr=1e-2), hf, groups, total_steps=10)
     out = Path(a.run_dir)

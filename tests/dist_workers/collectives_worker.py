@@ -28,6 +28,7 @@ from megatron_qae.batch import batching, handoff
 from megatron_qae.run import loop  # noqa: E402
 
 from megatron_qae.model import parallel  # noqa: E402
+from megatron_qae.config.sections import ParallelConfig  # noqa: E402
 from megatron_qae.config.loading import load_config  # noqa: E402
 from megatron_qae.model.policy import build_policy  # noqa: E402
 from testsupport import tiny  # noqa: E402
@@ -41,7 +42,7 @@ def _cuda_only_backend(store, rank: int, size: int, timeout: datetime.timedelta)
 
 def groups_mode(a) -> dict:
     dist.Backend.register_backend(CUDA_ONLY, _cuda_only_backend, devices=["cuda"])
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, a.pp),
+    groups = parallel.init_distributed(ParallelConfig(pp=a.pp),
                                        accelerator_backend=CUDA_ONLY)
     cfg = load_config(None, ["rollout.n_samples_per_prompt=4", "rollout.prompts_per_step=3",
                              "rollout.mini_batch_prompts=1", "train.micro_batch_max_tokens=64",
@@ -82,7 +83,7 @@ def _same_micro_batches_as_whole_batch(cfg, groups, everything, samples, advanta
 
 
 def wait_mode(a) -> dict:
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, 1, 1),
+    groups = parallel.init_distributed(ParallelConfig(),
                                        collective_timeout_s=a.timeout_s, rollout_wait_timeout_s=600.0)
     t0 = time.perf_counter()
     batch = {"samples": list(range(1000))} if dist.get_rank() == 0 else None

@@ -15,6 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_qae.model import parallel, weights  # noqa: E402
+from megatron_qae.config.sections import ParallelConfig  # noqa: E402
 from megatron_qae.model import qwen2_mapping as qm  # noqa: E402
 from megatron_qae.model.build import build_model_chunks, build_transformer_config  # noqa: E402
 from testsupport import tiny  # noqa: E402
@@ -27,7 +28,7 @@ def main() -> None:
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, 1))
+    groups = parallel.init_distributed(ParallelConfig(tp=a.tp))
     make = tiny.tiny_qwen3_config if a.family == "qwen3" else tiny.tiny_hf_config
     hf = make(tied=a.tied)
     reference = tiny.tiny_hf_model(hf)

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron_qae.algorithm.objective import zero_advantage_gradient  # noqa: E402
 from megatron_qae.config.algo import AlgoConfig  # noqa: E402
 from megatron_qae.model import parallel, weights  # noqa: E402
+from megatron_qae.config.sections import ParallelConfig  # noqa: E402
 from megatron_qae.model.policy import build_policy  # noqa: E402
 from megatron_qae.model.reference import build_reference  # noqa: E402
 from megatron_qae.batch.batching import (rank_micro_batches, response_tokens, seq_multiple,  # noqa: E402
@@ -88,7 +89,7 @@ def main() -> None:
     ap.add_argument("--hf-dir", default=None, help="check the reference built from this HF directory instead")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, 1))
+    groups = parallel.init_distributed(ParallelConfig(tp=a.tp))
     hf = tiny.tiny_hf_config()
     cfg = tiny.run_config(a.tp, 1)
     if a.hf_dir:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_qae.model import parallel, qwen2_mapping, weights  # noqa: E402
+from megatron_qae.config.sections import ParallelConfig  # noqa: E402
 
 from megatron_qae.sync import weight_sync  # noqa: E402
 from megatron_qae.batch.batching import build_micro_batch  # noqa: E402
@@ -159,7 +160,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.corrupt:
         corrupt_mapping()
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, a.pp))
+    groups = parallel.init_distributed(ParallelConfig(tp=a.tp, pp=a.pp))
     hf = tiny.tiny_hf_config(layers=a.layers)
     policy = build_policy(tiny.run_config(a.tp, a.pp), hf, groups, total_steps=1)
     weights.load_hf_state(policy, tiny.tiny_hf_model(hf, seed=7).state_dict())

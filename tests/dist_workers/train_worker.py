@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron_qae.persistence import checkpoint  # noqa: E402
 
 from megatron_qae.model import parallel, weights  # noqa: E402
+from megatron_qae.config.sections import ParallelConfig  # noqa: E402
 from megatron_qae.batch.batching import (rank_micro_batches, response_tokens, schedule_multiple,  # noqa: E402
                                   seq_multiple, with_old_logprobs)
 from megatron_qae.config.algo import AlgoConfig  # noqa: E402
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--policy-loss", default="dapo", help="algo.policy_loss of the forward/backward")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    groups = parallel.init_distributed(lambda w: parallel.ParallelDims.from_world(w, a.tp, a.pp))
+    groups = parallel.init_distributed(ParallelConfig(tp=a.tp, pp=a.pp))
     hf = tiny.tiny_hf_config(tied=a.tied, layers=a.layers)
     cfg = tiny.run_config(a.tp, a.pp, a.dist_opt, lr=a.lr)
     if a.overlap:  # names a field build_policy sets itself: the override must win

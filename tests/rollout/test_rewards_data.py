@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from megatron_qae.config.rollout import DataConfig
+from rollout_sglang.config import DataConfig
 from rollout_sglang import demo_task
 from rollout_sglang.data import PromptCursor, load_prompts
 from rollout_sglang.rewards.dapo import dapo_math

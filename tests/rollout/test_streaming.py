@@ -125,7 +125,8 @@ def streaming_manager(tmp_path_factory, request):
         f"rollout.groups_per_request={request.param}"])
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp / "ray"), log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}})
-    actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4).remote(cfg, str(model), str(tmp / "logs"))
+    actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4).remote(
+        cfg.rollout, cfg.engine, cfg.reward, cfg.data, cfg.run.seed, str(model), str(tmp / "logs"))
     urls = [u for u, _ in ray.get(actor.engine_endpoints.remote())]
     ray.get(actor.mark_synced.remote(urls, 0))
     yield actor, cfg, urls[0], model, request.param

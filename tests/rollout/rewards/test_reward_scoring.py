@@ -79,7 +79,7 @@ def test_a_reward_that_cannot_be_loaded_fails_at_start_naming_module_and_error(n
 
 
 def test_reward_config_rejects_a_failure_score_or_timeout_that_cannot_work():
-    from megatron_qae.config.rollout import RewardConfig
+    from rollout_sglang.config import RewardConfig
 
     with pytest.raises(ValueError, match=r"reward.failure_score=nan: must be a finite number"):
         RewardConfig(failure_score=float("nan"))

@@ -1,8 +1,11 @@
-"""The rollout-side sections of the run config: rollout, engine, reward, data, ray.
+"""The rollout-side sections of the run config: rollout, engine, reward, data.
 
-What it does: one frozen dataclass per section, a docstring per field, per-field validation
-(ValueError naming field, value and fix). What it does not: load files (loading.py) or
-cross-section checks.
+What it does: one frozen dataclass per section, read by this package (the manager, the engine
+pool, the reward scorer, the prompt loader) and composed into the run's root config by
+megatron_qae.config.loading; a docstring per field, per-field validation and the checks
+across these four sections (`check_rollout_sections`), each a ValueError naming field, value
+and fix. What it does not: load files, or check against the trainer's sections or the model
+(megatron_qae.config.loading does).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_qae.config.sections import _fail, _one_of, _positive
+from rollout_sglang.config_checks import fail, one_of, positive
 
 
 @dataclass(frozen=True)
@@ -53,17 +56,17 @@ class RolloutConfig:
         for name in ("n_samples_per_prompt", "prompts_per_step", "mini_batch_prompts",
                      "gen_batch_prompts", "max_gen_batches", "groups_per_request", "max_prompt_tokens",
                      "max_response_tokens"):
-            _positive(f"rollout.{name}", getattr(self, name))
-        _one_of("rollout.on_underfilled", self.on_underfilled, ("train", "fail"))
-        _one_of("rollout.async_steps", self.async_steps, (0, 1))
+            positive(f"rollout.{name}", getattr(self, name))
+        one_of("rollout.on_underfilled", self.on_underfilled, ("train", "fail"))
+        one_of("rollout.async_steps", self.async_steps, (0, 1))
         if self.prompts_per_step % self.mini_batch_prompts:
-            _fail("rollout.mini_batch_prompts", self.mini_batch_prompts,
+            fail("rollout.mini_batch_prompts", self.mini_batch_prompts,
                   f"must divide rollout.prompts_per_step={self.prompts_per_step}")
         for name in ("temperature", "val_temperature"):
-            _positive(f"rollout.{name}", getattr(self, name))
+            positive(f"rollout.{name}", getattr(self, name))
         for name in ("top_p", "val_top_p"):
             if not 0.0 < getattr(self, name) <= 1.0:
-                _fail(f"rollout.{name}", getattr(self, name), "must be in (0, 1]")
+                fail(f"rollout.{name}", getattr(self, name), "must be in (0, 1]")
 
     @property
     def steps_per_rollout(self) -> int:
@@ -125,18 +128,18 @@ class EngineConfig:
     """SGLang --max-running-requests, None = SGLang's default."""
 
     def __post_init__(self) -> None:
-        _one_of("engine.backend", self.backend, ("cpu", "sglang"))
-        _positive("engine.num_engines", self.num_engines)
-        _positive("engine.engine_tp", self.engine_tp)
+        one_of("engine.backend", self.backend, ("cpu", "sglang"))
+        positive("engine.num_engines", self.num_engines)
+        positive("engine.engine_tp", self.engine_tp)
         if not 0.0 < self.mem_fraction_static < 1.0:
-            _fail("engine.mem_fraction_static", self.mem_fraction_static, "must be in (0, 1)")
-        _positive("engine.weight_sync_bucket_bytes", self.weight_sync_bucket_bytes)
-        _positive("engine.request_timeout_s", self.request_timeout_s)
-        _positive("engine.request_s_per_token", self.request_s_per_token, strict=False)
-        _positive("engine.request_floor_s", self.request_floor_s)
-        _positive("engine.health_interval_s", self.health_interval_s)
-        _positive("engine.health_timeout_s", self.health_timeout_s)
-        _positive("engine.health_failures", self.health_failures)
+            fail("engine.mem_fraction_static", self.mem_fraction_static, "must be in (0, 1)")
+        positive("engine.weight_sync_bucket_bytes", self.weight_sync_bucket_bytes)
+        positive("engine.request_timeout_s", self.request_timeout_s)
+        positive("engine.request_s_per_token", self.request_s_per_token, strict=False)
+        positive("engine.request_floor_s", self.request_floor_s)
+        positive("engine.health_interval_s", self.health_interval_s)
+        positive("engine.health_timeout_s", self.health_timeout_s)
+        positive("engine.health_failures", self.health_failures)
 
 
 @dataclass(frozen=True)
@@ -158,11 +161,11 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.failure_score):
-            _fail("reward.failure_score", self.failure_score, "must be a finite number, e.g. -1.0")
-        _positive("reward.timeout_s", self.timeout_s)
-        _positive("reward.overlong_buffer_tokens", self.overlong_buffer_tokens)
-        _positive("reward.overlong_penalty_factor", self.overlong_penalty_factor, strict=False)
-        _positive("reward.num_workers", self.num_workers)
+            fail("reward.failure_score", self.failure_score, "must be a finite number, e.g. -1.0")
+        positive("reward.timeout_s", self.timeout_s)
+        positive("reward.overlong_buffer_tokens", self.overlong_buffer_tokens)
+        positive("reward.overlong_penalty_factor", self.overlong_penalty_factor, strict=False)
+        positive("reward.num_workers", self.num_workers)
 
 
 @dataclass(frozen=True)
@@ -183,9 +186,11 @@ class DataConfig:
     """Seed of the prompt order."""
 
 
-@dataclass(frozen=True)
-class RayConfig:
-    address: str | None = None
-    """Ray cluster address to join (e.g. 'auto' or 'head:6379'); None = start a local Ray."""
-    num_cpus: int | None = None
-    """CPUs of the local Ray (None = all)."""
+def check_rollout_sections(rollout: RolloutConfig, engine: EngineConfig, reward: RewardConfig) -> None:
+    """The constraints across the rollout, engine and reward sections."""
+    if reward.overlong_buffer_enable and reward.overlong_buffer_tokens >= rollout.max_response_tokens:
+        fail("reward.overlong_buffer_tokens", reward.overlong_buffer_tokens,
+             f"must be < rollout.max_response_tokens={rollout.max_response_tokens}; shrink the buffer "
+             "or set reward.overlong_buffer_enable=false")
+    if engine.backend == "cpu" and engine.engine_tp != 1:
+        fail("engine.engine_tp", engine.engine_tp, "the CPU rollout server runs tp=1; set 1")
