@@ -46,7 +46,7 @@ def main() -> None:
         last = {}
 
         def sync() -> None:
-            last["t"] = weight_sync.push_weights(policy, link, 1, a.bucket_mb << 20)
+            last["t"] = weight_sync.push_weights(policy, link, 1, a.bucket_mb << 20)[0]
 
         t_sync = timed(sync, repeats=2)
         peak = peak_allocated_bytes(sync)

@@ -10,7 +10,7 @@ optimizer holds stays the same object. `restore_train_state` brings the storages
 copies the bytes in, bit for bit. The same copies and resizes run on CPU and GPU: on CPU the
 host buffer is a second CPU tensor, and the released storage really is freed.
 What it does not: offload the model's params (weight sync and the next step read them), or
-decide when to offload (the loop does, around generation in colocated mode).
+decide when to offload (sync/placement.py's `Colocated` does, around weight sync and generation).
 
 megatron-core's `MegatronOptimizer.offload_to_cpu` is not used: it moves tensors with
 `.cpu()` / `.cuda()` (megatron/core/optimizer/optimizer.py, offload_to_cpu / restore_from_cpu),
@@ -38,8 +38,6 @@ class OffloadedState:
     """Bytes of gradient buffers released (megatron reallocates and zeroes them)."""
     optimizer_bytes: int = 0
     """Bytes of optimizer state moved to host memory."""
-    offload_s: float = 0.0
-    """Seconds the offload took (set by the caller that timed it)."""
     restored: bool = False
     """Whether `restore_train_state` has given everything back."""
 

@@ -3,10 +3,11 @@
 What it does: `run(cfg, env)` drives one training run on every trainer rank. Global rank 0
 owns the Ray side (rollout manager, engines) and hands each rank only its share of the rollout
 batch (handoff.py); the advantage is the DP-aware QAE reduction; training runs the step's
-mini-batches through megatron; then weights go to the engines. Colocated, the trainer's
-gradient buffers and optimizer state are offloaded from after training until the engines have
-released the GPU. What it does not: parse arguments or read the
-environment (train.py does), or implement any of the steps (each is a call).
+mini-batches through megatron; then weights go to the engines. Where the engines run
+(devices of their own, or colocated with the trainer) is one `Placement` (sync/placement.py),
+picked once: it readies the devices around training and pushes the weights, so this loop reads
+the same either way. What it does not: parse arguments or read the environment (train.py
+does), or implement any of the steps (each is a call).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from megatron_qae.persistence import checkpoint
 
 from megatron_qae.model import parallel, weights
 from megatron_qae.algorithm.advantage import compute_group_advantages
-from megatron_qae.sync.colocated_sync import ColocatedSync, engine_placements
 from megatron_qae.batch.batching import (build_micro_batches, schedule_multiple, seq_multiple, skip_metrics,
                                        with_old_logprobs, with_ref_logprobs)
 from megatron_qae.batch.handoff import (HandoffBytes, hand_off_header, hand_off_scores, hand_off_train_share,
@@ -35,20 +35,14 @@ from megatron_qae.algorithm.objective import zero_advantage_gradient
 from megatron_qae.persistence.ledger import GroupLedger
 from megatron_qae.persistence.metrics import MetricsSink
 from megatron_qae.model.build import load_hf_config
-from megatron_qae.model.offload import OffloadedState, offload_train_state, restore_train_state
 from megatron_qae.model.policy import Policy, build_policy, finish_param_sync
 from megatron_qae.model.reference import Reference, build_reference
 from megatron_qae.run.rollout import Rollout
 from megatron_qae.run.train_step import compute_logprobs, logprob_gap, train_step
-from megatron_qae.sync.weight_sync import StageLink, push_weights
-from rollout_sglang.sglang.client import EngineError
+from megatron_qae.sync.placement import Placement, placement_for
 from rollout_sglang.types import Sample
 
 log = logging.getLogger(__name__)
-
-
-Sync = ColocatedSync | StageLink
-"""How weights reach the engines: by handle (colocated) or by each stage's weight link."""
 
 
 def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
@@ -65,37 +59,26 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
     if is_driver:
         save_config(cfg, run_dir)
     total_steps = cfg.run.num_rollout_steps * cfg.rollout.steps_per_rollout
-    rollout, sync = None, None
     _log_zero_advantage_skip(cfg.algo, is_driver)
-    if is_driver and not cfg.engine.colocate:
-        # Engines on their own devices start (SGLang: minutes at scale) while the policy is built
-        # and restored; colocated ones wait for the trainer's memory to be allocated first, as
-        # SGLang sizes its KV cache from the memory free when it starts.
-        rollout = Rollout.start(cfg, env.master_address, None, wait=False)
+    # Separate engines start now, while the policy is built and restored; colocated ones once
+    # the trainer's memory is allocated (attach).
+    placement = placement_for(cfg, env.master_address, is_driver)
     try:  # whatever fails from here on (a damaged checkpoint included) tears the engines down
         policy = build_policy(cfg, hf, groups, total_steps)
         # Before any checkpoint is loaded: the reference is the initial policy, resumed or not.
         reference = build_reference(policy, cfg.model.transformer_impl,
                                     cfg.model.path if cfg.model.load_weights else None) if cfg.algo.kl_coef > 0 else None
-        if cfg.engine.colocate:
-            placements = engine_placements(cfg.engine.num_engines, cfg.engine.engine_tp)
-            sync = ColocatedSync(cfg.engine.num_engines, cfg.engine.engine_tp, cfg.engine.request_timeout_s)
-            rollout = Rollout.start(cfg, env.master_address, placements) if is_driver else None
-        else:
-            sync = StageLink(policy, env.master_address)
+        rollout = placement.attach(policy)
         start, _ = _restore(cfg, policy, rollout)
         if rollout is not None:
             rollout.wait_ready()
-        return _train_loop(cfg, policy, reference, rollout, sync, start, run_dir, is_driver)
+        return _train_loop(cfg, policy, reference, rollout, placement, start, run_dir, is_driver)
     finally:
-        if isinstance(sync, StageLink):
-            sync.close()
-        if rollout is not None:
-            rollout.shutdown()
+        placement.close()
 
 
 def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollout: Rollout | None,
-                sync: Sync, start: int, run_dir: Path, is_driver: bool) -> list[dict[str, float]]:
+                placement: Placement, start: int, run_dir: Path, is_driver: bool) -> list[dict[str, float]]:
     sink = MetricsSink(run_dir, enabled=is_driver, tensorboard=cfg.run.log_tensorboard,
                        wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
     sink.truncate_after(start)
@@ -103,8 +86,8 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
     ledger.truncate_after(start)
     stop = checkpoint.install_sigterm_save()
     history: list[dict[str, float]] = []
-    offloaded = _offload(cfg, policy, sync)  # colocated: grads + optimizer state leave the GPU for generation
-    _sync(policy, rollout, sync, version=start, cfg=cfg)  # engines start from the trainer's weights
+    placement.after_training()  # colocated: grads + optimizer state leave the GPU for the push and generation
+    placement.push(start)  # engines start from the trainer's weights
     progress = _progress(cfg, start, is_driver)
     for step in range(start + 1, cfg.run.num_rollout_steps + 1):
         t0 = time.perf_counter()
@@ -118,14 +101,13 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
         samples = batch.samples if batch is not None else None
         _warn_underfilled(cfg, header.metrics, step, is_driver)
         ledger.record(step, batch)
-        _release_engines(rollout, sync)                                        # colocated: free GPUs
-        offload_metrics = _restore_offloaded(policy, offloaded)                  # colocated: state back
+        offload_metrics = placement.before_training()                     # colocated: engines free GPUs, state back
         advantages, adv_metrics = _advantages(cfg, policy, samples, header.num_samples, sent)  # advantage
         train_metrics = _train(cfg, policy, reference, samples, advantages, step, sent)  # train
-        offloaded = _offload(cfg, policy, sync)
+        placement.after_training()                                          # colocated: state off the GPU
         if ahead:
             _wait_ahead(rollout, policy)
-        sync_metrics = _sync(policy, rollout, sync, version=step, cfg=cfg)      # weight sync
+        sync_metrics = placement.push(step).metrics()                           # weight sync
         metrics = {**header.metrics, **adv_metrics, **train_metrics, **sync_metrics, **offload_metrics,
                    **_staleness(samples, step), "time/step_s": time.perf_counter() - t0,
                    "time/rollout_wait_s": wait_s, "train/policy_version": float(step),
@@ -138,10 +120,9 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
         stopping = _broadcast(stop.requested, policy)  # every rank must agree before a collective save
         if stopping or (cfg.run.save_interval_steps and step % cfg.run.save_interval_steps == 0):
             loop_state = {"step": step, "rollout": rollout.state_dict() if is_driver else None}
-            _restore_offloaded(policy, offloaded)  # the checkpoint holds the optimizer state
-            checkpoint.save_checkpoint(run_dir, step, policy, _broadcast(loop_state, policy),    # checkpoint
-                                       keep_last=cfg.run.keep_last_checkpoints)
-            offloaded = _offload(cfg, policy, sync)
+            with placement.train_state_resident():  # the checkpoint holds the optimizer state
+                checkpoint.save_checkpoint(run_dir, step, policy, _broadcast(loop_state, policy),  # checkpoint
+                                           keep_last=cfg.run.keep_last_checkpoints)
         if stopping:
             log.warning("SIGTERM: saved step %d and stopping", step)
             break
@@ -273,73 +254,6 @@ def _warn_underfilled(cfg: Config, m: dict[str, float], step: int, is_driver: bo
                     "generation batches; training on those, if any (rollout.on_underfilled=train; 'fail' "
                     "stops instead, more rollout.max_gen_batches fills the batch)", step,
                     int(m["rollout/groups"]), cfg.rollout.prompts_per_step, int(m["rollout/gen_batches"]))
-
-
-def _offload(cfg: Config, policy: Policy, sync: Sync) -> OffloadedState | None:
-    """Colocated with engine.offload_train_state: free the gradient buffers and move the
-    optimizer state to host memory while the engines hold the GPU (weight sync, generation)."""
-    if not (isinstance(sync, ColocatedSync) and cfg.engine.offload_train_state):
-        return None
-    t0 = time.perf_counter()
-    state = offload_train_state(policy)
-    state.offload_s = time.perf_counter() - t0
-    return state
-
-
-def _restore_offloaded(policy: Policy, state: OffloadedState | None) -> dict[str, float]:
-    """Bring back what `_offload` released, before the trainer touches it again."""
-    if state is None or state.restored:
-        return {}
-    t0 = time.perf_counter()
-    restore_train_state(policy, state)
-    return {"colocated/offloaded_bytes": float(state.freed_bytes), "colocated/offload_s": state.offload_s,
-            "colocated/restore_s": time.perf_counter() - t0}
-
-
-def _release_engines(rollout: Rollout | None, sync: Sync) -> None:
-    """Colocated: the engines free their GPU memory (weights, KV cache) before training."""
-    if not isinstance(sync, ColocatedSync):
-        return
-    if rollout is not None:
-        rollout.release_memory()
-    dist.barrier()  # no rank allocates activations before its engine has let go
-
-
-def _sync(policy: Policy, rollout: Rollout | None, sync: Sync, version: int,
-          cfg: Config) -> dict:
-    """Push weights at `version` to every engine. Engines restarted since the last sync get
-    them too; when an engine fails during the push it is restarted and the push repeated."""
-    e = cfg.engine
-    for attempt in range(1, e.max_restarts + 2):
-        if isinstance(sync, StageLink):
-            target = _broadcast(rollout.prepare_sync(attempt > 1, sync.hung()) if rollout is not None else None,
-                                policy)
-            link = sync.prepare(target)
-            times = push_weights(policy, link, version, e.weight_sync_bucket_bytes)
-            ok = link is None or link.failed is None
-        else:
-            # The broadcast is the barrier: no rank sends before rank 0 has the engines ready.
-            urls, api_key = _broadcast(rollout.prepare_colocated() if rollout is not None else None, policy)
-            times, ok = sync.push(policy, urls, version, e.weight_sync_bucket_bytes, api_key=api_key)
-        failed = torch.tensor([0.0 if ok else 1.0])
-        dist.all_reduce(failed)
-        if failed.item() == 0:
-            break
-        log.warning("weight sync %d did not reach every engine (attempt %d); restarting and retrying",
-                    version, attempt)
-    else:
-        raise EngineError(f"weight sync of version {version} failed {e.max_restarts + 1} times; "
-                          "see the engine logs under <run_dir>/engine_logs/ (engine.max_restarts)")
-    if rollout is None:
-        return {}
-    if isinstance(sync, ColocatedSync):
-        rollout.resume_memory(["kv_cache"])
-    versions, restarts = rollout.synced(version)
-    # Overrides the rollout's count: an engine restarted during this push counts at this step.
-    return {**times.metrics(), "sync/attempts": float(attempt),
-            "rollout/engine_restarts_total": restarts,
-            "sync/engine_version_min": float(min(versions)),
-            "sync/engine_version_max": float(max(versions))}
 
 
 def _progress(cfg: Config, start: int, is_driver: bool):

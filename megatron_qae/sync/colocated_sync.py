@@ -7,11 +7,11 @@ on every rank (TP all-gather, PP broadcast one tensor at a time, all DP replicas
 buffer per dtype, and sends SGLang's `/update_weights_from_tensor` with one serialized entry
 per engine TP rank, inside one weight-update session per engine (`/begin_weight_update` ...
 `/end_weight_update`): only memory handles travel (CUDA IPC on GPU, shared memory on CPU), no
-copy through a process group. An engine that refuses (the session or an update) is reported
-with its URL and SGLang's message, not raised, so every rank finishes the collective and the
-loop can restart the engine and push again.
-What it does not: release / resume engine memory (the loop asks the rollout manager) or
-start engines.
+copy through a process group. An engine that refuses (the session or an update) is returned
+(`PushOutcome`) with its URL and SGLang's message, not raised, so every rank finishes the
+collective and the placement can restart the engine and push again.
+What it does not: release / resume engine memory (placement.py's `Colocated` asks the rollout
+manager) or start engines.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from megatron_qae.model.policy import Policy
 from megatron_qae.sync.hf_buckets import SyncTimes, hf_buckets
+from megatron_qae.sync.weight_sync import PushOutcome
 from rollout_sglang.sglang.client import EngineError, SGLangClient
 from rollout_sglang.sglang.tensor_payload import pack_bucket, serialize_named_tensors
 from rollout_sglang.types import EnginePlacement
@@ -80,25 +81,29 @@ class ColocatedSync:
                 self.group = g
 
     def push(self, policy: Policy, urls: list[str], version: int, bucket_bytes: int,
-             dtype: torch.dtype | None = None, api_key: str | None = None) -> tuple[SyncTimes, bool]:
-        """Send every weight to this rank's engine; (times, this rank's engine accepted all).
-        `api_key` is the engines' key (defaults to the one given at construction)."""
+             dtype: torch.dtype | None = None, api_key: str | None = None) -> tuple[SyncTimes, PushOutcome]:
+        """Send every weight to this rank's engine; returns the times and whether this rank's
+        engine accepted all (its first refusal otherwise). `api_key` is the engines' key
+        (defaults to the one given at construction)."""
         client = None
         if self.is_poster:
             client = SGLangClient(urls[self.engine_index], timeout_s=self.timeout_s,
                                   api_key=api_key or self.api_key)
-        times, state = SyncTimes(), {"ok": True}
-        opened = client is not None and self._call(client, client.begin_weight_update, state)
+        times = SyncTimes()
+        outcome = _call(client, client.begin_weight_update) if client is not None else PushOutcome()
+        opened = client is not None and outcome.ok
         for bucket, last in hf_buckets(policy, bucket_bytes, times, dtype, all_stages=True, all_replicas=True):
-            self._send(client, bucket, version, times, state, flush=last)
+            outcome = outcome.merged(self._send(client if outcome.ok else None, bucket, version, times, flush=last))
         if opened:  # also after a refused update, so the next push can open a session
-            self._call(client, client.end_weight_update, state)
+            outcome = outcome.merged(_call(client, client.end_weight_update))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the freed blocks back before the engine resumes its cache
-        return times, state["ok"]
+        return times, outcome
 
     def _send(self, client: SGLangClient | None, bucket, version: int, times: SyncTimes,
-              state: dict, flush: bool) -> None:
+              flush: bool) -> PushOutcome:
+        """One bucket by handle: every TP rank's serialized entry to the poster, which sends
+        them to `client` (None: this rank posts nothing, or a refusal came first)."""
         t0 = time.perf_counter()
         packed = pack_bucket(bucket, self.buffers)
         text = serialize_named_tensors(packed)
@@ -107,23 +112,24 @@ class ColocatedSync:
             texts = [None] * self.engine_tp if self.is_poster else None
             dist.gather_object(text, texts, dst=self.first_rank, group=self.group)
         t1 = time.perf_counter()
-        if client is not None and state["ok"]:
-            self._call(client, lambda: client.update_weights_from_tensor(
-                texts, flush_cache=flush, weight_version=str(version)), state)
+        outcome = PushOutcome()
+        if client is not None:
+            outcome = _call(client, lambda: client.update_weights_from_tensor(
+                texts, flush_cache=flush, weight_version=str(version)))
         if self.engine_tp > 1:
             dist.barrier(group=self.group)  # the engine has read every rank's buffer: free them
         times.transfer_s += t1 - t0
         times.engine_load_s += time.perf_counter() - t1
         times.bytes += sum(t.numel() * t.element_size() for _, t in packed)
+        return outcome
 
-    @staticmethod
-    def _call(client: SGLangClient, request, state: dict) -> bool:
-        """`request()`; a refusal is logged with the engine and SGLang's message and clears
-        state["ok"] instead of raising (the other ranks are in this push's collectives too)."""
-        try:
-            request()
-            return True
-        except EngineError as exc:
-            log.warning("colocated weight sync to engine %s refused: %s", client.base_url, exc)
-            state["ok"] = False
-            return False
+
+def _call(client: SGLangClient, request) -> PushOutcome:
+    """`request()`; a refusal is logged and returned with the engine and SGLang's message
+    instead of raised (the other ranks are in this push's collectives too)."""
+    try:
+        request()
+        return PushOutcome()
+    except EngineError as exc:
+        log.warning("colocated weight sync to engine %s refused: %s", client.base_url, exc)
+        return PushOutcome(f"engine {client.base_url} refused a colocated weight update: {exc}")

@@ -14,8 +14,10 @@ sender broadcasts the tensors. An engine that refuses (its 400 arrives before it
 the broadcast) stops the push at once with an error naming the engine and SGLang's message,
 instead of leaving a sender waiting in the broadcast. Every reply is awaited with a deadline
 and a /health watch: an engine that stops answering (stopped, wedged) fails the push within
-seconds and is listed in `link.hung`, so the manager kills and restarts it before the push is
-repeated. Timed per phase. What it does not:
+seconds and is listed in the push's `PushOutcome.hung`, so the manager kills and restarts it
+before the push is repeated. Every step of a push returns what it found (`PushOutcome`: the
+first refusal, the engines found hung); the link holds connection state only. Timed per phase.
+What it does not:
 decide when to sync (the loop does), decide when links must be re-formed (global rank 0's
 `Rollout.prepare_sync` does) or start engines (the rollout manager does).
 
@@ -29,6 +31,7 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -45,23 +48,37 @@ log = logging.getLogger(__name__)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+@dataclass(frozen=True)
+class PushOutcome:
+    """What a push (or one step of it) found on this rank's link; `merged` folds steps together."""
+
+    failed: str | None = None
+    """Why the push did not reach every engine (the group must then be re-formed); None: it did."""
+    hung: Mapping[str, float] = field(default_factory=dict)
+    """Engines found hung: {url: seconds without a /health answer}, for the manager to kill."""
+
+    @property
+    def ok(self) -> bool:
+        return self.failed is None
+
+    def merged(self, later: PushOutcome) -> PushOutcome:
+        """This outcome followed by `later`: the first refusal wins, hung engines add up."""
+        return PushOutcome(self.failed or later.failed, {**self.hung, **later.hung})
+
+
 @dataclass
 class EngineLink:
-    """Rank 0's side of the weight-update group with a set of engines."""
+    """Rank 0's side of the weight-update group with a set of engines (connection state only)."""
 
     clients: list[SGLangClient]
     group: dist.ProcessGroup
     group_name: str
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8))
-    failed: str | None = None
-    """Why the last push did not reach every engine (the group must then be re-formed)."""
     abandoned: list[tuple[dist.Work, list[torch.Tensor]]] = field(default_factory=list)
     """Broadcasts (and their tensors) left in flight when an engine refused mid-push: the
     group is not destroyed while they may still block in it."""
     watch: WatchPolicy = field(default_factory=lambda: WatchPolicy(0.0, 600.0))
     """Deadline of each engine reply (floor_s) and how a hung engine is found."""
-    hung: dict[str, float] = field(default_factory=dict)
-    """Engines found hung during a push: {url: seconds without a /health answer}."""
 
 
 def connect_engines(
@@ -134,19 +151,16 @@ class StageLink:
         self.link: EngineLink | None = None
 
     def prepare(self, target: SyncTarget) -> EngineLink | None:
-        """This rank's link to every engine in `target`, re-formed when it says so."""
+        """This rank's link to every engine in `target`, re-formed when it says so (global rank
+        0 says so after any rank's push failed: `Rollout.prepare_sync(last_failed=True)`)."""
         if not self.active:
             return None
-        if self.link is None or target.reform or self.link.failed:
+        if self.link is None or target.reform:
             self.close()
             name = f"qae_weights_pp{self.pp_rank}_{uuid.uuid4().hex[:8]}"
             self.link = connect_engines(target.endpoints, self.address, target.backend,
                                         target.timeout_s, target.api_key, name, target.watch)
         return self.link
-
-    def hung(self) -> dict[str, float]:
-        """Engines this rank's last push found hung ({url: seconds}), for the manager to kill."""
-        return dict(self.link.hung) if self.link is not None else {}
 
     def close(self) -> None:
         if self.link is not None:
@@ -166,60 +180,61 @@ def disconnect(link: EngineLink) -> None:
     link.pool.shutdown(wait=False)
 
 
-def _each_client(link: EngineLink, call, what: str) -> list[SGLangClient]:
-    """`call(client)` on every engine at once; returns the clients that accepted and sets
-    `link.failed` (naming the engine and its message) for the first refusal."""
+def _each_client(link: EngineLink, call, what: str) -> tuple[list[SGLangClient], PushOutcome]:
+    """`call(client)` on every engine at once; returns the clients that accepted and what the
+    others did (the first refusal, naming the engine and its message; the hung ones)."""
     futures = [(c, link.pool.submit(call, c)) for c in link.clients]
-    accepted = []
+    accepted, outcome = [], PushOutcome()
     for c, f in futures:
-        try:
-            _wait(link, c, f, what)
+        reply = _reply(link, c, f, what, f"engine {c.base_url} did not accept {what}")
+        outcome = outcome.merged(reply)
+        if reply.ok:
             accepted.append(c)
-        except EngineError as exc:
-            link.failed = link.failed or f"engine {c.base_url} did not accept {what}: {exc}"
-    return accepted
+    return accepted, outcome
 
 
-def _open_sessions(link: EngineLink) -> list[SGLangClient]:
+def _open_sessions(link: EngineLink) -> tuple[list[SGLangClient], PushOutcome]:
     """Open a weight-update session on every engine; on any refusal close the ones opened
-    (so no engine is left in a session) and leave `link.failed` set."""
-    opened = _each_client(link, SGLangClient.begin_weight_update,
-                          "a weight-update session (/begin_weight_update)")
-    if link.failed:
-        _close_sessions(link, opened)
-        return []
-    return opened
+    (so no engine is left in a session) and return none, with the refusal."""
+    opened, outcome = _each_client(link, SGLangClient.begin_weight_update,
+                                   "a weight-update session (/begin_weight_update)")
+    if not outcome.ok:
+        return [], outcome.merged(_close_sessions(link, opened, outcome))
+    return opened, outcome
 
 
-def _wait(link: EngineLink, client: SGLangClient, future, what: str) -> None:
-    """Wait for one engine's reply within the link's deadline; a hung engine (no /health
-    answer) raises EngineHung at once and is recorded in `link.hung`."""
+def _reply(link: EngineLink, client: SGLangClient, future, what: str, refused: str) -> PushOutcome:
+    """Wait for one engine's reply within the link's deadline; a refusal is `refused: why`, a
+    hung engine (no /health answer) is found at once and listed as hung."""
     try:
         wait_watching([(client, future)], link.watch, link.watch.floor_s, what)
     except EngineHung as exc:
-        link.hung[client.base_url] = exc.stuck_s
-        raise
+        return PushOutcome(f"{refused}: {exc}", {client.base_url: exc.stuck_s})
+    except EngineError as exc:
+        return PushOutcome(f"{refused}: {exc}")
+    return PushOutcome()
 
 
-def _close_sessions(link: EngineLink, opened: list[SGLangClient], timeout_s: float | None = None) -> None:
-    """End the sessions of `opened` (a hung engine is left to be killed); a refusal sets
-    `link.failed` (the engine and why)."""
+def _close_sessions(link: EngineLink, opened: list[SGLangClient], so_far: PushOutcome,
+                    timeout_s: float | None = None) -> PushOutcome:
+    """End the sessions of `opened` (an engine `so_far` found hung is left to be killed); a
+    refusal comes back naming the engine and why."""
+    outcome = PushOutcome()
     for c in opened:
-        if c.base_url in link.hung:
+        if c.base_url in so_far.hung:
             continue
         try:
             c.end_weight_update(timeout_s)
         except EngineError as exc:
-            link.failed = link.failed or f"engine {c.base_url} refused to end the weight update: {exc}"
+            outcome = outcome.merged(PushOutcome(f"engine {c.base_url} refused to end the weight update: {exc}"))
+    return outcome
 
 
 def _send_bucket(link: EngineLink, bucket: list[tuple[str, torch.Tensor]], version: int,
-                 times: SyncTimes, flush: bool) -> None:
+                 times: SyncTimes, flush: bool) -> PushOutcome:
     """Broadcast one bucket while the engines receive it; a dead engine (gloo raises at once)
-    or a refused request sets `link.failed` instead of raising, so the trainer ranks still
-    finish the push's collectives and the loop can restart the engine and push again."""
-    if link.failed:
-        return
+    or a refused request comes back as the outcome instead of raising, so the trainer ranks
+    still finish the push's collectives and the loop can restart the engine and push again."""
     names = [n for n, _ in bucket]
     dtypes = [_DTYPE_NAMES[t.dtype] for _, t in bucket]
     shapes = [list(t.shape) for _, t in bucket]
@@ -229,48 +244,46 @@ def _send_bucket(link: EngineLink, bucket: list[tuple[str, torch.Tensor]], versi
         for c in link.clients
     ]
     start = time.perf_counter()
-    _broadcast_watching(link, [t.contiguous() for _, t in bucket], futures)
+    outcome = _broadcast_watching(link, [t.contiguous() for _, t in bucket], futures)
     sent = time.perf_counter()
     # After a failed broadcast the live engines wait for tensors that will not come; they are
     # released (with an error) when the loop destroys this group, so do not wait for them.
-    for c, f in zip(link.clients, futures if not link.failed else []):
-        try:
-            _wait(link, c, f, "a weight update")
-        except EngineError as exc:
-            link.failed = link.failed or f"engine {c.base_url} refused the weight update: {exc}"
-    if link.failed:
-        log.warning("weight sync incomplete: %s", link.failed)
+    for c, f in zip(link.clients, futures if outcome.ok else []):
+        outcome = outcome.merged(_reply(link, c, f, "a weight update",
+                                        f"engine {c.base_url} refused the weight update"))
+    if not outcome.ok:
+        log.warning("weight sync incomplete: %s", outcome.failed)
     times.transfer_s += sent - start
     times.engine_load_s += time.perf_counter() - sent
     times.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+    return outcome
 
 
-def _broadcast_watching(link: EngineLink, tensors: list[torch.Tensor], futures: list) -> None:
+def _broadcast_watching(link: EngineLink, tensors: list[torch.Tensor], futures: list) -> PushOutcome:
     """Broadcast `tensors` from rank 0 while watching the engines' HTTP replies: SGLang
     answers a refused update (400) without joining the broadcast, so a reply that arrives
-    before the broadcast completes is a refusal and ends the wait (never a hang)."""
+    before the broadcast completes is a refusal and ends the wait (never a hang). Broadcasts
+    left in flight go to `link.abandoned` (the group must outlive them)."""
     watch = HealthWatch(link.clients, link.watch)
     try:
         works = [dist.broadcast(t, src=0, group=link.group, async_op=True) for t in tensors]
         while not all(w.is_completed() for w in works):
             for c, f in zip(link.clients, futures):
                 if f.done() and f.exception() is not None:
-                    link.failed = f"engine {c.base_url} refused the weight update: {f.exception()}"
                     link.abandoned += [(w, tensors) for w in works]
-                    return
+                    return PushOutcome(f"engine {c.base_url} refused the weight update: {f.exception()}")
             # A stopped engine never drains its socket: a broadcast beyond the socket
             # buffers would wait for it forever.
             found = watch.hung([c for c, f in zip(link.clients, futures) if not f.done()])
             if found is not None:
-                link.hung[found[0]] = found[1]
-                link.failed = str(EngineHung(found[0], found[1], "a weight broadcast"))
                 link.abandoned += [(w, tensors) for w in works]
-                return
+                return PushOutcome(str(EngineHung(found[0], found[1], "a weight broadcast")), {found[0]: found[1]})
             time.sleep(0.001)
         for w in works:
             w.wait()  # raises what a completed-with-error broadcast hit (a dead engine)
     except RuntimeError as exc:
-        link.failed = f"broadcast to the engines failed: {exc}"
+        return PushOutcome(f"broadcast to the engines failed: {exc}")
+    return PushOutcome()
 
 
 def is_stage_sender(policy: Policy) -> bool:
@@ -279,42 +292,43 @@ def is_stage_sender(policy: Policy) -> bool:
     return policy.groups.dp_rank == 0 and policy.groups.tp_rank == 0
 
 
-def push_weights(policy: Policy, link: EngineLink | None, version: int,
-                 bucket_bytes: int, dtype: torch.dtype | None = None) -> SyncTimes:
+def push_weights(policy: Policy, link: EngineLink | None, version: int, bucket_bytes: int,
+                 dtype: torch.dtype | None = None) -> tuple[SyncTimes, PushOutcome]:
     """Send every weight to the engines as HF Qwen2 tensors; collective over DP replica 0.
+    Returns the times and whether every engine got this stage's weights (and which hung).
 
     Each pipeline stage's sender (`is_stage_sender`) sends its own stage over its own link
     (`link` is needed there only): SGLang receives every update by broadcast from rank 0 of
     the named group, so each stage's sender is rank 0 of a group of its own with the engines.
     The first stage's sender opens one weight-update session per engine before any stage
     sends and closes it after every stage has sent; the engines load the stages' updates one
-    request at a time (SGLang holds its model-update lock for each). After the call
-    `link.failed` says whether every engine got this stage's weights. `dtype` casts on the way
+    request at a time (SGLang holds its model-update lock for each). `dtype` casts on the way
     out (bf16 engines from an fp32 trainer); None keeps the trainer's dtype.
     """
     times, groups = SyncTimes(), policy.groups
     is_sender = is_stage_sender(policy)
     owner = is_sender and groups.pp_rank == 0
-    opened = _open_sessions(link) if owner else []
+    opened, outcome = _open_sessions(link) if owner else ([], PushOutcome())
     if is_sender and groups.dims.pp > 1:  # the senders' PP group: no stage sends into no session
-        refusal = [link.failed]
+        refusal = [outcome.failed]
         dist.broadcast_object_list(refusal, src=dist.get_global_rank(groups.pp, 0), group=groups.pp)
-        link.failed = link.failed or refusal[0]
+        outcome = outcome.merged(PushOutcome(refusal[0]))
     for bucket, last in hf_buckets(policy, bucket_bytes, times, dtype, map_here=is_sender):
-        _send_bucket(link, bucket, version, times, flush=last)
+        if outcome.ok:  # the gathers go on (collective), the sends stop at the first failure
+            outcome = outcome.merged(_send_bucket(link, bucket, version, times, flush=last))
     if is_sender and groups.dims.pp > 1:  # every stage has sent before the session ends
         stages: list = [None] * groups.dims.pp
-        dist.all_gather_object(stages, (link.failed, times), group=groups.pp)
-        link.failed = link.failed or next((f for f, _ in stages if f), None)
+        dist.all_gather_object(stages, (outcome.failed, times), group=groups.pp)
+        outcome = outcome.merged(PushOutcome(next((f for f, _ in stages if f), None)))
         times = _combined([t for _, t in stages])
-    if owner and not link.failed:
-        _close_sessions(link, opened)
+    if owner and outcome.ok:
+        outcome = outcome.merged(_close_sessions(link, opened, outcome))
     elif opened:
         # Best effort, so the next push can open a session: an engine that refused closes
         # its session now; one still waiting in the failed broadcast may not answer in time
         # (it is then restarted if it stays broken).
-        _close_sessions(link, opened, timeout_s=10.0)
-    return times
+        outcome = outcome.merged(_close_sessions(link, opened, outcome, timeout_s=10.0))
+    return times, outcome
 
 
 def _combined(stages: list[SyncTimes]) -> SyncTimes:

@@ -62,9 +62,9 @@ def _push(a, policy) -> dict:
     urls = a.urls.split(",")
     if a.mode == "colocated":
         sync = ColocatedSync(len(urls), a.engine_tp, 120.0, api_key=a.api_key)
-        times, ok = sync.push(policy, urls, version=3, bucket_bytes=a.bucket_bytes)
+        times, outcome = sync.push(policy, urls, version=3, bucket_bytes=a.bucket_bytes)
         oks = [None] * dist.get_world_size()
-        dist.all_gather_object(oks, ok)
+        dist.all_gather_object(oks, outcome.ok)
         return {"ok": oks, "bytes": times.bytes, "live": urls}
     links, report = weight_sync.StageLink(policy, "127.0.0.1"), {"live": urls}
     target = weight_sync.SyncTarget([(u, 1) for u in urls], "gloo", 120.0, a.api_key, reform=False)
@@ -74,17 +74,18 @@ def _push(a, policy) -> dict:
         time.sleep(0.5)
     if a.signal_pid:
         return _push_signalled(a, policy, link, urls)
-    report.update(_measured_push(a, policy, link))
+    measured, outcome = _measured_push(a, policy, link)
+    report.update(measured)
     if a.kill_pid:
         if dist.get_rank() == 0:
-            report["failed"] = link.failed
+            report["failed"] = outcome.failed
             report["live"] = [u for u in urls if SGLangClient(u, timeout_s=5.0).health()]
         report["live"] = parallel.broadcast_from_driver(report["live"], policy.groups)
         target = weight_sync.SyncTarget([(u, 1) for u in report["live"]], "gloo", 120.0, a.api_key, reform=True)
         link = links.prepare(target)
-        weight_sync.push_weights(policy, link, version=3, bucket_bytes=a.bucket_bytes)
+        _, outcome = weight_sync.push_weights(policy, link, version=3, bucket_bytes=a.bucket_bytes)
     if link is not None:
-        report["second_failed"] = link.failed
+        report["second_failed"] = outcome.failed
     links.close()
     holder = [report]
     dist.broadcast_object_list(holder, src=0)
@@ -99,46 +100,50 @@ def _push_signalled(a, policy, link, urls: list[str]) -> dict:
         open_sessions = weight_sync._open_sessions
 
         def open_then_signal(link):
-            opened = open_sessions(link)
+            opened_and_outcome = open_sessions(link)
             os.kill(a.signal_pid, a.send_signal)
             sent["at"] = time.monotonic()
-            return opened
+            return opened_and_outcome
 
         weight_sync._open_sessions = open_then_signal
-    weight_sync.push_weights(policy, link, version=3, bucket_bytes=4096)
+    _, outcome = weight_sync.push_weights(policy, link, version=3, bucket_bytes=4096)
     if dist.get_rank() == 0:
         weight_sync._open_sessions = open_sessions
-        report.update(failed=link.failed, hung=sorted(link.hung), failed_after_s=time.monotonic() - sent["at"])
+        report.update(failed=outcome.failed, hung=sorted(outcome.hung),
+                      failed_after_s=time.monotonic() - sent["at"])
         weight_sync.disconnect(link)
         report["live"] = [u for u in urls if SGLangClient(u, timeout_s=5.0).health(timeout_s=3.0)]
         link = weight_sync.connect_engines([(u, 1) for u in report["live"]], "127.0.0.1",
                                            "gloo", 120.0, a.api_key)
-    weight_sync.push_weights(policy, link, version=3, bucket_bytes=4096)
+    _, outcome = weight_sync.push_weights(policy, link, version=3, bucket_bytes=4096)
     if link is not None:
-        report["second_failed"] = link.failed
+        report["second_failed"] = outcome.failed
         weight_sync.disconnect(link)
     holder = [report]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
 
 
-def _measured_push(a, policy, link) -> dict:
-    """Push version 3; with `--measure-memory` also the peak of the bytes torch's allocator
-    holds beyond what it held before the push (every allocation and free, in order), on every
-    rank, with this rank's stage size and its largest full tensor."""
+def _measured_push(a, policy, link) -> tuple[dict, weight_sync.PushOutcome]:
+    """Push version 3 (returns its outcome too); with `--measure-memory` also the peak of the
+    bytes torch's allocator holds beyond what it held before the push (every allocation and
+    free, in order), on every rank, with this rank's stage size and its largest full tensor."""
     if not a.measure_memory:
-        weight_sync.push_weights(policy, link, version=3, bucket_bytes=a.bucket_bytes)
-        return {}
+        return {}, weight_sync.push_weights(policy, link, version=3, bucket_bytes=a.bucket_bytes)[1]
     from testsupport.measure import peak_allocated_bytes
 
-    peak = peak_allocated_bytes(lambda: weight_sync.push_weights(policy, link, version=3,
-                                                                 bucket_bytes=a.bucket_bytes))
+    pushed = {}
+
+    def push() -> None:
+        pushed["outcome"] = weight_sync.push_weights(policy, link, version=3, bucket_bytes=a.bucket_bytes)[1]
+
+    peak = peak_allocated_bytes(push)
     specs = weights.full_param_specs(policy.chunks, policy.groups.dims.tp)
     sizes = [s.numel() * torch.empty((), dtype=d).element_size() for _, s, d in specs]
     mine = {"peak_bytes": peak, "stage_bytes": sum(sizes), "largest_bytes": max(sizes)}
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
-    return {"memory": every}
+    return {"memory": every}, pushed["outcome"]
 
 
 def main() -> None:

@@ -70,10 +70,11 @@ def test_rendezvous_port_is_held_before_the_engines_are_told_it(model_dir, monke
         client = SGLangClient(url, timeout_s=60.0)
         client.begin_weight_update()
         norm = torch.full((tiny.tiny_hf_config()["hidden_size"],), 0.5)
-        weight_sync._send_bucket(link, [("model.norm.weight", norm)], 1, weight_sync.SyncTimes(), flush=True)
+        outcome = weight_sync._send_bucket(link, [("model.norm.weight", norm)], 1, weight_sync.SyncTimes(),
+                                           flush=True)
         client.end_weight_update()
         weight_sync.disconnect(link)
-        assert link.failed is None
+        assert outcome.failed is None
         assert client.weight_version() == "1"
 
 

@@ -147,9 +147,9 @@ def test_update_refused_during_the_broadcast_ends_the_wait(servers):
     link = weight_sync.connect_engines([(servers[0], 1)], "127.0.0.1", "gloo", 90.0)
     bucket = [("model.norm.weight", torch.zeros(16 * 1024 * 1024))]  # 64 MB: beyond socket buffers
     t0 = time.monotonic()
-    weight_sync._send_bucket(link, bucket, 1, weight_sync.SyncTimes(), flush=True)
+    outcome = weight_sync._send_bucket(link, bucket, 1, weight_sync.SyncTimes(), flush=True)
     elapsed = time.monotonic() - t0
     weight_sync.disconnect(link)
-    assert link.failed is not None and servers[0] in link.failed
-    assert "must run between begin_weight_update() and end_weight_update()" in link.failed
+    assert outcome.failed is not None and servers[0] in outcome.failed
+    assert "must run between begin_weight_update() and end_weight_update()" in outcome.failed
     assert elapsed < 30
