@@ -46,8 +46,13 @@ SGLANG_DEMO_ARGS := engine.backend=sglang engine.sglang_python=$(CURDIR)/$(SGLAN
 demo-sglang: $(STAMP) $(SGLANG_STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m examples.cpu_demo --run-dir runs/demo-sglang $(SGLANG_DEMO_ARGS) $(ARGS)
 
+# Two xdist workers (2 cores: a third oversubscribes the multi-process tests into their
+# timing bounds); --dist loadgroup keeps each xdist_group (the real-SGLang tier: one ~3 GB
+# server at a time) in one worker. --durations=10 reports the ten slowest tests of every run.
+TEST_WORKERS ?= 2
 test: $(STAMP) $(SGLANG_STAMP)
-	OMP_NUM_THREADS=1 RAY_AUTH_MODE=disabled $(PY) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 RAY_AUTH_MODE=disabled $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup \
+		--durations=10 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(SGLANG_VENV) runs .pytest_cache

@@ -11,6 +11,10 @@ report the failure without raising, and a group re-formed with the live servers 
 `--signal-pid P --send-signal S` (distributed): server P gets signal S (SIGSTOP, SIGKILL) in the
 middle of the push, right after every engine opened its weight-update session; the push must
 fail within seconds naming it, and a group re-formed with the live servers must work.
+`--link-timeout-s T` bounds the first weight group's collectives and replies (default 120 s):
+the fault tests shorten it, since the broadcast abandoned to a stopped or killed server is only
+released when that timeout passes (at the latest when the rank exits), and the live server
+waits in it until then.
 `--measure-memory` (distributed): the peak of the bytes torch's CPU allocator holds during the
 push beyond what it held before, per rank (torch.profiler memory events).
 `--corrupt` swaps gate/up in the HF mapping on the way out: the comparison must then fail.
@@ -67,7 +71,7 @@ def _push(a, policy) -> dict:
         dist.all_gather_object(oks, outcome.ok)
         return {"ok": oks, "bytes": times.bytes, "live": urls}
     links, report = weight_sync.StageLink(policy, "127.0.0.1"), {"live": urls}
-    target = weight_sync.SyncTarget([(u, 1) for u in urls], "gloo", 120.0, a.api_key, reform=False)
+    target = weight_sync.SyncTarget([(u, 1) for u in urls], "gloo", a.link_timeout_s, a.api_key, reform=False)
     link = links.prepare(target)
     if a.kill_pid and dist.get_rank() == 0:
         os.kill(a.kill_pid, signal.SIGKILL)
@@ -162,6 +166,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--bucket-bytes", type=int, default=4096)
     ap.add_argument("--measure-memory", action="store_true")
+    ap.add_argument("--link-timeout-s", type=float, default=120.0)
     a = ap.parse_args()
     if a.corrupt:
         corrupt_mapping()

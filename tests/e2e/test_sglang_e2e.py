@@ -20,7 +20,8 @@ from testsupport import tiny
 from testsupport.sglang_server import CPU_ARGS, sglang_python
 
 # A real SGLang server starts in ~100 s (longer on a busy machine), inside the first test.
-pytestmark = pytest.mark.timeout(2400)
+# One xdist worker runs the whole real-SGLang tier: never two ~3 GB servers at once.
+pytestmark = [pytest.mark.timeout(2400), pytest.mark.xdist_group("real_sglang")]
 
 
 def _sglang_pids(model_dir: str) -> list[int]:

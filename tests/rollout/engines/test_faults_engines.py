@@ -80,8 +80,12 @@ def test_engine_stopped_or_killed_mid_sync_fails_the_push_naming_it(tmp_path, si
     with CpuServer(model_dir) as live, CpuServer(model_dir) as doomed:
         (pid,) = tiny.cpu_server_pids(doomed.rsplit(":", 1)[1])
         try:
+            # A 30 s first link (the worker's default is 120 s): the broadcast abandoned to the
+            # doomed server holds the ranks and the live server until it times out. Hang
+            # detection (probes every 2 s, two misses of 5 s) ends the push well before that.
             tiny.torchrun(SYNC_WORKER, 2, ["--tp", "2", "--signal-pid", str(pid), "--send-signal", str(int(sig)),
-                                           "--urls", f"{live},{doomed}", "--out", str(out)], timeout_s=600)
+                                           "--link-timeout-s", "30", "--urls", f"{live},{doomed}",
+                                           "--out", str(out)], timeout_s=600)
         finally:
             if sig == signal.SIGSTOP:  # the rollout manager kills a hung engine; here the test does
                 os.kill(pid, signal.SIGKILL)

@@ -31,7 +31,8 @@ KEY = "tier-key"
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "sync_worker.py"
 
 # A real SGLang server starts in ~100 s (longer on a busy machine), inside the first test.
-pytestmark = pytest.mark.timeout(1200)
+# One xdist worker runs the whole real-SGLang tier: never two ~3 GB servers at once.
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.xdist_group("real_sglang")]
 
 
 @pytest.fixture(scope="module")
