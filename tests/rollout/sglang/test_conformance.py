@@ -19,15 +19,12 @@ import time
 import pytest
 import torch
 
-from testsupport.cpu_server import write_model_dir
 from rollout_sglang.sglang.client import EngineError, SGLangClient
 from rollout_sglang.engines.engine import RolloutEngine
 from rollout_sglang.sglang.tensor_payload import pack_bucket, serialize_named_tensors
 from rollout_sglang.engines.watchdog import run_in_thread
-from testsupport import tiny
-from testsupport.sglang_server import real_sglang
 
-KEY = "conformance-key"
+from tests.rollout.sglang.conftest import KEY, reset_weights
 
 # A real SGLang server starts in ~100 s (longer on a busy machine), inside the first test.
 # One xdist worker runs the whole real-SGLang tier: never two ~3 GB servers at once.
@@ -35,17 +32,19 @@ pytestmark = [pytest.mark.timeout(1200), pytest.mark.xdist_group("real_sglang")]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_model_dir(tmp_path_factory.mktemp("conf") / "model", tiny.tiny_hf_config(), seed=0)
+def model_dir(tier_model_dir):
+    return tier_model_dir
 
 
 @pytest.fixture(scope="module")
-def urls(model_dir, tmp_path_factory):
+def urls(model_dir, real_server, tmp_path_factory):
+    """Our CPU server and the tier's real SGLang server, both at the seed-0 weights and the
+    version a server starts with ("default")."""
     logs = tmp_path_factory.mktemp("conf_logs")
+    reset_weights(real_server.url(), model_dir, "default")
     cpu = RolloutEngine(str(model_dir), backend="cpu", port=32000, log_dir=str(logs), api_key=KEY)
     try:
-        with real_sglang(model_dir, logs, api_key=KEY, port=34000) as real:
-            yield {"cpu": cpu.url(), "sglang": real.url()}
+        yield {"cpu": cpu.url(), "sglang": real_server.url()}
     finally:
         cpu.stop()
 

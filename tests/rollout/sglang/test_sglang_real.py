@@ -21,13 +21,11 @@ import time
 import pytest
 import torch
 
-from testsupport.cpu_server import write_model_dir
 from rollout_sglang.sglang.client import SGLangClient
-from rollout_sglang.sglang.tensor_payload import serialize_named_tensors
 from testsupport import tiny
-from testsupport.sglang_server import real_sglang, sglang_python
+from testsupport.sglang_server import sglang_python
 
-KEY = "tier-key"
+from tests.rollout.sglang.conftest import KEY, reset_weights
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "sync_worker.py"
 
 # A real SGLang server starts in ~100 s (longer on a busy machine), inside the first test.
@@ -36,29 +34,21 @@ pytestmark = [pytest.mark.timeout(1200), pytest.mark.xdist_group("real_sglang")]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    # The server starts from seed-0 weights; the trainer pushes seed-7 weights.
-    return write_model_dir(tmp_path_factory.mktemp("real") / "model", tiny.tiny_hf_config(), seed=0)
+def model_dir(tier_model_dir):
+    # The server serves seed-0 weights; the trainer pushes seed-7 weights.
+    return tier_model_dir
 
 
 @pytest.fixture(scope="module")
-def started(model_dir, tmp_path_factory):
-    with real_sglang(model_dir, tmp_path_factory.mktemp("real_logs"), api_key=KEY) as engine:
-        yield engine
+def started(real_server):
+    return real_server
 
 
 @pytest.fixture
 def url(started, model_dir):
-    """The module's server, back at its start weights (seed 0) and version "0", so no test
-    passes on what an earlier one pushed."""
-    from transformers import Qwen2ForCausalLM
-
-    client = SGLangClient(started.url(), timeout_s=120, api_key=KEY)
-    state = list(Qwen2ForCausalLM.from_pretrained(model_dir).state_dict().items())
-    client.begin_weight_update()
-    client.update_weights_from_tensor([serialize_named_tensors(state)], weight_version="0")
-    client.end_weight_update()
-    assert client.weight_version() == "0"
+    """The tier's server, back at its start weights (seed 0) and version "0", so no test
+    passes on what an earlier one (or the conformance module) pushed."""
+    reset_weights(started.url(), model_dir, "0")
     return started.url()
 
 
