@@ -1,10 +1,10 @@
 """Bytes rank 0 sends per rollout step: the whole batch pickled to every rank vs the lean hand-off.
 
 Runs under torchrun (gloo, no model): rank 0 holds a synthetic rollout batch (G responses per
-prompt, responses spread over a range of lengths, QAE-like advantages with many exact zeros),
-then (a) today's baseline: `broadcast_from_driver` of the whole RolloutBatch (pickled, sent to
-every other rank); (b) the lean hand-off (run/handoff.py): header, each DP rank's score share,
-each DP rank's training share as tensors. Prints the bytes of both, the advantage all-gather's
+prompt, responses spread over a range of lengths, binary rewards: QAE advantages with many exact zeros),
+then (a) the baseline: `broadcast_from_driver` of the whole RolloutBatch (pickled, sent to
+every other rank); (b) the lean hand-off (batch/shard.py `scatter_shards`): each DP rank's
+TrainShard as tensors, in one scatter. Prints the bytes of both, the advantage all-gather's
 bytes (the same in both), their ratio and rank 0's wall times (median and min of --repeats
 hand-offs each way, interleaved).
 
@@ -22,17 +22,17 @@ import torch
 import torch.distributed as dist
 
 from megatron_qae.model import parallel
+from megatron_qae.batch import shard as sh
+from megatron_qae.config.algo import AlgoConfig
 from megatron_qae.config.sections import ParallelConfig
-from megatron_qae.batch import handoff
-from rollout_sglang.types import RolloutBatch
 from testsupport.tiny import synthetic_batch
 
 
 def advantage_gather_bytes(n: int, dp: int) -> int:
-    """What the advantage all-gather moves (pickled (indices, advantages) of each DP share to
-    every other DP rank), the same before and after."""
-    share = (list(range(n // dp)), [0.5] * (n // dp))
-    return len(pickle.dumps(share)) * dp * (dp - 1)
+    """What the advantage all-gather moves (each DP rank's (group id int64, score float32)
+    pairs, padded to the longest share, plus its count, to every other DP rank), the same
+    before and after."""
+    return (8 + -(-n // dp) * 12) * dp * (dp - 1)
 
 
 def _spread(seconds: list[float]) -> str:
@@ -55,8 +55,7 @@ def main() -> None:
     batch = synthetic_batch(a.prompts, a.n, a.prompt_tokens, a.max_response) if dist.get_rank() == 0 else None
     world = dist.get_world_size()
 
-    mine = batch.samples if batch is not None else None
-    advantages = [float((i % 5) - 2) * (i % 3 == 0) for i in range(len(mine or []))]  # ~70% exact zeros
+    algo = AlgoConfig()  # QAE, K = 0.4: binary rewards give many exact zero advantages
     before_s, after_s = [], []
     for _ in range(a.repeats):  # interleaved, so both see the same load
         dist.barrier()
@@ -65,22 +64,21 @@ def main() -> None:
         before_s.append(time.perf_counter() - t0)
         dist.barrier()
         t0 = time.perf_counter()
-        sent = handoff.HandoffBytes()
-        header = handoff.hand_off_header(batch, groups, sent)
-        handoff.hand_off_scores(mine, "reward", groups, sent)
-        share = handoff.hand_off_train_share(mine, advantages, a.mini_batch_prompts * a.n, not a.no_skip,
-                                             groups, sent)
+        sent = sh.HandoffBytes()
+        shard = sh.scatter_shards(batch, algo, a.mini_batch_prompts * a.n, not a.no_skip, groups, sent)
         after_s.append(time.perf_counter() - t0)
     before = len(pickle.dumps(batch)) * (world - 1) if batch is not None else 0
     samples = whole.samples
-    received = sum(len(s) for s in share.samples)
+    received = shard.scores.numel()
     counts = [torch.zeros(1) for _ in range(world)]
     dist.all_gather(counts, torch.tensor([float(received)]))
     if dist.get_rank() == 0:
-        adv = advantage_gather_bytes(header.num_samples, groups.dims.dp)
+        adv = advantage_gather_bytes(len(samples), groups.dims.dp)
         tokens = sum(s.num_tokens for s in samples)
-        zero = sum(x == 0.0 for x in advantages) / len(advantages)
-        print(f"world {world} (tp {a.tp}, dp {groups.dims.dp}); {header.num_samples} samples, {tokens:,} tokens, "
+        skipped = sum(x.skipped_scores.numel() for x in sh.build_shards(samples, algo, a.mini_batch_prompts * a.n,
+                                                                         True, groups.dims.dp))
+        zero = skipped / len(samples)
+        print(f"world {world} (tp {a.tp}, dp {groups.dims.dp}); {len(samples)} samples, {tokens:,} tokens, "
               f"{zero:.0%} zero advantages ({'trained' if a.no_skip else 'skipped'}); "
               f"samples received per rank {[int(c) for c in counts]}")
         print(f"before: whole batch pickled to every rank {before:,} B (+ advantage all-gather {adv:,} B), "

@@ -158,8 +158,14 @@ def build_micro_batches(
 def skip_metrics(samples: list[Sample], advantages: list[float], skip_zero_advantage: bool) -> dict[str, float]:
     """Share of a mini-batch's samples (and their response tokens) left out as zero-advantage."""
     skipped = [i for i in range(len(samples)) if skip_zero_advantage and advantages[i] == 0.0]
-    return {"batch/skipped_samples_frac": len(skipped) / max(len(samples), 1),
-            "batch/skipped_response_tokens": float(sum(len(samples[i].response_ids) for i in skipped))}
+    return skip_count_metrics(len(skipped), len(samples), sum(len(samples[i].response_ids) for i in skipped))
+
+
+def skip_count_metrics(skipped: int, samples: int, skipped_response_tokens: int) -> dict[str, float]:
+    """`skip_metrics` from the counts: `skipped` of a mini-batch's `samples` left out, with
+    their `skipped_response_tokens`."""
+    return {"batch/skipped_samples_frac": skipped / max(samples, 1),
+            "batch/skipped_response_tokens": float(skipped_response_tokens)}
 
 
 def rank_micro_batches(

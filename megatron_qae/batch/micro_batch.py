@@ -17,9 +17,9 @@ import torch
 
 Samples = Sequence[Any] | Mapping[int, Any]
 """What micro-batches are built from, indexed by the sample's index in its mini-batch: a list
-over the whole mini-batch, or a dict holding one DP rank's share only (handoff.py). Items are
+over the whole mini-batch, or a dict holding one DP rank's share only (shard.py). Items are
 `rollout_sglang.types.Sample` or anything with its prompt_ids / response_ids /
-rollout_logprobs / num_tokens (handoff.ShareSample); advantages are floats."""
+rollout_logprobs / num_tokens (shard.ShareSample); advantages are floats."""
 
 
 @dataclass(frozen=True)

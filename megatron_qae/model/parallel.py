@@ -40,8 +40,8 @@ class ParallelGroups:
     after work only it does (rollout, eval) goes over this group, so that wait is bounded by
     run.rollout_wait_timeout_s, not by the collective timeout (None: the default group)."""
     dp_rank_of: tuple[int, ...] = ()
-    """The DP rank of every global rank (index = global rank): whom rank 0 sends which data
-    share in the hand-off (run/handoff.py); empty when made without `init_distributed`."""
+    """The DP rank of every global rank (index = global rank): whom rank 0 sends which
+    `TrainShard` in the hand-off (batch/shard.py); empty when made without `init_distributed`."""
 
     @property
     def is_first_stage(self) -> bool:

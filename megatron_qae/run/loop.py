@@ -1,20 +1,19 @@
 """The RL loop: rollout -> reward -> advantage -> train -> weight sync -> eval / checkpoint.
 
 What it does: `run(cfg, env)` drives one training run on every trainer rank. Global rank 0
-owns the Ray side (rollout manager, engines) and hands each rank only its share of the rollout
-batch (handoff.py); the advantage is the DP-aware QAE reduction; training runs the step's
-mini-batches through megatron; then weights go to the engines. Where the engines run
-(devices of their own, or colocated with the trainer) is one `Placement` (sync/placement.py),
-picked once: it readies the devices around training and pushes the weights, so this loop reads
-the same either way. What it does not: parse arguments or read the environment (train.py
-does), or implement any of the steps (each is a call).
+owns the Ray side (rollout manager, engines) and sends each DP rank its `TrainShard` of the
+rollout batch in one scatter (batch/shard.py); each rank's advantages come from its shard through
+the DP-aware QAE reduction; training runs the step's mini-batches through megatron; then weights
+go to the engines. Where the engines run (devices of their own, or colocated with the trainer)
+is one `Placement` (sync/placement.py), picked once: it readies the devices around training and
+pushes the weights, so this loop reads the same either way. What it does not: parse arguments
+or read the environment (train.py does), or implement any of the steps (each is a call).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,11 +22,8 @@ import torch.distributed as dist
 from megatron_qae.persistence import checkpoint
 
 from megatron_qae.model import parallel, weights
-from megatron_qae.algorithm.advantage import compute_group_advantages
-from megatron_qae.batch.batching import (build_micro_batches, schedule_multiple, seq_multiple, skip_metrics,
-                                       with_old_logprobs, with_ref_logprobs)
-from megatron_qae.batch.handoff import (HandoffBytes, hand_off_header, hand_off_scores, hand_off_train_share,
-                                      score_source)
+from megatron_qae.batch.batching import schedule_multiple, seq_multiple, with_old_logprobs, with_ref_logprobs
+from megatron_qae.batch.shard import HandoffBytes, TrainShard, scatter_shards, shard_advantages, shard_micro_batches
 from megatron_qae.launch_env import LaunchEnv
 from megatron_qae.config.algo import AlgoConfig
 from megatron_qae.config.loading import Config, save_config, to_dict, validate_against_model
@@ -95,20 +91,22 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
         ahead = cfg.rollout.async_steps and step < cfg.run.num_rollout_steps
         if ahead and is_driver:
             rollout.generate_ahead(step - 1)  # step+1's batch, while this one trains
-        sent = HandoffBytes()  # rank 0 hands each DP rank its share only (handoff.py)
-        header = hand_off_header(batch, policy.groups, sent)
+        sent = HandoffBytes()  # rank 0 sends each DP rank its shard only (batch/shard.py)
+        shard = scatter_shards(batch, cfg.algo, _samples_per_mini_batch(cfg), skips_zero_advantage(cfg.algo),
+                               policy.groups, sent)
         wait_s = time.perf_counter() - t0
         samples = batch.samples if batch is not None else None
-        _warn_underfilled(cfg, header.metrics, step, is_driver)
+        rollout_metrics = dict(batch.metrics) if batch is not None else {}  # rank 0 alone logs them
+        _warn_underfilled(cfg, rollout_metrics, step, is_driver)
         ledger.record(step, batch)
         offload_metrics = placement.before_training()                     # colocated: engines free GPUs, state back
-        advantages, adv_metrics = _advantages(cfg, policy, samples, header.num_samples, sent)  # advantage
-        train_metrics = _train(cfg, policy, reference, samples, advantages, step, sent)  # train
+        advantages, adv_metrics = shard_advantages(shard, cfg.algo, policy.groups.dp)  # advantage
+        train_metrics = _train(cfg, policy, reference, shard, advantages, step)  # train
         placement.after_training()                                          # colocated: state off the GPU
         if ahead:
             _wait_ahead(rollout, policy)
         sync_metrics = placement.push(step).metrics()                           # weight sync
-        metrics = {**header.metrics, **adv_metrics, **train_metrics, **sync_metrics, **offload_metrics,
+        metrics = {**rollout_metrics, **adv_metrics, **train_metrics, **sync_metrics, **offload_metrics,
                    **_staleness(samples, step), "time/step_s": time.perf_counter() - t0,
                    "time/rollout_wait_s": wait_s, "train/policy_version": float(step),
                    "handoff/sent_bytes": float(sent.sent)}
@@ -151,29 +149,8 @@ def _broadcast(obj, policy: Policy):
     return parallel.broadcast_from_driver(obj, policy.groups)
 
 
-def _advantages(cfg: Config, policy: Policy, samples: list[Sample] | None, num_samples: int,
-                sent: HandoffBytes) -> tuple[list[float], dict]:
-    """QAE advantages of every sample (`samples` on rank 0, None elsewhere); each DP rank
-    receives and reduces only its own share."""
-    if not num_samples:  # dynamic sampling kept no group this step (rollout.on_underfilled=train)
-        return [], {}
-    groups = policy.groups
-    share = hand_off_scores(samples, score_source(cfg.algo.quantile_source), groups, sent)
-    mine = share.index.tolist()
-    adv, metrics = compute_group_advantages(
-        share.scores, share.group_ids, quantile_k=cfg.algo.effective_quantile_k,
-        quantile_method=cfg.algo.quantile_method, norm_by_std=cfg.algo.norm_adv_by_std,
-        eps=cfg.algo.adv_eps, dp_group=groups.dp,
-    )
-    # Mini-batches re-split samples over DP ranks (`batching.dispatch` skips zero advantages
-    # first), so every rank needs every advantage: the one collective over all samples.
-    shares: list = [None] * groups.dims.dp
-    dist.all_gather_object(shares, (mine, adv.tolist()), group=groups.dp)
-    out = [0.0] * num_samples
-    for idx, values in shares:
-        for i, v in zip(idx, values):
-            out[i] = v
-    return out, metrics
+def _samples_per_mini_batch(cfg: Config) -> int:
+    return cfg.rollout.mini_batch_prompts * cfg.rollout.n_samples_per_prompt
 
 
 def skips_zero_advantage(algo: AlgoConfig) -> bool:
@@ -188,44 +165,33 @@ def _log_zero_advantage_skip(algo: AlgoConfig, is_driver: bool) -> None:
                  "has a gradient (%s), so leaving it out would change the step", reason)
 
 
-def _train(cfg: Config, policy: Policy, reference: Reference | None, samples: list[Sample] | None,
-           advantages: list[float], step: int, sent: HandoffBytes) -> dict:
+def _train(cfg: Config, policy: Policy, reference: Reference | None, shard: TrainShard,
+           advantages: torch.Tensor, step: int) -> dict:
     """Old (and reference) log-probs for all mini-batches, then one optimizer step per
-    mini-batch (none when dynamic sampling kept no group: the weights stay as they are).
-    `samples` on rank 0, None elsewhere; each rank receives the samples it trains on."""
-    if not advantages:
+    mini-batch (none when dynamic sampling kept no group: the weights stay as they are), on
+    this rank's shard and the advantages of its samples."""
+    if not shard.num_mini_batches:
         return {"train/optimizer_steps": 0.0}
     groups = policy.groups
-    per_mini = cfg.rollout.mini_batch_prompts * cfg.rollout.n_samples_per_prompt
-    skip = skips_zero_advantage(cfg.algo)
-    share = hand_off_train_share(samples, advantages, per_mini, skip, groups, sent)
-    plans = []
-    for k, (part, mine, tokens) in enumerate(zip(share.samples, share.mine, share.response_tokens)):
-        adv = advantages[k * per_mini: (k + 1) * per_mini]
-        mbs, bmetrics = build_micro_batches(part, adv, mine, cfg.train.micro_batch_max_tokens,
-                                            seq_multiple(groups.dims.tp),
-                                            schedule_multiple(groups.dims.pp, groups.dims.vpp),
-                                            cfg.train.pack_sequences)
-        if samples is not None:  # whole-mini-batch counts: rank 0 logs them
-            bmetrics.update(skip_metrics(samples[k * per_mini: (k + 1) * per_mini], adv, skip))
-        plans.append((mbs, (tokens, len(adv)), bmetrics))
+    plans = shard_micro_batches(shard, advantages, cfg.train.micro_batch_max_tokens, seq_multiple(groups.dims.tp),
+                                schedule_multiple(groups.dims.pp, groups.dims.vpp), cfg.train.pack_sequences)
     t0 = time.perf_counter()
     chunk = cfg.train.logprob_chunk_tokens
-    plans = [(with_old_logprobs(mbs, compute_logprobs(policy, mbs, cfg.rollout.temperature, chunk)), tokens, bm)
-             for mbs, tokens, bm in plans]
+    mbs_of = [with_old_logprobs(p.micro_batches, compute_logprobs(policy, p.micro_batches, cfg.rollout.temperature,
+                                                                  chunk)) for p in plans]
     if reference is not None:
-        plans = [(with_ref_logprobs(mbs, compute_logprobs(reference, mbs, cfg.rollout.temperature, chunk)), tokens, bm)
-                 for mbs, tokens, bm in plans]
-    gap = logprob_gap(policy, [mb for mbs, _, _ in plans for mb in mbs])
+        mbs_of = [with_ref_logprobs(mbs, compute_logprobs(reference, mbs, cfg.rollout.temperature, chunk))
+                  for mbs in mbs_of]
+    gap = logprob_gap(policy, [mb for mbs in mbs_of for mb in mbs])
     sums: dict[str, float] = {}
-    for i, (mbs, (tokens, responses), bmetrics) in enumerate(plans):
-        m = train_step(policy, mbs, tokens, cfg.algo, (step - 1) * len(plans) + i,
-                       cfg.rollout.temperature, chunk, global_samples=responses, seed=cfg.run.seed)
-        for k, v in {**m, **bmetrics}.items():
+    for i, (plan, mbs) in enumerate(zip(plans, mbs_of)):
+        m = train_step(policy, mbs, plan.response_tokens, cfg.algo, (step - 1) * len(plans) + i,
+                       cfg.rollout.temperature, chunk, global_samples=plan.samples, seed=cfg.run.seed)
+        for k, v in {**m, **plan.metrics}.items():
             sums[k] = sums.get(k, 0.0) + v / len(plans)
     finish_param_sync(policy)  # weight sync and checkpoints read the parameters next
     elapsed = time.perf_counter() - t0
-    trained = torch.tensor([float(sum(mb.loss_mask.sum() for mbs, _, _ in plans for mb in mbs))])
+    trained = torch.tensor([float(sum(mb.loss_mask.sum() for mbs in mbs_of for mb in mbs))])
     dist.all_reduce(trained, group=groups.dp)
     return {**sums, "train/logprob_gap_rollout": gap, "train/step_s": elapsed,
             "train/tokens_per_s": float(trained) / elapsed, "train/optimizer_steps": float(len(plans))}

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megatron_qae.batch import batching, handoff
+from megatron_qae.batch import batching, shard as sh  # noqa: E402
 
 from megatron_qae.run import loop  # noqa: E402
 
@@ -52,25 +52,39 @@ def groups_mode(a) -> dict:
     policy = build_policy(cfg, hf, groups, total_steps=3)
     everything, _ = tiny.synthetic_samples()
     samples = everything if dist.get_rank() == 0 else None  # only rank 0 holds the rollout batch
-    sent = handoff.HandoffBytes()
-    header = handoff.hand_off_header(SimpleNamespace(samples=samples, metrics={}) if samples else None, groups, sent)
-    advantages, adv_metrics = loop._advantages(cfg, policy, samples, header.num_samples, sent)
-    same = _same_micro_batches_as_whole_batch(cfg, groups, everything, samples, advantages)
-    metrics = loop._train(cfg, policy, None, samples, advantages, 1, sent)
+    per_mini = cfg.rollout.mini_batch_prompts * cfg.rollout.n_samples_per_prompt
+    shard = sh.scatter_shards(SimpleNamespace(samples=samples, metrics={}) if samples else None, cfg.algo,
+                              per_mini, loop.skips_zero_advantage(cfg.algo), groups, sh.HandoffBytes())
+    mine, _ = sh.shard_advantages(shard, cfg.algo, groups.dp)
+    advantages = _whole_batch_advantages(shard, mine, len(everything), per_mini, groups)
+    same = _same_micro_batches_as_whole_batch(cfg, groups, everything, shard, mine, advantages)
+    metrics = loop._train(cfg, policy, None, shard, mine, 1)
     return {"backend": dist.get_backend_config(), "adv": advantages, "same_micro_batches": same,
             "loss": metrics["loss/loss"], "tokens_per_s": metrics["train/tokens_per_s"]}
 
 
-def _same_micro_batches_as_whole_batch(cfg, groups, everything, samples, advantages) -> bool:
-    """The micro-batches built from this rank's hand-off share are bit for bit those the
-    loop built when every rank held the whole batch (rank_micro_batches)."""
+def _whole_batch_advantages(shard, mine, n, per_mini, groups) -> list[float]:
+    """Every sample's advantage (0.0 for those no rank trains), from the DP ranks' shards."""
+    at = (shard.mini_batch * per_mini + shard.index).tolist()
+    held = [None] * groups.dims.dp
+    dist.all_gather_object(held, (at, mine.tolist()), group=groups.dp)  # test-side only
+    out = [0.0] * n
+    for idx, values in held:
+        for i, v in zip(idx, values):
+            out[i] = v
+    return out
+
+
+def _same_micro_batches_as_whole_batch(cfg, groups, everything, shard, mine, advantages) -> bool:
+    """The micro-batches built from this rank's shard are bit for bit those the loop built
+    when every rank held the whole batch (rank_micro_batches)."""
     per_mini = cfg.rollout.mini_batch_prompts * cfg.rollout.n_samples_per_prompt
     skip, multiple = loop.skips_zero_advantage(cfg.algo), batching.seq_multiple(groups.dims.tp)
-    share = handoff.hand_off_train_share(samples, advantages, per_mini, skip, groups, handoff.HandoffBytes())
-    for k, (part, mine) in enumerate(zip(share.samples, share.mine)):
+    plans = sh.shard_micro_batches(shard, mine, cfg.train.micro_batch_max_tokens, multiple, 1,
+                                   cfg.train.pack_sequences)
+    for k, plan in enumerate(plans):
         lo, hi = k * per_mini, (k + 1) * per_mini
-        ours, _ = batching.build_micro_batches(part, advantages[lo:hi], mine, cfg.train.micro_batch_max_tokens,
-                                               multiple, 1, cfg.train.pack_sequences)
+        ours = plan.micro_batches
         whole, _ = batching.rank_micro_batches(everything[lo:hi], advantages[lo:hi], groups.dp_rank, groups.dims.dp,
                                                cfg.train.micro_batch_max_tokens, skip, multiple, 1, cfg.train.pack_sequences)
         if len(ours) != len(whole):
