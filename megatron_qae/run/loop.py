@@ -85,44 +85,45 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
     placement.after_training()  # colocated: grads + optimizer state leave the GPU for the push and generation
     placement.push(start)  # engines start from the trainer's weights
     progress = _progress(cfg, start, is_driver)
-    for step in range(start + 1, cfg.run.num_rollout_steps + 1):
+    for rollout_step in range(start + 1, cfg.run.num_rollout_steps + 1):
         t0 = time.perf_counter()
-        batch = rollout.generate(step - 1) if is_driver else None               # rollout + reward
-        ahead = cfg.rollout.async_steps and step < cfg.run.num_rollout_steps
+        batch = rollout.generate(rollout_step - 1) if is_driver else None               # rollout + reward
+        ahead = cfg.rollout.async_steps and rollout_step < cfg.run.num_rollout_steps
         if ahead and is_driver:
-            rollout.generate_ahead(step - 1)  # step+1's batch, while this one trains
+            rollout.generate_ahead(rollout_step - 1)  # the next rollout step's batch, while this one trains
         sent = HandoffBytes()  # rank 0 sends each DP rank its shard only (batch/shard.py)
         shard = scatter_shards(batch, cfg.algo, _samples_per_mini_batch(cfg), skips_zero_advantage(cfg.algo),
                                policy.groups, sent)
         wait_s = time.perf_counter() - t0
         samples = batch.samples if batch is not None else None
         rollout_metrics = dict(batch.metrics) if batch is not None else {}  # rank 0 alone logs them
-        _warn_underfilled(cfg, rollout_metrics, step, is_driver)
-        ledger.record(step, batch)
+        _warn_underfilled(cfg, rollout_metrics, rollout_step, is_driver)
+        ledger.record(rollout_step, batch)
         offload_metrics = placement.before_training()                     # colocated: engines free GPUs, state back
         advantages, adv_metrics = shard_advantages(shard, cfg.algo, policy.groups.dp)  # advantage
-        train_metrics = _train(cfg, policy, reference, shard, advantages, step)  # train
+        train_metrics = _train(cfg, policy, reference, shard, advantages, rollout_step)  # train
         placement.after_training()                                          # colocated: state off the GPU
         if ahead:
             _wait_ahead(rollout, policy)
-        sync_metrics = placement.push(step).metrics()                           # weight sync
+        sync_metrics = placement.push(rollout_step).metrics()                           # weight sync
         metrics = {**rollout_metrics, **adv_metrics, **train_metrics, **sync_metrics, **offload_metrics,
-                   **_staleness(samples, step), "time/step_s": time.perf_counter() - t0,
-                   "time/rollout_wait_s": wait_s, "train/policy_version": float(step),
+                   **_staleness(samples, rollout_step), "time/step_s": time.perf_counter() - t0,
+                   "time/rollout_wait_s": wait_s, "train/policy_version": float(rollout_step),
                    "handoff/sent_bytes": float(sent.sent)}
-        if cfg.run.eval_interval_steps and step % cfg.run.eval_interval_steps == 0 and is_driver:
+        if cfg.run.eval_interval_steps and rollout_step % cfg.run.eval_interval_steps == 0 and is_driver:
             metrics.update(rollout.evaluate(cfg.run.eval_n_samples))            # eval
-        sink.log(step, metrics)
+        sink.log(rollout_step, metrics)
         history.append(metrics)
         _progress_update(progress, metrics)
         stopping = _broadcast(stop.requested, policy)  # every rank must agree before a collective save
-        if stopping or (cfg.run.save_interval_steps and step % cfg.run.save_interval_steps == 0):
-            loop_state = {"step": step, "rollout": rollout.state_dict() if is_driver else None}
+        if stopping or (cfg.run.save_interval_steps and rollout_step % cfg.run.save_interval_steps == 0):
+            loop_state = {"step": rollout_step, "rollout": rollout.state_dict() if is_driver else None}
             with placement.train_state_resident():  # the checkpoint holds the optimizer state
-                checkpoint.save_checkpoint(run_dir, step, policy, _broadcast(loop_state, policy),  # checkpoint
+                checkpoint.save_checkpoint(run_dir, rollout_step, policy,                 # checkpoint
+                                           _broadcast(loop_state, policy),
                                            keep_last=cfg.run.keep_last_checkpoints)
         if stopping:
-            log.warning("SIGTERM: saved step %d and stopping", step)
+            log.warning("SIGTERM: saved step %d and stopping", rollout_step)
             break
     sink.close()
     if progress is not None:
@@ -166,7 +167,7 @@ def _log_zero_advantage_skip(algo: AlgoConfig, is_driver: bool) -> None:
 
 
 def _train(cfg: Config, policy: Policy, reference: Reference | None, shard: TrainShard,
-           advantages: torch.Tensor, step: int) -> dict:
+           advantages: torch.Tensor, rollout_step: int) -> dict:
     """Old (and reference) log-probs for all mini-batches, then one optimizer step per
     mini-batch (none when dynamic sampling kept no group: the weights stay as they are), on
     this rank's shard and the advantages of its samples."""
@@ -185,7 +186,7 @@ def _train(cfg: Config, policy: Policy, reference: Reference | None, shard: Trai
     gap = logprob_gap(policy, [mb for mbs in mbs_of for mb in mbs])
     sums: dict[str, float] = {}
     for i, (plan, mbs) in enumerate(zip(plans, mbs_of)):
-        m = train_step(policy, mbs, plan.response_tokens, cfg.algo, (step - 1) * len(plans) + i,
+        m = train_step(policy, mbs, plan.response_tokens, cfg.algo, (rollout_step - 1) * len(plans) + i,
                        cfg.rollout.temperature, chunk, global_samples=plan.samples, seed=cfg.run.seed)
         for k, v in {**m, **plan.metrics}.items():
             sums[k] = sums.get(k, 0.0) + v / len(plans)
@@ -205,20 +206,20 @@ def _wait_ahead(rollout: Rollout | None, policy: Policy) -> None:
     _broadcast(None, policy)
 
 
-def _staleness(samples: list[Sample] | None, step: int) -> dict[str, float]:
+def _staleness(samples: list[Sample] | None, rollout_step: int) -> dict[str, float]:
     """Versions between the weights that sampled each response and the weights trained at
-    `step` (version step-1): 0 generating synchronously, 1 one step off-policy. Rank 0 only."""
-    lag = [step - 1 - s.policy_version for s in samples or []]
+    `rollout_step` (version rollout_step-1): 0 generating synchronously, 1 one step off-policy. Rank 0 only."""
+    lag = [rollout_step - 1 - s.policy_version for s in samples or []]
     if not lag:
         return {}
     return {"rollout/staleness_mean": sum(lag) / len(lag), "rollout/staleness_max": float(max(lag))}
 
 
-def _warn_underfilled(cfg: Config, m: dict[str, float], step: int, is_driver: bool) -> None:
+def _warn_underfilled(cfg: Config, m: dict[str, float], rollout_step: int, is_driver: bool) -> None:
     if is_driver and m.get("rollout/underfilled"):
         log.warning("step %d: dynamic sampling kept %d of rollout.prompts_per_step=%d groups after %d "
                     "generation batches; training on those, if any (rollout.on_underfilled=train; 'fail' "
-                    "stops instead, more rollout.max_gen_batches fills the batch)", step,
+                    "stops instead, more rollout.max_gen_batches fills the batch)", rollout_step,
                     int(m["rollout/groups"]), cfg.rollout.prompts_per_step, int(m["rollout/gen_batches"]))
 
 
