@@ -49,7 +49,7 @@ demo-sglang: $(STAMP) $(SGLANG_STAMP)
 # Two xdist workers (2 cores: a third oversubscribes the multi-process tests into their
 # timing bounds); --dist loadgroup keeps each xdist_group (the real-SGLang tier: one ~3 GB
 # server at a time) in one worker. --durations=10 reports the ten slowest tests of every run.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 1
 test: $(STAMP) $(SGLANG_STAMP)
 	OMP_NUM_THREADS=1 RAY_AUTH_MODE=disabled $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup \
 		--durations=10 $(PYTEST_ARGS)
