@@ -13,6 +13,7 @@ from megatron_qae.config.loading import load_config
 from rollout_sglang import demo_task
 from rollout_sglang.manager import RolloutManager, select_groups
 from rollout_sglang.types import Group, Prompt, Sample
+from testsupport.ray_local import local_ray
 
 
 def _group(gid: int, accs: list[float]) -> Group:
@@ -38,15 +39,13 @@ def manager(tmp_path_factory):
         "engine.num_engines=2", "rollout.prompts_per_step=6", "rollout.gen_batch_prompts=12",
         "rollout.max_response_tokens=48", "rollout.max_gen_batches=20",
         "reward.name=tests.rewards_for_tests:first_char_odd", f"run.run_dir={tmp}"])
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp / "ray"), log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}})
-    actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4).remote(
-        cfg.rollout, cfg.engine, cfg.reward, cfg.data, cfg.run.seed, str(model), str(tmp / "logs"))
-    urls = [u for u, _ in ray.get(actor.engine_endpoints.remote())]
-    ray.get(actor.mark_synced.remote(urls, 0))
-    yield actor
-    ray.get(actor.shutdown.remote())
-    ray.shutdown()
+    with local_ray(num_cpus=2):
+        actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4).remote(
+            cfg.rollout, cfg.engine, cfg.reward, cfg.data, cfg.run.seed, str(model), str(tmp / "logs"))
+        urls = [u for u, _ in ray.get(actor.engine_endpoints.remote())]
+        ray.get(actor.mark_synced.remote(urls, 0))
+        yield actor
+        ray.get(actor.shutdown.remote())
 
 
 def test_dynamic_sampling_keeps_mixed_groups_and_counts_drops(manager):

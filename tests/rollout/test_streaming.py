@@ -8,7 +8,6 @@ computation against the same engine."""
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
@@ -24,6 +23,7 @@ from rollout_sglang.data import PromptCursor, load_prompts
 from rollout_sglang.manager import RolloutManager, sample_seed, select_groups
 from rollout_sglang.streaming import busy_fraction, stream_groups
 from rollout_sglang.types import Group, Prompt, Sample
+from testsupport.ray_local import local_ray
 from tests.rewards_for_tests import first_char_odd
 
 
@@ -123,15 +123,13 @@ def streaming_manager(tmp_path_factory, request):
         "rollout.max_response_tokens=48", "rollout.max_gen_batches=20",
         "reward.name=tests.rewards_for_tests:first_char_odd", f"run.run_dir={tmp}",
         f"rollout.groups_per_request={request.param}"])
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp / "ray"), log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}})
-    actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4).remote(
-        cfg.rollout, cfg.engine, cfg.reward, cfg.data, cfg.run.seed, str(model), str(tmp / "logs"))
-    urls = [u for u, _ in ray.get(actor.engine_endpoints.remote())]
-    ray.get(actor.mark_synced.remote(urls, 0))
-    yield actor, cfg, urls[0], model, request.param
-    ray.get(actor.shutdown.remote())
-    ray.shutdown()
+    with local_ray(num_cpus=2):
+        actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4).remote(
+            cfg.rollout, cfg.engine, cfg.reward, cfg.data, cfg.run.seed, str(model), str(tmp / "logs"))
+        urls = [u for u, _ in ray.get(actor.engine_endpoints.remote())]
+        ray.get(actor.mark_synced.remote(urls, 0))
+        yield actor, cfg, urls[0], model, request.param
+        ray.get(actor.shutdown.remote())
 
 
 def _batch_at_a_time(cfg, url: str, model, steps: int) -> list[list[tuple]]:

@@ -17,6 +17,7 @@ from testsupport.cpu_server import write_model_dir
 from rollout_sglang.sglang.client import EngineError, SGLangClient
 from rollout_sglang.engines.engine import CPU_STAND_IN_DIR, RolloutEngine, engine_host, server_command, server_env
 from testsupport import tiny
+from testsupport.ray_local import local_ray
 
 
 def test_engine_host_is_the_node_ip_only_on_a_multi_node_cluster():
@@ -88,11 +89,9 @@ def test_server_dies_with_its_engine_actor(tmp_path):
     # cleanup runs in it, Ray's own child reaping included. Before, the server (its own session)
     # kept running, orphaned, holding its port (and on GPU its memory).
     import psutil
-    import ray
 
     model = write_model_dir(tmp_path / "model", tiny.tiny_hf_config(), seed=0)
-    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
+    with local_ray(num_cpus=1):
         actor = ray.remote(RolloutEngine).options(num_cpus=0).remote(
             str(model), backend="cpu", port=33100, log_dir=str(tmp_path), api_key="k")
         first = ray.get(actor.pid.remote())
@@ -102,8 +101,6 @@ def test_server_dies_with_its_engine_actor(tmp_path):
         assert ray.get(actor.is_alive.remote())  # outlives the method call that started it
         os.kill(psutil.Process(server).ppid(), signal.SIGKILL)
         psutil.Process(server).wait(timeout=30)  # raises TimeoutExpired if it stays up
-    finally:
-        ray.shutdown()
     assert tiny.cpu_server_pids(str(model)) == []
 
 
