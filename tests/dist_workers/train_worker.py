@@ -1,4 +1,5 @@
-"""torchrun worker: one RL forward/backward + Adam step of a tiny Qwen2 under a given layout.
+"""torchrun worker: one RL forward/backward + Adam step of a tiny Qwen2 under a given layout
+(several layouts in one launch with testsupport.jobs).
 
 Writes, per rank, the layout-independent results (full-named grads, params after the step,
 loss metrics) so the test can compare layouts against TP=PP=DP=1.
@@ -23,9 +24,10 @@ from megatron_qae.config.algo import AlgoConfig  # noqa: E402
 from megatron_qae.model.policy import build_policy, finish_param_sync  # noqa: E402
 from megatron_qae.run.train_step import compute_logprobs, forward_backward, logprob_gap, train_step  # noqa: E402
 from testsupport import tiny  # noqa: E402
+from testsupport.jobs import run_jobs  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
@@ -50,7 +52,7 @@ def main() -> None:
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--policy-loss", default="dapo", help="algo.policy_loss of the forward/backward")
     ap.add_argument("--out", required=True)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     groups = parallel.init_distributed(ParallelConfig(tp=a.tp, pp=a.pp))
     hf = tiny.tiny_hf_config(tied=a.tied, layers=a.layers)
     cfg = tiny.run_config(a.tp, a.pp, a.dist_opt, lr=a.lr)
@@ -64,7 +66,6 @@ def main() -> None:
         result = run_once(a, groups, hf, cfg, budget)
         if groups.dp_rank == 0 and groups.tp_rank == 0:
             torch.save(result, f"{a.out}.mt{budget}.pp{groups.pp_rank}.pt")
-    parallel.destroy()
 
 
 def run_once(a, groups, hf, cfg, budget: int) -> dict:
@@ -173,4 +174,4 @@ def gather_full_grads(policy, groups) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_jobs(main)

@@ -4,12 +4,14 @@ and TP=1 equals an independent transformers computation of the same loss."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_qae.model import qwen2_mapping as qm
 from testsupport import tiny
+from testsupport.jobs import torchrun_jobs
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "train_worker.py"
 
@@ -26,11 +28,34 @@ def _load(prefix: str, budget: int, pp: int = 1) -> dict:
     return merged
 
 
+# Every run of this module, by name: one launch per world size (testsupport/jobs.py).
+ONE_RANK = {
+    "base": ["--max-tokens", "1000", "64", "16"],
+    "learn": ["--learn-steps", "3", "--max-tokens", "1000"],
+    "skip1": ["--skip-zero", "--max-tokens", "16"],
+    "nopad": ["--seq-multiple", "1", "--max-tokens", "64"],  # base pads to 16 (the loop's rule)
+    "chunks": ["--chunk-tokens", "3", "--max-tokens", "64"],  # chunks recomputed in backward
+}
+TWO_RANKS = {
+    "tp2": ["--tp", "2", "--max-tokens", "64"],
+    "pp2": ["--pp", "2", "--max-tokens", "64"],
+    "dp2": ["--max-tokens", "64"],
+    "dp2do": ["--dist-opt", "--max-tokens", "64"],
+    "skip2": ["--skip-zero", "--max-tokens", "16"],
+}
+
+
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("layouts") / "base")
-    tiny.torchrun(WORKER, 1, ["--max-tokens", "1000", "64", "16", "--out", out])
+def runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("layouts")
+    for nproc, jobs in ((1, ONE_RANK), (2, TWO_RANKS)):
+        torchrun_jobs(WORKER, nproc, [[*args, "--out", str(out / name)] for name, args in jobs.items()])
     return out
+
+
+@pytest.fixture(scope="module")
+def base(runs) -> str:
+    return str(runs / "base")
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -77,23 +102,16 @@ def test_micro_batch_count_does_not_change_the_gradient(base):
     assert abs(one["metrics"]["loss/loss"] - many["metrics"]["loss/loss"]) < 1e-7
 
 
-@pytest.mark.parametrize(
-    "name,args,pp",
-    [("tp2", ["--tp", "2"], 1), ("pp2", ["--pp", "2"], 2), ("dp2", [], 1)],
-)
-def test_layout_reproduces_tp1_gradients(base, tmp_path, name, args, pp):
-    out = str(tmp_path / name)
-    tiny.torchrun(WORKER, 2, [*args, "--max-tokens", "64", "--out", out])
-    ours, ref = _load(out, 64, pp), _load(base, 64)
+@pytest.mark.parametrize("name,pp", [("tp2", 1), ("pp2", 2), ("dp2", 1)])
+def test_layout_reproduces_tp1_gradients(runs, base, name, pp):
+    ours, ref = _load(str(runs / name), 64, pp), _load(base, 64)
     assert _max_diff(ours["grads"], ref["grads"]) < 1e-6
     assert abs(ours["metrics"]["loss/loss"] - ref["metrics"]["loss/loss"]) < 1e-6
     assert abs(ours["metrics"]["loss/entropy"] - ref["metrics"]["loss/entropy"]) < 1e-5
 
 
-def test_distributed_optimizer_dp2_matches_tp1_step(base, tmp_path):
-    out = str(tmp_path / "dp2do")
-    tiny.torchrun(WORKER, 2, ["--dist-opt", "--max-tokens", "64", "--out", out])
-    ours, ref = _load(out, 64), _load(base, 64)
+def test_distributed_optimizer_dp2_matches_tp1_step(runs, base):
+    ours, ref = _load(str(runs / "dp2do"), 64), _load(base, 64)
     assert _max_diff(ours["params"], ref["params"]) < 1e-5
     hf = tiny.tiny_hf_config()
     initial = tiny.tiny_hf_model(hf).state_dict()
@@ -101,10 +119,8 @@ def test_distributed_optimizer_dp2_matches_tp1_step(base, tmp_path):
     assert _max_diff(ours["params"], start) > 1e-3  # the step really moved the weights
 
 
-def test_positive_advantages_raise_logprobs(tmp_path):
-    out = str(tmp_path / "learn")
-    tiny.torchrun(WORKER, 1, ["--learn-steps", "3", "--max-tokens", "1000", "--out", out])
-    res = torch.load(f"{out}.mt1000.pp0.pt", weights_only=False)
+def test_positive_advantages_raise_logprobs(runs):
+    res = torch.load(runs / "learn.mt1000.pp0.pt", weights_only=False)
     _, advs = tiny.synthetic_samples()
     mb = res["mbs"][0]
     for row, i in enumerate(mb.sample_index):
@@ -117,10 +133,8 @@ def test_positive_advantages_raise_logprobs(tmp_path):
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_skipping_zero_advantage_samples_gives_the_same_step(base, tmp_path, nproc):
-    out = str(tmp_path / f"skip{nproc}")
-    res = tiny.torchrun(WORKER, nproc, ["--skip-zero", "--max-tokens", "16", "--out", out])
-    del res
+def test_skipping_zero_advantage_samples_gives_the_same_step(runs, base, nproc):
+    out = str(runs / f"skip{nproc}")
     ours, ref = _load(out, 16), _load(base, 16)
     part = torch.load(f"{out}.mt16.pp0.pt", weights_only=False)
     _, advs = tiny.synthetic_samples()
@@ -130,19 +144,18 @@ def test_skipping_zero_advantage_samples_gives_the_same_step(base, tmp_path, npr
     assert _max_diff(ours["params"], ref["params"]) < 1e-5
 
 
-def _same_step_as_base(base: str, out: str, args: list[str]) -> None:
-    tiny.torchrun(WORKER, 1, [*args, "--max-tokens", "64", "--out", out])
+def _same_step_as_base(base: str, out: str) -> None:
     ours, ref = _load(out, 64), _load(base, 64)
     assert _max_diff(ours["grads"], ref["grads"]) < 1e-6
     assert abs(ours["metrics"]["loss/loss"] - ref["metrics"]["loss/loss"]) < 1e-7
     assert abs(ours["metrics"]["loss/entropy"] - ref["metrics"]["loss/entropy"]) < 1e-6
 
 
-def test_sequence_padding_does_not_change_the_step(base, tmp_path):
+def test_sequence_padding_does_not_change_the_step(runs, base):
     # base pads every micro-batch to a multiple of 16 (the loop's rule); this run does not pad.
-    _same_step_as_base(base, str(tmp_path / "nopad"), ["--seq-multiple", "1"])
+    _same_step_as_base(base, str(runs / "nopad"))
 
 
-def test_logprob_chunks_do_not_change_the_gradient(base, tmp_path):
+def test_logprob_chunks_do_not_change_the_gradient(runs, base):
     # Chunks of 3 response tokens, each recomputed in backward, against base's single chunk.
-    _same_step_as_base(base, str(tmp_path / "chunks"), ["--chunk-tokens", "3"])
+    _same_step_as_base(base, str(runs / "chunks"))
