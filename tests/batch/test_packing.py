@@ -4,6 +4,7 @@ padded one (loss, log-probs, gradients) under TP=1 and TP=2, plus a 2-rank run w
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from megatron_qae.model.packed_attention import block_causal_mask
 from megatron_qae.batch.batching import build_micro_batch, rank_micro_batches
 from megatron_qae.batch.packing import build_packed_micro_batch, pack_by_tokens, packed_seq_params
 from testsupport import tiny
+from testsupport.jobs import torchrun_jobs
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "train_worker.py"
 
@@ -85,14 +87,27 @@ def _assert_same_step(packed: dict, padded: dict) -> None:
     assert packed["batch"]["batch/padding_frac"] < padded["batch"]["batch/padding_frac"]
 
 
-@pytest.mark.parametrize("tp,loss", [(1, "dapo"), (2, "dapo"), (1, "gspo"), (1, "kl_cov")])
-def test_packed_step_equals_padded_step(tmp_path, tp, loss):
+PACKED_CASES = [(1, "dapo"), (2, "dapo"), (1, "gspo"), (1, "kl_cov")]
+
+
+@pytest.fixture(scope="module")
+def packed_runs(tmp_path_factory) -> Path:
+    """Every (tp, loss) case padded and packed: one launch per tp (testsupport/jobs.py)."""
+    out = tmp_path_factory.mktemp("packed")
+    for tp in sorted({tp for tp, _ in PACKED_CASES}):
+        jobs = [["--tp", str(tp), "--max-tokens", "64", "--out", str(out / f"{mode}-tp{tp}-{loss}"),
+                 "--policy-loss", loss, *(["--pack"] if mode == "packed" else [])]
+                for t, loss in PACKED_CASES if t == tp for mode in ("padded", "packed")]
+        torchrun_jobs(WORKER, tp, jobs)
+    return out
+
+
+@pytest.mark.parametrize("tp,loss", PACKED_CASES)
+def test_packed_step_equals_padded_step(packed_runs, tp, loss):
     # GSPO's sequence ratio and KL-Cov's token selection work per response: a packed row holds
     # several (they read it through MicroBatch.per_sample / sample_spans).
-    for mode in ("padded", "packed"):
-        args = ["--tp", str(tp), "--max-tokens", "64", "--out", str(tmp_path / mode), "--policy-loss", loss]
-        tiny.torchrun(WORKER, tp, args + (["--pack"] if mode == "packed" else []))
-    _assert_same_step(_load(str(tmp_path / "packed")), _load(str(tmp_path / "padded")))
+    _assert_same_step(_load(str(packed_runs / f"packed-tp{tp}-{loss}")),
+                      _load(str(packed_runs / f"padded-tp{tp}-{loss}")))
 
 
 def test_two_rank_run_with_packing(tmp_path):

@@ -7,12 +7,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_qae.model import qwen2_mapping as qm
 from testsupport import tiny
+from testsupport.jobs import torchrun_jobs
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "train_worker.py"
 LR = 1e-2
@@ -27,22 +29,29 @@ def _loaded(hf_dir, hf: dict) -> dict[str, torch.Tensor]:
     return {name: qm.hf_to_megatron(name, state, hf) for name in qm.megatron_names(hf)}
 
 
-@pytest.mark.parametrize("source", ["hf", "model_only_checkpoint"])
-def test_bf16_distributed_optimizer_keeps_the_loaded_weights(tmp_path, source):
+@pytest.fixture(scope="module")
+def bf16_runs(tmp_path_factory) -> tuple[Path, dict]:
+    """One bf16 DP=2 step from the HF dir and one from its converted model-only checkpoint, in
+    one launch (testsupport/jobs.py)."""
+    tmp = tmp_path_factory.mktemp("bf16")
     hf = tiny.tiny_hf_config()
-    hf_dir = tmp_path / "hf"
+    hf_dir = tmp / "hf"
     tiny.tiny_hf_model(hf, seed=3).to(torch.bfloat16).save_pretrained(hf_dir)
-    load = ["--hf-dir", str(hf_dir)]
-    if source == "model_only_checkpoint":
-        ckpt = tmp_path / "ckpt"
-        subprocess.run([sys.executable, "-m", "tools.convert_checkpoint", "hf-to-mcore", "--hf-dir", str(hf_dir),
-                        "--out", str(ckpt)], cwd=tiny.ROOT, check=True, capture_output=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tiny.ROOT)})
-        load = ["--ckpt-dir", str(ckpt)]
-    out = str(tmp_path / "bf16")
-    tiny.torchrun(WORKER, 2, ["--bf16", "--dist-opt", *load, "--mini-steps", "1",
-                              "--lr", str(LR), "--max-tokens", "64", "--out", out])
-    res = torch.load(f"{out}.mt64.pp0.pt", weights_only=False)
+    ckpt = tmp / "ckpt"
+    subprocess.run([sys.executable, "-m", "tools.convert_checkpoint", "hf-to-mcore", "--hf-dir", str(hf_dir),
+                    "--out", str(ckpt)], cwd=tiny.ROOT, check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tiny.ROOT)})
+    loads = {"hf": ["--hf-dir", str(hf_dir)], "model_only_checkpoint": ["--ckpt-dir", str(ckpt)]}
+    torchrun_jobs(WORKER, 2, [["--bf16", "--dist-opt", *load, "--mini-steps", "1", "--lr", str(LR),
+                               "--max-tokens", "64", "--out", str(tmp / source)] for source, load in loads.items()])
+    return hf_dir, {source: torch.load(tmp / f"{source}.mt64.pp0.pt", weights_only=False) for source in loads}
+
+
+@pytest.mark.parametrize("source", ["hf", "model_only_checkpoint"])
+def test_bf16_distributed_optimizer_keeps_the_loaded_weights(bf16_runs, source):
+    hf = tiny.tiny_hf_config()
+    hf_dir, results = bf16_runs
+    res = results[source]
     loaded = _loaded(hf_dir, hf)
     before, after = res["history"][0]["params"], res["params"]
     assert before.keys() == after.keys() == loaded.keys()

@@ -9,21 +9,23 @@ import pytest
 import torch
 
 from testsupport import tiny
+from testsupport.jobs import torchrun_jobs
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "train_worker.py"
 
 
-def _mini_steps(tmp_path, name: str, nproc: int, flags: list[str]) -> dict:
-    out = str(tmp_path / name)
-    tiny.torchrun(WORKER, nproc, [*flags, "--mini-steps", "2", "--max-tokens", "64", "--out", out])
-    return torch.load(f"{out}.mt64.pp0.pt", weights_only=False)
+def _mini_steps(tmp_path, nproc: int, flags: list[str]) -> tuple[dict, dict]:
+    """Two optimizer steps without and with an offload round trip between them (one launch)."""
+    args = [*flags, "--mini-steps", "2", "--max-tokens", "64"]
+    torchrun_jobs(WORKER, nproc, [[*args, "--out", str(tmp_path / "plain")],
+                                  [*args, "--offload", "--out", str(tmp_path / "offload")]])
+    return tuple(torch.load(tmp_path / f"{name}.mt64.pp0.pt", weights_only=False) for name in ("plain", "offload"))
 
 
 @pytest.mark.parametrize("nproc,flags", [(1, []), (2, ["--bf16", "--dist-opt"])],
                          ids=["fp32", "bf16-distopt-dp2"])
 def test_training_after_an_offload_round_trip_is_bit_exact(tmp_path, nproc, flags):
-    plain = _mini_steps(tmp_path, "plain", nproc, flags)
-    offloaded = _mini_steps(tmp_path, "offload", nproc, [*flags, "--offload"])
+    plain, offloaded = _mini_steps(tmp_path, nproc, flags)
     assert plain["params"].keys() == offloaded["params"].keys()
     for name, want in plain["params"].items():
         assert torch.equal(offloaded["params"][name], want), name

@@ -9,6 +9,7 @@ from megatron.core.optimizer import OptimizerConfig
 
 from megatron_qae.model.policy import _with_overrides
 from testsupport import tiny
+from testsupport.jobs import torchrun_jobs
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "train_worker.py"
 
@@ -25,8 +26,7 @@ def test_overlapped_dp2_distributed_optimizer_steps_equal_the_plain_ones(tmp_pat
     plain, overlap = str(tmp_path / "plain"), str(tmp_path / "overlap")
     # Several buckets (the same in both runs, so the optimizer's shards are the same).
     args = ["--dist-opt", "--mini-steps", "3", "--lr", "0.05", "--max-tokens", "48", "--bucket-size", "2000"]
-    tiny.torchrun(WORKER, 2, [*args, "--out", plain])
-    tiny.torchrun(WORKER, 2, [*args, "--overlap", "--out", overlap])
+    torchrun_jobs(WORKER, 2, [[*args, "--out", plain], [*args, "--overlap", "--out", overlap]])
     a = torch.load(f"{plain}.mt48.pp0.pt", weights_only=False)
     b = torch.load(f"{overlap}.mt48.pp0.pt", weights_only=False)
     assert a["micro_batches"] >= 2  # gradients accumulate over micro-batches before reducing
