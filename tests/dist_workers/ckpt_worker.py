@@ -7,6 +7,7 @@
 --mode load: resume as the loop does (the newest intact checkpoint, --on-damaged decides what a
   damaged one does) under the given layout, write the full params and the loss of one more step
   on the same batch.
+Several jobs in one launch with testsupport.jobs.
 """
 
 import argparse
@@ -29,6 +30,7 @@ from megatron_qae.config.algo import AlgoConfig  # noqa: E402
 from megatron_qae.model.policy import build_policy  # noqa: E402
 from megatron_qae.run.train_step import compute_logprobs, train_step  # noqa: E402
 from testsupport import tiny  # noqa: E402
+from testsupport.jobs import run_jobs  # noqa: E402
 
 
 def step(policy, groups, k: int) -> float:
@@ -38,7 +40,7 @@ def step(policy, groups, k: int) -> float:
     return train_step(policy, mbs, response_tokens(samples), AlgoConfig(), k)["loss/loss"]
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["save", "load"], required=True)
     ap.add_argument("--tp", type=int, default=1)
@@ -48,7 +50,7 @@ def main() -> None:
     ap.add_argument("--save-step2", action="store_true")
     ap.add_argument("--on-damaged", choices=["fallback", "fail"], default="fallback")
     ap.add_argument("--run-dir", required=True)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     groups = parallel.init_distributed(ParallelConfig(tp=a.tp, pp=a.pp))
     hf = tiny.tiny_hf_config()
     policy = build_policy(tiny.run_config(a.tp, a.pp, a.dist_opt, lr=1e-2), hf, groups, total_steps=10)
@@ -83,8 +85,7 @@ def main() -> None:
         if dist.get_rank() == 0:
             torch.save({"params": params, "loss2": loss2, "loss3": loss3, "state": state, "path": str(path)},
                        out / f"loaded.pp{groups.pp_rank}.pt")
-    parallel.destroy()
 
 
 if __name__ == "__main__":
-    main()
+    run_jobs(main)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_qae.persistence.checkpoint import latest_checkpoint
 from testsupport import tiny
+from testsupport.jobs import torchrun_jobs
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "ckpt_worker.py"
 
@@ -17,10 +19,20 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_save_tp2_dist_opt_load_tp1_continues_identically(tmp_path):
-    run = tmp_path / "run"
-    tiny.torchrun(WORKER, 2, ["--mode", "save", "--tp", "2", "--run-dir", str(run)])
-    tiny.torchrun(WORKER, 1, ["--mode", "load", "--run-dir", str(run)])
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory) -> Path:
+    """Saved at tp=2 and at dp=2 with the distributed optimizer (one 2-rank launch), each loaded
+    on one rank (one 1-rank launch)."""
+    out = tmp_path_factory.mktemp("reshard")
+    torchrun_jobs(WORKER, 2, [["--mode", "save", "--tp", "2", "--run-dir", str(out / "tp2")],
+                              ["--mode", "save", "--dist-opt", "--run-dir", str(out / "dp2")]])
+    torchrun_jobs(WORKER, 1, [["--mode", "load", "--run-dir", str(out / "tp2")],
+                              ["--mode", "load", "--dist-opt", "--run-dir", str(out / "dp2")]])
+    return out
+
+
+def test_save_tp2_dist_opt_load_tp1_continues_identically(resharded):
+    run = resharded / "tp2"
     saved, loaded = torch.load(run / "saved.pp0.pt"), torch.load(run / "loaded.pp0.pt", weights_only=False)
     assert _max_diff(saved["params"], loaded["params"]) == 0.0
     assert loaded["state"] == {"step": 1, "cursor": [3, 4]}
@@ -29,10 +41,8 @@ def test_save_tp2_dist_opt_load_tp1_continues_identically(tmp_path):
     assert abs(saved["loss3"] - loaded["loss3"]) < 1e-6
 
 
-def test_dp2_distributed_optimizer_reshards_to_dp1(tmp_path):
-    run = tmp_path / "run"
-    tiny.torchrun(WORKER, 2, ["--mode", "save", "--dist-opt", "--run-dir", str(run)])
-    tiny.torchrun(WORKER, 1, ["--mode", "load", "--dist-opt", "--run-dir", str(run)])
+def test_dp2_distributed_optimizer_reshards_to_dp1(resharded):
+    run = resharded / "dp2"
     saved, loaded = torch.load(run / "saved.pp0.pt"), torch.load(run / "loaded.pp0.pt", weights_only=False)
     assert _max_diff(saved["params"], loaded["params"]) == 0.0
     assert abs(saved["loss2"] - loaded["loss2"]) < 1e-6
