@@ -4,22 +4,24 @@ What it does: each pipeline stage's sender (TP rank 0 of DP replica 0) gathers i
 stage's weights as HF Qwen2 tensors one at a time (hf_buckets.py) and sends them in
 size-bounded buckets straight to the engines over a weight-update group of its own, whose
 rendezvous port it holds from before the engines are told it (SGLang receives each update by
-broadcast from rank 0 of the named group, and an engine may be in several named groups): no stage's
-weights cross the pipeline, and a sync holds at most two buckets and one gathered tensor per
-sender. All of it happens inside one weight-update session per engine
-(`/begin_weight_update` ... `/end_weight_update`, required by SGLang >= 0.5.21), opened by the
-first stage's sender before any stage sends and closed after every stage has: the engines are
-told the names / dtypes / shapes over HTTP (`/update_weights_from_distributed`) while the
-sender broadcasts the tensors. An engine that refuses (its 400 arrives before it would join
-the broadcast) stops the push at once with an error naming the engine and SGLang's message,
-instead of leaving a sender waiting in the broadcast. Every reply is awaited with a deadline
-and a /health watch: an engine that stops answering (stopped, wedged) fails the push within
-seconds and is listed in the push's `PushOutcome.hung`, so the manager kills and restarts it
-before the push is repeated. Every step of a push returns what it found (`PushOutcome`: the
-first refusal, the engines found hung); the link holds connection state only. Timed per phase.
-What it does not:
-decide when to sync (the loop does), decide when links must be re-formed (global rank 0's
-`Rollout.prepare_sync` does) or start engines (the rollout manager does).
+broadcast from rank 0 of the named group; an engine may be in several named groups): no
+stage's weights cross the pipeline, and a sync holds at most two buckets and one gathered
+tensor per sender. The stages take turns, one bucket each, so every engine receives the
+updates in one order (`_send_in_turns`). All of it happens inside one weight-update session
+per engine (`/begin_weight_update` ... `/end_weight_update`, required by SGLang >= 0.5.21),
+opened by the first stage's sender before any stage sends and closed after every stage has:
+the engines are told the names / dtypes / shapes over HTTP (`/update_weights_from_distributed`)
+while the sender broadcasts the tensors. An engine that refuses (its 400 arrives before it
+would join the broadcast) stops the push at once with an error naming the engine and SGLang's
+message; a request with no reply in time is reported as a timeout. Every reply is awaited
+with a deadline and a /health watch: an engine that stops answering (stopped, wedged) fails
+the push within seconds and is listed in the push's `PushOutcome.hung`, so the manager kills
+and restarts it before the push is repeated. A failed push aborts the trainer's side of the
+group at once (NCCL and gloo alike); re-forming tells every engine to destroy its side
+(`disconnect`). Every step of a push returns what it found (`PushOutcome`); the link holds
+connection state only. Timed per phase. What it does not: decide when to sync (the loop
+does), decide when links must be re-formed (global rank 0's `Rollout.prepare_sync` does) or
+start engines (the rollout manager does).
 
 Every trainer rank calls `push_weights`; only data-parallel replica 0 takes part in the gathers.
 """
@@ -278,7 +280,7 @@ def _send_bucket(link: EngineLink, bucket: list[tuple[str, torch.Tensor]], versi
     outcome = _broadcast_watching(link, [t.contiguous() for _, t in bucket], futures)
     sent = time.perf_counter()
     # After a failed broadcast the live engines wait for tensors that will not come; they are
-    # released (with an error) when the loop destroys this group, so do not wait for them.
+    # released when the push aborts this group (`abort_link`), so do not wait for them.
     for c, f in zip(link.clients, futures if outcome.ok else []):
         outcome = outcome.merged(_reply(link, c, f, "the weight update"))
     if not outcome.ok:
@@ -293,7 +295,7 @@ def _broadcast_watching(link: EngineLink, tensors: list[torch.Tensor], futures: 
     """Broadcast `tensors` from rank 0 while watching the engines' HTTP replies: SGLang
     answers a refused update (400) without joining the broadcast, so a reply that arrives
     before the broadcast completes is a refusal and ends the wait (never a hang). Broadcasts
-    left in flight go to `link.abandoned` (the group must outlive them)."""
+    left in flight go to `link.abandoned`, for `abort_link`."""
     watch = HealthWatch(link.clients, link.watch)
     try:
         works = [dist.broadcast(t, src=0, group=link.group, async_op=True) for t in tensors]

@@ -2,8 +2,8 @@
 to three engines with buckets far smaller than a stage (hundreds of updates per push) reach
 every engine in one order, however the posts are delayed, over several pushes; re-forming the
 weight groups before every push leaves each engine holding one group, and none once the links
-close; an engine left receiving in a group the trainer aborts is released at once, so the
-next group's push reaches it."""
+close; after an engine refuses mid-push, the next group's push reaches the engine that was
+left receiving in the old one."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_qae.sync import weight_sync
-from rollout_sglang.sglang.client import EngineError, SGLangClient
+from rollout_sglang.sglang.client import SGLangClient
 from testsupport import tiny
 from testsupport.cpu_server import CpuServer, write_model_dir
 
@@ -76,38 +76,31 @@ def test_reforming_before_every_push_leaves_one_group_on_each_engine(engines, tm
         assert _max_gap(engine) < 1e-4 and engine["engine_version"] == str(pushes)
 
 
-def test_an_engine_left_receiving_in_an_aborted_group_is_released(engines):
-    """An engine asked for an update whose broadcast never comes (the trainer gave up on the
-    push) waits in the old group, holding its one-update-at-a-time lock: the next group's push
-    to it waited in gloo until its timeout (the old SIGKILL fault test's 120 s). Aborting the
-    trainer's side closes the group's connections, which ends that receive at once."""
-    url = engines[0]
-    link = weight_sync.connect_engines([(url, 1)], "127.0.0.1", "gloo", 60.0)
-    client = SGLangClient(url, timeout_s=60.0)
-    client.begin_weight_update()
+def test_after_an_engine_refuses_mid_push_the_next_group_reaches_the_others(engines):
+    """Engine B refuses a bucket (no session: a 400 before it joins the broadcast) while A
+    receives it: the trainer's broadcasts to B never end, and A waits in the old group for
+    the bucket's third tensor (gloo runs two broadcasts at a time), holding its one-update-
+    at-a-time lock. The old code left that group undestroyed, so A's next update, on a new
+    group, never started: its broadcast timed out in gloo (the SIGKILL fault test's 120 s).
+    Aborting the trainer's side and destroying B's ends the old broadcasts; A takes the next
+    group's update at once, and neither engine holds the old group."""
+    a, b = SGLangClient(engines[0], timeout_s=60.0), SGLangClient(engines[1], timeout_s=60.0)
+    link = weight_sync.connect_engines([(a.base_url, 1), (b.base_url, 1)], "127.0.0.1", "gloo", 20.0)
+    bucket = [(f"model.layers.{i}.input_layernorm.weight", torch.full((32,), 0.5)) for i in range(4)]
+    a.begin_weight_update()
     try:
-        stuck = link.pool.submit(client.update_weights_from_distributed, ["model.norm.weight"], ["float32"],
-                                 [[32]], link.group_name, False, "9")
-        time.sleep(1.0)  # the engine is in the broadcast now
-        assert not stuck.done()
-        t0 = time.monotonic()
-        weight_sync.disconnect(link)
-        with pytest.raises(EngineError):
-            stuck.result(timeout=30)
-        released_s = time.monotonic() - t0
+        outcome = weight_sync._send_bucket(link, bucket, 8, weight_sync.SyncTimes(), flush=False)
+        assert outcome.failed.startswith(f"engine {b.base_url} refused the weight update"), outcome.failed
+        weight_sync.disconnect(link)  # as the re-forming does after a failed push
+        fresh = weight_sync.connect_engines([(a.base_url, 1)], "127.0.0.1", "gloo", 20.0)
+        try:
+            t0 = time.monotonic()
+            outcome = weight_sync._send_bucket(fresh, bucket, 9, weight_sync.SyncTimes(), flush=True)
+            took_s = time.monotonic() - t0
+        finally:
+            weight_sync.disconnect(fresh)
     finally:
-        client.end_weight_update()
-    assert released_s < 10.0
-    assert SGLangClient(url).server_info()["weight_update_groups"] == []
-    # The next group's update reaches the engine (it took the 60 s timeout before).
-    fresh = weight_sync.connect_engines([(url, 1)], "127.0.0.1", "gloo", 60.0)
-    try:
-        client.begin_weight_update()
-        norm = torch.full((32,), 0.5)
-        t0 = time.monotonic()
-        assert weight_sync._send_bucket(fresh, [("model.norm.weight", norm)], 9, weight_sync.SyncTimes(),
-                                        flush=True).ok
-        client.end_weight_update()
-        assert time.monotonic() - t0 < 10.0 and client.weight_version() == "9"
-    finally:
-        weight_sync.disconnect(fresh)
+        a.end_weight_update()
+    assert outcome.ok, outcome.failed
+    assert took_s < 10.0 and a.weight_version() == "9"
+    assert a.server_info()["weight_update_groups"] == b.server_info()["weight_update_groups"] == []
