@@ -4,22 +4,24 @@ What it does: each pipeline stage's sender (TP rank 0 of DP replica 0) gathers i
 stage's weights as HF Qwen2 tensors one at a time (hf_buckets.py) and sends them in
 size-bounded buckets straight to the engines over a weight-update group of its own, whose
 rendezvous port it holds from before the engines are told it (SGLang receives each update by
-broadcast from rank 0 of the named group, and an engine may be in several named groups): no stage's
-weights cross the pipeline, and a sync holds at most two buckets and one gathered tensor per
-sender. All of it happens inside one weight-update session per engine
-(`/begin_weight_update` ... `/end_weight_update`, required by SGLang >= 0.5.21), opened by the
-first stage's sender before any stage sends and closed after every stage has: the engines are
-told the names / dtypes / shapes over HTTP (`/update_weights_from_distributed`) while the
-sender broadcasts the tensors. An engine that refuses (its 400 arrives before it would join
-the broadcast) stops the push at once with an error naming the engine and SGLang's message,
-instead of leaving a sender waiting in the broadcast. Every reply is awaited with a deadline
-and a /health watch: an engine that stops answering (stopped, wedged) fails the push within
-seconds and is listed in the push's `PushOutcome.hung`, so the manager kills and restarts it
-before the push is repeated. Every step of a push returns what it found (`PushOutcome`: the
-first refusal, the engines found hung); the link holds connection state only. Timed per phase.
-What it does not:
-decide when to sync (the loop does), decide when links must be re-formed (global rank 0's
-`Rollout.prepare_sync` does) or start engines (the rollout manager does).
+broadcast from rank 0 of the named group; an engine may be in several named groups): no
+stage's weights cross the pipeline, and a sync holds at most two buckets and one gathered
+tensor per sender. The stages take turns, one bucket each, so every engine receives the
+updates in one order (`_send_in_turns`). All of it happens inside one weight-update session
+per engine (`/begin_weight_update` ... `/end_weight_update`, required by SGLang >= 0.5.21),
+opened by the first stage's sender before any stage sends and closed after every stage has:
+the engines are told the names / dtypes / shapes over HTTP (`/update_weights_from_distributed`)
+while the sender broadcasts the tensors. An engine that refuses (its 400 arrives before it
+would join the broadcast) stops the push at once with an error naming the engine and SGLang's
+message; a request with no reply in time is reported as a timeout. Every reply is awaited
+with a deadline and a /health watch: an engine that stops answering (stopped, wedged) fails
+the push within seconds and is listed in the push's `PushOutcome.hung`, so the manager kills
+and restarts it before the push is repeated. A failed push aborts the trainer's side of the
+group at once (NCCL and gloo alike); re-forming tells every engine to destroy its side
+(`disconnect`). Every step of a push returns what it found (`PushOutcome`); the link holds
+connection state only. Timed per phase. What it does not: decide when to sync (the loop
+does), decide when links must be re-formed (global rank 0's `Rollout.prepare_sync` does) or
+start engines (the rollout manager does).
 
 Every trainer rank calls `push_weights`; only data-parallel replica 0 takes part in the gathers.
 """
@@ -41,7 +43,7 @@ from megatron_qae.model.policy import Policy
 from megatron_qae.sync.hf_buckets import SyncTimes, hf_buckets
 from rollout_sglang.sglang.client import EngineError, SGLangClient
 from rollout_sglang.engines.watchdog import EngineHung, HealthWatch, WatchPolicy, wait_watching
-from rollout_sglang.sglang.weight_group import destroy_weight_group, host_rendezvous, host_weight_group
+from rollout_sglang.sglang.weight_group import abort_weight_group, host_rendezvous, host_weight_group
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +73,13 @@ class EngineLink:
     """Rank 0's side of the weight-update group with a set of engines (connection state only)."""
 
     clients: list[SGLangClient]
-    group: dist.ProcessGroup
+    group: dist.ProcessGroup | None
+    """Rank 0's side of the group; None once aborted (a push on it failed: it is re-formed)."""
     group_name: str
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8))
     abandoned: list[tuple[dist.Work, list[torch.Tensor]]] = field(default_factory=list)
-    """Broadcasts (and their tensors) left in flight when an engine refused mid-push: the
-    group is not destroyed while they may still block in it."""
+    """Broadcasts (and their tensors) left in flight when an engine refused or hung mid-push;
+    `abort_link` hands them over with the group."""
     watch: WatchPolicy = field(default_factory=lambda: WatchPolicy(0.0, 600.0))
     """Deadline of each engine reply (floor_s) and how a hung engine is found."""
 
@@ -168,25 +171,54 @@ class StageLink:
             self.link = None
 
 
+DESTROY_TIMEOUT_S = 10.0
+"""Seconds an engine gets to answer /destroy_weights_update_group (a dead one fails at once)."""
+
+
+def abort_link(link: EngineLink) -> None:
+    """Abort rank 0's side of the link's weight group now (a push on it failed, or the link
+    closes), in flight or not, on NCCL and gloo alike (`abort_weight_group`)."""
+    if link.group is not None:
+        group, in_flight = link.group, [w for w, _ in link.abandoned]
+        link.group, link.abandoned = None, []
+        abort_weight_group(group, in_flight)
+
+
 def disconnect(link: EngineLink) -> None:
-    """Drop the weight-update group (engines re-join a new one after a restart)."""
-    if any(not work.is_completed() for work, _ in link.abandoned):
-        # Destroying a group waits for its queued work, which may wait for an engine that
-        # refused: leave it to the process' exit rather than block the trainer here.
-        log.warning("left weight group %s undestroyed: a refused push left a broadcast in flight",
-                    link.group_name)
-    else:
-        destroy_weight_group(link.group)
+    """Drop the weight-update group on both sides before a new one is formed (after an engine
+    restart or a failed push): rank 0's side is aborted (`abort_link`), then every engine of
+    the link is told to destroy its side (/destroy_weights_update_group), so an engine holds
+    one group per sender however often the groups are re-formed. An engine that does not
+    answer (dead: it is restarted; hung: it is killed) keeps nothing that matters."""
+    abort_link(link)
+    futures = [(c, link.pool.submit(c.destroy_weights_update_group, link.group_name, DESTROY_TIMEOUT_S))
+               for c in link.clients]
+    for c, f in futures:
+        try:
+            f.result()
+        except EngineError as exc:
+            log.info("engine %s did not destroy weight group %s: %s", c.base_url, link.group_name, exc)
     link.pool.shutdown(wait=False)
+
+
+def _failed(client: SGLangClient, what: str, exc: BaseException) -> str:
+    """Why `client`'s engine did not take `what`, named for what happened: no reply in time is
+    a timeout (the engine may still be receiving), an HTTP error reply a refusal, no
+    connection an engine that could not be reached."""
+    if isinstance(exc, EngineError) and exc.timed_out:
+        return f"engine {client.base_url} timed out on {what}: {exc}"
+    if isinstance(exc, EngineError) and exc.status is not None:
+        return f"engine {client.base_url} refused {what}: {exc}"
+    return f"engine {client.base_url} could not be reached for {what}: {exc}"
 
 
 def _each_client(link: EngineLink, call, what: str) -> tuple[list[SGLangClient], PushOutcome]:
     """`call(client)` on every engine at once; returns the clients that accepted and what the
-    others did (the first refusal, naming the engine and its message; the hung ones)."""
+    others did (the first refusal or timeout, naming the engine and its message; the hung ones)."""
     futures = [(c, link.pool.submit(call, c)) for c in link.clients]
     accepted, outcome = [], PushOutcome()
     for c, f in futures:
-        reply = _reply(link, c, f, what, f"engine {c.base_url} did not accept {what}")
+        reply = _reply(link, c, f, what)
         outcome = outcome.merged(reply)
         if reply.ok:
             accepted.append(c)
@@ -203,15 +235,16 @@ def _open_sessions(link: EngineLink) -> tuple[list[SGLangClient], PushOutcome]:
     return opened, outcome
 
 
-def _reply(link: EngineLink, client: SGLangClient, future, what: str, refused: str) -> PushOutcome:
-    """Wait for one engine's reply within the link's deadline; a refusal is `refused: why`, a
-    hung engine (no /health answer) is found at once and listed as hung."""
+def _reply(link: EngineLink, client: SGLangClient, future, what: str) -> PushOutcome:
+    """Wait for one engine's reply within the link's deadline; a refusal or a timeout comes
+    back naming the engine (`_failed`), a hung engine (no /health answer) is found at once
+    and listed as hung."""
     try:
         wait_watching([(client, future)], link.watch, link.watch.floor_s, what)
     except EngineHung as exc:
-        return PushOutcome(f"{refused}: {exc}", {client.base_url: exc.stuck_s})
+        return PushOutcome(f"engine {client.base_url} did not take {what}: {exc}", {client.base_url: exc.stuck_s})
     except EngineError as exc:
-        return PushOutcome(f"{refused}: {exc}")
+        return PushOutcome(_failed(client, what, exc))
     return PushOutcome()
 
 
@@ -226,7 +259,7 @@ def _close_sessions(link: EngineLink, opened: list[SGLangClient], so_far: PushOu
         try:
             c.end_weight_update(timeout_s)
         except EngineError as exc:
-            outcome = outcome.merged(PushOutcome(f"engine {c.base_url} refused to end the weight update: {exc}"))
+            outcome = outcome.merged(PushOutcome(_failed(c, "the end of the weight update", exc)))
     return outcome
 
 
@@ -247,10 +280,9 @@ def _send_bucket(link: EngineLink, bucket: list[tuple[str, torch.Tensor]], versi
     outcome = _broadcast_watching(link, [t.contiguous() for _, t in bucket], futures)
     sent = time.perf_counter()
     # After a failed broadcast the live engines wait for tensors that will not come; they are
-    # released (with an error) when the loop destroys this group, so do not wait for them.
+    # released when the push aborts this group (`abort_link`), so do not wait for them.
     for c, f in zip(link.clients, futures if outcome.ok else []):
-        outcome = outcome.merged(_reply(link, c, f, "a weight update",
-                                        f"engine {c.base_url} refused the weight update"))
+        outcome = outcome.merged(_reply(link, c, f, "the weight update"))
     if not outcome.ok:
         log.warning("weight sync incomplete: %s", outcome.failed)
     times.transfer_s += sent - start
@@ -263,7 +295,7 @@ def _broadcast_watching(link: EngineLink, tensors: list[torch.Tensor], futures: 
     """Broadcast `tensors` from rank 0 while watching the engines' HTTP replies: SGLang
     answers a refused update (400) without joining the broadcast, so a reply that arrives
     before the broadcast completes is a refusal and ends the wait (never a hang). Broadcasts
-    left in flight go to `link.abandoned` (the group must outlive them)."""
+    left in flight go to `link.abandoned`, for `abort_link`."""
     watch = HealthWatch(link.clients, link.watch)
     try:
         works = [dist.broadcast(t, src=0, group=link.group, async_op=True) for t in tensors]
@@ -271,7 +303,7 @@ def _broadcast_watching(link: EngineLink, tensors: list[torch.Tensor], futures: 
             for c, f in zip(link.clients, futures):
                 if f.done() and f.exception() is not None:
                     link.abandoned += [(w, tensors) for w in works]
-                    return PushOutcome(f"engine {c.base_url} refused the weight update: {f.exception()}")
+                    return PushOutcome(_failed(c, "the weight update", f.exception()))
             # A stopped engine never drains its socket: a broadcast beyond the socket
             # buffers would wait for it forever.
             found = watch.hung([c for c, f in zip(link.clients, futures) if not f.done()])
@@ -301,9 +333,9 @@ def push_weights(policy: Policy, link: EngineLink | None, version: int, bucket_b
     (`link` is needed there only): SGLang receives every update by broadcast from rank 0 of
     the named group, so each stage's sender is rank 0 of a group of its own with the engines.
     The first stage's sender opens one weight-update session per engine before any stage
-    sends and closes it after every stage has sent; the engines load the stages' updates one
-    request at a time (SGLang holds its model-update lock for each). `dtype` casts on the way
-    out (bf16 engines from an fp32 trainer); None keeps the trainer's dtype.
+    sends and closes it after every stage has sent. The stages take turns, one bucket each
+    (`_send_in_turns`), so every engine receives the updates in one order. `dtype` casts on
+    the way out (bf16 engines from an fp32 trainer); None keeps the trainer's dtype.
     """
     times, groups = SyncTimes(), policy.groups
     is_sender = is_stage_sender(policy)
@@ -313,14 +345,23 @@ def push_weights(policy: Policy, link: EngineLink | None, version: int, bucket_b
         refusal = [outcome.failed]
         dist.broadcast_object_list(refusal, src=dist.get_global_rank(groups.pp, 0), group=groups.pp)
         outcome = outcome.merged(PushOutcome(refusal[0]))
-    for bucket, last in hf_buckets(policy, bucket_bytes, times, dtype, map_here=is_sender):
-        if outcome.ok:  # the gathers go on (collective), the sends stop at the first failure
-            outcome = outcome.merged(_send_bucket(link, bucket, version, times, flush=last))
+    buckets = hf_buckets(policy, bucket_bytes, times, dtype, map_here=is_sender)
+    if is_sender and groups.dims.pp > 1:
+        outcome = _send_in_turns(policy, link, buckets, version, times, outcome)
+    else:
+        for bucket, last in buckets:  # off the senders: the stage's gathers, nothing yielded
+            if outcome.ok:  # the gathers go on (collective), the sends stop at the first failure
+                outcome = outcome.merged(_send_bucket(link, bucket, version, times, flush=last))
     if is_sender and groups.dims.pp > 1:  # every stage has sent before the session ends
         stages: list = [None] * groups.dims.pp
         dist.all_gather_object(stages, (outcome.failed, times), group=groups.pp)
         outcome = outcome.merged(PushOutcome(next((f for f, _ in stages if f), None)))
         times = _combined([t for _, t in stages])
+    if is_sender and not outcome.ok:
+        # Now, not when the link is re-formed: the manager may take minutes to restart an
+        # engine, and (NCCL) a broadcast left in flight must not time out meanwhile. Aborted
+        # before the sessions close, so an engine still receiving in it is released first.
+        abort_link(link)
     if owner and outcome.ok:
         outcome = outcome.merged(_close_sessions(link, opened, outcome))
     elif opened:
@@ -331,8 +372,45 @@ def push_weights(policy: Policy, link: EngineLink | None, version: int, bucket_b
     return times, outcome
 
 
+def _send_in_turns(policy: Policy, link: EngineLink, buckets, version: int, times: SyncTimes,
+                   outcome: PushOutcome) -> PushOutcome:
+    """The stages' senders send one bucket each in stage order, round after round, each
+    bucket only once the one before it reached every engine: one global order of updates.
+
+    Why: an engine applies one update at a time in arrival order (SGLang 0.5.23 holds its
+    model-update writer lock for each, tokenizer_control_mixin.py:522-524, aio_rwlock.py:43-49),
+    and each update's broadcast needs every engine of its group. Posted side by side, engine
+    A could take stage 0's bucket while engine B takes stage 1's: each waits for the other in
+    a broadcast (a circular wait). Each turn ends with a broadcast of (failed, more) from the
+    stage whose turn it was; a stage gathers its next bucket while the others send. The sends
+    stop everywhere at the first failure; the gathers go on (collective in each stage)."""
+    groups = policy.groups
+    pp, me = groups.dims.pp, groups.pp_rank
+    device = next(policy.chunks[0].parameters()).device
+    mine = next(buckets, None)
+    assert mine is not None, "a pipeline stage with no weights to send"
+    more, stopped = [True] * pp, False  # more[s]: stage s has buckets left
+    while any(more):
+        for stage in range(pp):
+            if not more[stage]:
+                continue
+            word = [0, 0]  # (this turn's sender failed, it has buckets left)
+            if stage == me:
+                bucket, last = mine
+                if outcome.ok and not stopped:
+                    outcome = outcome.merged(_send_bucket(link, bucket, version, times, flush=last))
+                word = [int(not outcome.ok), int(not last)]
+            turn = torch.tensor(word, dtype=torch.int64, device=device)
+            dist.broadcast(turn, src=dist.get_global_rank(groups.pp, stage), group=groups.pp)
+            failed, more[stage] = turn.tolist()
+            stopped = stopped or bool(failed)
+            if stage == me and more[stage]:
+                mine = next(buckets)
+    return outcome
+
+
 def _combined(stages: list[SyncTimes]) -> SyncTimes:
-    """One sync's times from its stages' senders, which run side by side: the slowest phase
-    of any stage, the bytes of all."""
-    return SyncTimes(max(t.gather_s for t in stages), max(t.transfer_s for t in stages),
-                     max(t.engine_load_s for t in stages), sum(t.bytes for t in stages))
+    """One sync's times from its stages' senders: they gather side by side (the slowest
+    stage's gather) and send in turns (the stages' transfer and load seconds add up)."""
+    return SyncTimes(max(t.gather_s for t in stages), sum(t.transfer_s for t in stages),
+                     sum(t.engine_load_s for t in stages), sum(t.bytes for t in stages))

@@ -4,7 +4,8 @@ What it does: serves /generate (token ids in, token ids and per-token log-probs 
 sampling-params dict or one per row; batched sampling with temperature / top-p / top-k / stop
 tokens and a KV cache), receives weights from the trainer exactly as SGLang does
 (/init_weights_update_group joins a standalone torch.distributed group, gloo here instead of
-NCCL; /update_weights_from_distributed receives tensors by broadcast from rank 0 and loads them
+NCCL, and /destroy_weights_update_group leaves it; /server_info lists the groups held as
+"weight_update_groups", a field SGLang does not have; /update_weights_from_distributed receives tensors by broadcast from rank 0 and loads them
 by HF name; /update_weights_from_tensor takes SGLang's payload, tensors by shared-memory
 handle), and implements pause / continue, memory release / resume per tag, flush_cache,
 health, /model_info (weight version, "default" before the first update) and /server_info.
@@ -177,7 +178,8 @@ def build_app(state: ServerState) -> FastAPI:
     def server_info() -> dict:
         return {"model_path": state.model_path, "tp_size": 1, "version": CONTRACT_VERSION,
                 "frontend": "rollout_sglang.cpu_server.server", "memory_release_count": state.release_count,
-                "released_tags": sorted(state.released_tags), "aborted_requests": state.batcher.aborted_rows}
+                "released_tags": sorted(state.released_tags), "aborted_requests": state.batcher.aborted_rows,
+                "weight_update_groups": sorted(state.groups)}
 
     generation_routes(app, state)
     _weight_routes(app, state)
@@ -216,6 +218,20 @@ def _weight_routes(app: FastAPI, state: ServerState) -> None:
             return _fail(f"init_weights_update_group failed: {exc}")
         state.groups[req.get("group_name", "weight_update_group")] = group
         return {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    @app.post("/destroy_weights_update_group")
+    def destroy_group(req: dict[str, Any] = Body(default={})) -> Any:
+        # As SGLang 0.5.23 (weight_updater.destroy_weights_update_group): pop, destroy, 400 for
+        # a name not held. A receive still waiting in the group ends when the trainer's side
+        # closes (or with the group's timeout); its handler then returns the error.
+        group = state.groups.pop((req or {}).get("group_name", "weight_update_group"), None)
+        if group is None:
+            return _fail("The group to be destroyed does not exist.")
+        try:
+            dist.destroy_process_group(group)
+        except Exception as exc:  # noqa: BLE001 - reported to the trainer, as SGLang does
+            return _fail(f"Failed to destroy custom process group: {exc}.")
+        return {"success": True, "message": "Succeeded to destroy custom process group."}
 
     @app.post("/update_weights_from_distributed")
     def update_distributed(req: dict[str, Any] = Body(...)) -> Any:

@@ -129,7 +129,7 @@ def wait_watching(pending: list[tuple[SGLangClient, Future]], policy: WatchPolic
             urls = ", ".join(c.base_url for c, _ in waiting)
             raise EngineError(f"engine {urls}: no reply to {what} within its deadline of {deadline_s:.0f} s "
                               "(engine.request_floor_s + engine.request_s_per_token x tokens requested); "
-                              "the engine answers /health, so it is slow, not hung")
+                              "the engine answers /health, so it is slow, not hung", timed_out=True)
         found = watch.hung([c for c, _ in waiting])
         if found is not None:
             raise EngineHung(found[0], found[1], what)

@@ -28,12 +28,15 @@ in 0.5.21, and /model_info reports the weight version since /get_weight_version 
 class EngineError(RuntimeError):
     """An engine request failed: names the URL, the endpoint, the status and the message."""
 
-    def __init__(self, message: str, status: int | None = None, body: Any = None) -> None:
+    def __init__(self, message: str, status: int | None = None, body: Any = None,
+                 timed_out: bool = False) -> None:
         super().__init__(message)
         self.status = status
         """HTTP status of the reply, None when no reply came (connection refused, timeout)."""
         self.body = body
         """The reply's JSON body (or text), None when no reply came."""
+        self.timed_out = timed_out
+        """No reply came within the request's timeout: the engine neither answered nor refused."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ class SGLangClient:
                 raise EngineError(f"{method} {url} -> HTTP {resp.status_code}: {_message(body)}",
                                   resp.status_code, body)
             return body
+        if isinstance(last, requests.Timeout):
+            raise EngineError(f"{method} {url} timed out: no reply within {timeout_s or self.timeout_s:.0f} s "
+                              f"({last})", timed_out=True) from last
         raise EngineError(f"{method} {url} failed: {last}") from last
 
     def _checked(self, endpoint: str, payload: dict, timeout_s: float | None = None) -> dict:
@@ -145,6 +151,12 @@ class SGLangClient:
             "master_address": master_address, "master_port": master_port,
             "rank_offset": rank_offset, "world_size": world_size,
             "group_name": group_name, "backend": backend})
+
+    def destroy_weights_update_group(self, group_name: str, timeout_s: float | None = None) -> dict:
+        """Ask the engine to leave and destroy the weight-update group `group_name` (before a
+        new one is formed: each group holds a communicator and its buffers on the engine);
+        SGLang refuses a name it does not hold (400)."""
+        return self._checked("/destroy_weights_update_group", {"group_name": group_name}, timeout_s)
 
     def begin_weight_update(self) -> dict:
         """Open a weight-update session; SGLang refuses updates outside one (and a second

@@ -9,12 +9,15 @@ engine (NCCL) or our CPU server (gloo) with the same code. Engines only ever con
 rank is rank_offset + tp_rank >= 1, and torch's tcp:// rendezvous hosts the store on rank 0
 only), so the port rank 0 holds is the only one the group needs. What it does not: send
 tensors (callers broadcast from rank 0) or touch the default torch.distributed group.
+`abort_weight_group` releases rank 0's side, on NCCL and gloo alike, even with work in flight.
 """
 
 from __future__ import annotations
 
 import datetime
 import inspect
+import threading
+import time
 
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import (
@@ -85,6 +88,32 @@ def _group_over(store: dist.Store, rank: int, world_size: int, group_name: str, 
     return group
 
 
-def destroy_weight_group(group: dist.ProcessGroup) -> None:
-    """Release a weight-update group (before re-forming it, e.g. after an engine restart)."""
-    dist.destroy_process_group(group)
+def abort_weight_group(group: dist.ProcessGroup, in_flight: list[dist.Work]) -> None:
+    """Release rank 0's side of a weight-update group now, whatever it still has in flight
+    (`in_flight`: the work a failed push left), by one path for both backends.
+
+    torch's abort-and-unregister (`_abort_process_group`, torch 2.14.1 distributed_c10d.py:
+    3085-3183) aborts the backend: NCCL aborts its communicators, which ends the work in
+    flight at once, so the watchdog never times a broadcast to a dead engine out (with the
+    default TORCH_NCCL_ASYNC_ERROR_HANDLING=3 a timed-out work tears the process down,
+    ProcessGroupNCCL.hpp:66-73,163-177); gloo has no abort (Backend::abort is a no-op,
+    Backend.hpp:724-726). Then the last references are dropped, on a thread of its own once
+    the work in flight has ended: gloo's destructor waits for its queued work and joins its
+    worker threads (ProcessGroupGloo.cpp `~ProcessGroupGloo`), and its in-flight work ends
+    when the engine it waits for is killed or at the group's timeout. Only then are gloo's
+    connections closed, which ends any engine receive still waiting in the group (until
+    then that engine cannot take an update of a new group: it applies one at a time)."""
+    from torch.distributed.distributed_c10d import _abort_process_group
+
+    _abort_process_group(group)
+    held: list = [group, list(in_flight)]
+    del group
+    threading.Thread(target=_drop_when_done, args=(held,), daemon=True, name="weight-group-drop").start()
+
+
+def _drop_when_done(held: list) -> None:
+    """Drop `held` ([group, its in-flight work]) once that work has ended: the group's
+    destructor then returns at once, on whichever thread drops the last reference."""
+    while not all(w.is_completed() for w in held[1]):
+        time.sleep(0.05)
+    held.clear()

@@ -17,6 +17,12 @@ released when that timeout passes (at the latest when the rank exits), and the l
 waits in it until then.
 `--measure-memory` (distributed): the peak of the bytes torch's CPU allocator holds during the
 push beyond what it held before, per rank (torch.profiler memory events).
+`--pushes N` (distributed): versions 1..N pushed over stage links, the weights changed before
+every push but the first, the links re-formed before every push with `--reform` (else after a
+failed one, as the loop does); reports each push's failure and the weight groups each server
+holds after the last push and after the links closed. `--post-delay-s D` makes every
+/update_weights_from_distributed request wait a random time in [0, D] before it is posted
+(the stages' posts then reach the engines in every order); the posts are counted.
 `--corrupt` swaps gate/up in the HF mapping on the way out: the comparison must then fail.
 `--api-key K` is sent with every request (the real SGLang server of the tier requires one).
 Writes {url: {rollout, trainer, engine_version}} plus the sync report.
@@ -25,6 +31,7 @@ Writes {url: {rollout, trainer, engine_version}} plus the sync report.
 import argparse
 import json
 import os
+import random
 import signal
 import sys
 import time
@@ -70,6 +77,8 @@ def _push(a, policy) -> dict:
         oks = [None] * dist.get_world_size()
         dist.all_gather_object(oks, outcome.ok)
         return {"ok": oks, "bytes": times.bytes, "live": urls}
+    if a.pushes:
+        return _push_repeatedly(a, policy)
     links, report = weight_sync.StageLink(policy, "127.0.0.1"), {"live": urls}
     target = weight_sync.SyncTarget([(u, 1) for u in urls], "gloo", a.link_timeout_s, a.api_key, reform=False)
     link = links.prepare(target)
@@ -94,6 +103,53 @@ def _push(a, policy) -> dict:
     holder = [report]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def _count_and_delay_posts(max_delay_s: float) -> list[int]:
+    """Every weight-update request of this process waits U(0, max_delay_s) before it is
+    posted; returns the running count of posts."""
+    rng, posts, post = random.Random(dist.get_rank()), [0], SGLangClient.update_weights_from_distributed
+
+    def delayed(self, *args, **kwargs):
+        posts[0] += 1
+        time.sleep(rng.uniform(0.0, max_delay_s))
+        return post(self, *args, **kwargs)
+
+    SGLangClient.update_weights_from_distributed = delayed
+    return posts
+
+
+def _groups_held(urls: list[str]) -> dict[str, list[str]]:
+    return {u: SGLangClient(u, timeout_s=30.0).server_info().get("weight_update_groups") for u in urls}
+
+
+def _push_repeatedly(a, policy) -> dict:
+    """Versions 1..a.pushes over stage links (see the module doc)."""
+    urls, posts = a.urls.split(","), _count_and_delay_posts(a.post_delay_s)
+    links, failed, last_failed = weight_sync.StageLink(policy, "127.0.0.1"), [], False
+    for version in range(1, a.pushes + 1):
+        if version > 1:
+            with torch.no_grad():
+                for param in (p for chunk in policy.chunks for p in chunk.parameters()):
+                    param.mul_(0.97)
+        target = weight_sync.SyncTarget([(u, 1) for u in urls], "gloo", a.link_timeout_s, a.api_key,
+                                        reform=a.reform or last_failed)
+        t0 = time.monotonic()
+        _, outcome = weight_sync.push_weights(policy, links.prepare(target), version, a.bucket_bytes)
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, (outcome.failed, time.monotonic() - t0))
+        failed.append(next((f for f, _ in every if f), None))
+        last_failed = failed[-1] is not None
+    report = {"live": urls, "failed": failed, "posts_per_push": posts[0] / a.pushes}
+    dist.barrier()
+    report["groups_held"] = _groups_held(urls) if dist.get_rank() == 0 else None
+    links.close()
+    dist.barrier()
+    report["groups_after_close"] = _groups_held(urls) if dist.get_rank() == 0 else None
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, report)
+    # Each stage's sender counts its own posts; rank 0 reports the servers.
+    return {**every[0], "posts_per_push": sum(r["posts_per_push"] for r in every)}
 
 
 def _push_signalled(a, policy, link, urls: list[str]) -> dict:
@@ -167,6 +223,9 @@ def main() -> None:
     ap.add_argument("--bucket-bytes", type=int, default=4096)
     ap.add_argument("--measure-memory", action="store_true")
     ap.add_argument("--link-timeout-s", type=float, default=120.0)
+    ap.add_argument("--pushes", type=int, default=0)
+    ap.add_argument("--reform", action="store_true")
+    ap.add_argument("--post-delay-s", type=float, default=0.0)
     a = ap.parse_args()
     if a.corrupt:
         corrupt_mapping()

@@ -116,7 +116,7 @@ def test_engine_killed_before_a_push_is_reported_and_the_rest_sync(model_dir, tm
         (pid,) = tiny.cpu_server_pids(doomed.rsplit(":", 1)[1])
         res = _run(tmp_path, 2, [live, doomed], ["--tp", "2", "--kill-pid", str(pid)])
     # Found before any broadcast: the dead engine does not open its session.
-    assert f"engine {doomed} did not accept a weight-update session" in res["report"]["failed"]
+    assert f"engine {doomed} could not be reached for a weight-update session" in res["report"]["failed"]
     assert res["report"]["live"] == [live] and res["report"]["second_failed"] is None
     assert _max_gap(res["engines"][live]) < 1e-4
 
