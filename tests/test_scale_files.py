@@ -91,7 +91,8 @@ def _run_launch(tmp_path, node_rank: int, env_extra: dict[str, str], health_ok_a
     bindir.mkdir(exist_ok=True)
     counter = tmp_path / "health_calls"
     stub = ('#!/usr/bin/env bash\necho "$(basename "$0") $* | RAY_AUTH_MODE=${RAY_AUTH_MODE:-}'
-            ' CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-}" >> ' + str(log) + '\n')
+            ' CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-}'
+            ' CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}" >> ' + str(log) + '\n')
     ray_stub = stub + (f'if [ "$1" = health-check ]; then n=$(cat {counter} 2>/dev/null || echo 0); '
                        f'echo $((n + 1)) > {counter}; [ "$n" -ge {health_ok_after} ]; fi\n')
     for name, text in {"ray": ray_stub, "python": stub, "torchrun": stub}.items():
@@ -99,6 +100,7 @@ def _run_launch(tmp_path, node_rank: int, env_extra: dict[str, str], health_ok_a
         (bindir / name).chmod(0o755)
     env = {"PATH": f"{bindir}:/usr/bin:/bin", "NNODES": "4", "NODE_RANK": str(node_rank),
            "MASTER_ADDR": "node0", "MODEL_DIR": "/models/q", "TRAINER_NODES": "2", **env_extra}
+    env = {k: v for k, v in env.items() if v is not None}  # None: unset
     r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     calls = log.read_text().splitlines() if log.exists() else []
     return r, calls
@@ -119,6 +121,9 @@ def test_launch_script_head_starts_before_planner_and_workers_wait(tmp_path):
     assert kinds[2][0] == "torchrun" and kinds[-1][:2] == ["ray", "stop"]
     torchrun = calls[2]
     assert "RAY_AUTH_MODE=token" in torchrun and "CUDA_DEVICE_MAX_CONNECTIONS=1" in torchrun
+    # Ray (and so every engine it starts) does not inherit the trainer's CUDA_DEVICE_MAX_CONNECTIONS.
+    assert calls[0].endswith("CUDA_DEVICE_MAX_CONNECTIONS= CUDA_VISIBLE_DEVICES=")
+    assert "--num-gpus 0" in calls[0] and "--nnodes 2 --node-rank 0 --nproc-per-node 8" in torchrun
 
     worker_dir = tmp_path / "worker"
     worker_dir.mkdir()
@@ -129,3 +134,32 @@ def test_launch_script_head_starts_before_planner_and_workers_wait(tmp_path):
     assert kinds[:3] == [["ray", "health-check"], ["ray", "health-check"], ["ray", "start"]]
     assert not any(k[0] == "python" for k in kinds), "only node 0 runs the planner"
     assert kinds[3][0] == "torchrun"
+
+
+def test_launch_script_one_node_splits_the_gpus_between_torchrun_and_ray(tmp_path):
+    """NNODES=1 (not colocated): torchrun gets GPUs 0-3 and one node, the Ray head the other four
+    visible and counted, so the engines are placed on GPUs 4-7 (it was --nnodes 0 and a head
+    with --num-gpus 0: nothing could place an engine)."""
+    r, calls = _run_launch(tmp_path, 0, {"RAY_AUTH_TOKEN": "t", "NNODES": "1", "TRAINER_NODES": None})
+    assert r.returncode == 0, r.stderr
+    head, plan, torchrun = calls[0], calls[1], calls[2]
+    assert head.startswith("ray start --head") and "--num-gpus 4" in head
+    assert head.endswith("CUDA_DEVICE_MAX_CONNECTIONS= CUDA_VISIBLE_DEVICES=4,5,6,7")
+    assert "--nodes 1 --gpus-per-node 8 --trainer-gpus 4" in plan
+    assert torchrun.startswith("torchrun --nnodes 1 --node-rank 0 --nproc-per-node 4 ")
+    assert torchrun.endswith("CUDA_DEVICE_MAX_CONNECTIONS=1 CUDA_VISIBLE_DEVICES=0,1,2,3")
+    assert calls[-1].startswith("ray stop")
+
+    colocated = tmp_path / "colocated"
+    colocated.mkdir()
+    r, calls = _run_launch(colocated, 0, {"RAY_AUTH_TOKEN": "t", "NNODES": "1", "TRAINER_NODES": None,
+                                          "TRAINER_GPUS_PER_NODE": "8"})
+    assert r.returncode == 0, r.stderr
+    assert "--num-gpus 0" in calls[0] and "--nproc-per-node 8" in calls[2]
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    r, calls = _run_launch(bad, 0, {"RAY_AUTH_TOKEN": "t", "NNODES": "1", "TRAINER_NODES": None,
+                                    "TRAINER_GPUS_PER_NODE": "9"})
+    assert r.returncode == 2 and "TRAINER_GPUS_PER_NODE=9 must be in 1..GPUS_PER_NODE=8" in r.stderr
+    assert calls == []
