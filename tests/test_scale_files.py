@@ -163,3 +163,51 @@ def test_launch_script_one_node_splits_the_gpus_between_torchrun_and_ray(tmp_pat
                                     "TRAINER_GPUS_PER_NODE": "9"})
     assert r.returncode == 2 and "TRAINER_GPUS_PER_NODE=9 must be in 1..GPUS_PER_NODE=8" in r.stderr
     assert calls == []
+
+
+def _fake_site(root, sglang_version: str):
+    """A site dir as SGLang's image has it: torch / transformers / triton installed normally,
+    sglang installed editable (its dist-info says so in direct_url.json, as pip writes it)."""
+    for name, version in {"torch": "2.14.1", "transformers": "5.19.0", "triton": "3.7.0",
+                          "sglang": sglang_version}.items():
+        info = root / f"{name}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (root / f"sglang-{sglang_version}.dist-info" / "direct_url.json").write_text(
+        json.dumps({"url": "file:///sgl-workspace/sglang/python", "dir_info": {"editable": True}}))
+
+
+def _run_pin_step(tmp_path, sglang_version: str):
+    """The Dockerfile's pin step, run as written (its pins file and script copy redirected here),
+    on an image whose sglang is an editable install: `pip freeze` prints it as `-e git+...`."""
+    text = (tiny.ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    step = next(line[len("RUN "):] for line in text.splitlines()
+                if line.startswith("RUN ") and "/etc/megatron-qae-base-pins.txt" in line)
+    pins = tmp_path / "pins.txt"
+    step = step.replace("/etc/megatron-qae-base-pins.txt", str(pins))
+    step = step.replace("/tmp/base_pins.py", str(tiny.ROOT / "tools" / "base_pins.py"))
+    site, bindir = tmp_path / "site", tmp_path / "bin"
+    _fake_site(site, sglang_version)
+    bindir.mkdir()
+    (bindir / "pip").write_text("#!/usr/bin/env bash\n"  # pip freeze on SGLang's image
+                                "printf 'torch==2.14.1\\ntransformers==5.19.0\\ntriton==3.7.0\\n"
+                                "-e git+https://github.com/sgl-project/sglang@0123abc#egg=sglang"
+                                "&subdirectory=python\\n'\n")
+    (bindir / "pip").chmod(0o755)
+    (bindir / "python").symlink_to(sys.executable)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "PYTHONPATH": str(site)}
+    r = subprocess.run(["bash", "-c", step], env=env, capture_output=True, text=True, timeout=60)
+    return r, pins.read_text().splitlines() if pins.exists() else []
+
+
+def test_docker_pin_step_reads_an_editable_sglang(tmp_path):
+    """`pip freeze | grep '^sglang=='` finds nothing when sglang is installed editable (the
+    build stopped at this step); the versions come from the installed metadata, sglang kept."""
+    r, pins = _run_pin_step(tmp_path, "0.5.23")
+    assert r.returncode == 0, r.stderr
+    assert pins == ["torch==2.14.1", "transformers==5.19.0", "sglang==0.5.23", "triton==3.7.0"]
+
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    r, _ = _run_pin_step(wrong, "0.5.22")
+    assert r.returncode != 0 and "base image has sglang 0.5.22, this project pins sglang==0.5.23" in r.stderr
