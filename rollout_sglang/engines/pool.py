@@ -24,7 +24,7 @@ from rollout_sglang.config import EngineConfig
 from rollout_sglang.sglang.client import EngineError, SGLangClient
 from rollout_sglang.engines.engine import RolloutEngine
 from rollout_sglang.types import EnginePlacement
-from rollout_sglang.engines.watchdog import EngineHung, WatchPolicy, run_in_thread, wait_watching
+from rollout_sglang.engines.watchdog import EngineHung, Probers, WatchPolicy, run_in_thread, wait_watching
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ class EnginePool:
         self._clients: dict[str, SGLangClient] = {}
         self.requests_retried = 0
         self.watch = engine_watch_policy(e)
+        self.probers = Probers(self.watch)
+        """One /health prober per engine, shared by all its in-flight requests."""
         self._dead_lock = threading.Lock()
         self.warnings: list[str] = []
         """Engine warnings not yet taken by the driver (this actor's log goes to Ray's files)."""
@@ -173,10 +175,11 @@ class EnginePool:
         return restarted
 
     def _probe(self, en: _Engine) -> None:
-        """Kill `en` when it misses engine.health_failures /health probes in a row."""
+        """Kill `en` when it gives no answer to engine.health_failures /health probes in a row
+        (an answer of any status is alive: SGLang answers 503 while it warms up)."""
         client, t0 = self._client(en), time.monotonic()
         for _ in range(self.watch.probe_failures):
-            if client.health(timeout_s=self.watch.probe_timeout_s):
+            if client.answers(timeout_s=self.watch.probe_timeout_s):
                 return
         self._kill_hung(en, time.monotonic() - t0, "a health probe")
 
@@ -247,7 +250,8 @@ class EnginePool:
         futures = [run_in_thread(lambda en=en, c=c: call(en, c)) for en, c in zip(live, clients)]
         for en, c, f in zip(live, clients, futures):
             try:
-                wait_watching([(c, f)], self.watch, self.engine_cfg.request_timeout_s, "a control request")
+                wait_watching([(c, f)], self.watch, self.engine_cfg.request_timeout_s, "a control request",
+                              self.probers)
             except EngineHung as exc:
                 self._kill_hung(en, exc.stuck_s, "a control request")
             except EngineError as exc:
