@@ -184,7 +184,9 @@ class RolloutEngine:
                  request_timeout_s: float = 600.0, log_dir: str = ".", seed: int = 0,
                  devices: tuple[str, ...] = (), colocated: bool = False, python: str | None = None,
                  api_key: str | None = None, bind_node_ip: bool = False,
-                 weight_sync_hosts: tuple[str, ...] = ()) -> None:
+                 weight_sync_hosts: tuple[str, ...] = (), start_now: bool = True) -> None:
+        """`start_now=False`: `start()` launches the server (the pool first waits for Ray to
+        place the actor, so a start that cannot be placed is told from one that is slow)."""
         if bind_node_ip:  # inside a Ray actor on a multi-node cluster
             import ray
 
@@ -206,7 +208,13 @@ class RolloutEngine:
         self.devices, self.colocated = tuple(devices), colocated
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
+        if start_now:
+            self._start()
+
+    def start(self) -> str:
+        """Launch the server of an engine made with `start_now=False`; returns its URL."""
         self._start()
+        return self.url()
 
     def _start(self) -> None:
         """Launch on a free port. The CPU server inherits a socket bound and listening here

@@ -193,7 +193,7 @@ def test_the_pool_probe_before_a_sync_keeps_a_warming_engine_and_kills_a_silent_
     _, warming = counting(health_status=503)
     pool = EnginePool()
     pool.engine_cfg, pool.api_key = EngineConfig(health_timeout_s=0.5, health_failures=2), None
-    pool._await_engines([])
+    pool._supervise([])
     en = _Engine(_ActorStub, warming, 1)
     pool._probe(en)
     assert not en.dead and pool.take_warnings() == []
