@@ -18,14 +18,17 @@ from packaging.utils import canonicalize_name
 from testsupport import tiny
 
 SCRIPT = tiny.ROOT / "examples" / "run_qwen2.5_32b_qae.sh"
+SBATCH = tiny.ROOT / "examples" / "run_qwen2.5_32b_qae.sbatch"
 
 
 def test_launch_script_parses_and_is_shellcheck_clean():
-    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+    for script in (SCRIPT, SBATCH):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed")
-    r = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout
+    for script in (SCRIPT, SBATCH):
+        r = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout
 
 
 def _pip_resolve(requirements: list[str], report, constraints=None) -> dict[str, dict]:
@@ -84,8 +87,10 @@ def test_config_docs_are_current():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def _run_launch(tmp_path, node_rank: int, env_extra: dict[str, str], health_ok_after: int = 0):
-    """Run the launch script with `ray`, `python` and `torchrun` replaced by logging stand-ins
+def _run_launch(tmp_path, node_rank: int, env_extra: dict[str, str], health_ok_after: int = 0,
+                script=SCRIPT):
+    """Run the launch script (or `script`) with `ray`, `python` and `torchrun` replaced by
+    logging stand-ins, and Slurm's `scontrol` / `srun` by ones that act for node `node_rank`
     (the script is the unit under test; the commands it drives are not run)."""
     bindir, log = tmp_path / "bin", tmp_path / "calls.log"
     bindir.mkdir(exist_ok=True)
@@ -95,13 +100,17 @@ def _run_launch(tmp_path, node_rank: int, env_extra: dict[str, str], health_ok_a
             ' CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}" >> ' + str(log) + '\n')
     ray_stub = stub + (f'if [ "$1" = health-check ]; then n=$(cat {counter} 2>/dev/null || echo 0); '
                        f'echo $((n + 1)) > {counter}; [ "$n" -ge {health_ok_after} ]; fi\n')
-    for name, text in {"ray": ray_stub, "python": stub, "torchrun": stub}.items():
+    scontrol = "#!/usr/bin/env bash\nprintf 'gpu-a\\ngpu-b\\n'\n"  # scontrol show hostnames
+    srun = stub + 'while [ "$1" != bash ]; do shift; done\n' + f'SLURM_NODEID={node_rank} exec "$@"\n'
+    for name, text in {"ray": ray_stub, "python": stub, "torchrun": stub, "scontrol": scontrol,
+                       "srun": srun}.items():
         (bindir / name).write_text(text)
         (bindir / name).chmod(0o755)
     env = {"PATH": f"{bindir}:/usr/bin:/bin", "NNODES": "4", "NODE_RANK": str(node_rank),
            "MASTER_ADDR": "node0", "MODEL_DIR": "/models/q", "TRAINER_NODES": "2", **env_extra}
     env = {k: v for k, v in env.items() if v is not None}  # None: unset
-    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60,
+                       cwd=tiny.ROOT)
     calls = log.read_text().splitlines() if log.exists() else []
     return r, calls
 
@@ -211,3 +220,23 @@ def test_docker_pin_step_reads_an_editable_sglang(tmp_path):
     wrong.mkdir()
     r, _ = _run_pin_step(wrong, "0.5.22")
     assert r.returncode != 0 and "base image has sglang 0.5.22, this project pins sglang==0.5.23" in r.stderr
+
+
+def test_slurm_example_runs_the_launch_script_on_every_node(tmp_path):
+    """The sbatch example: one srun task per node, each running the same launch script with
+    Slurm's node count, first node and node id (the srun stand-in acts for one node)."""
+    slurm = {"RAY_AUTH_TOKEN": "t", "NNODES": None, "MASTER_ADDR": None, "TRAINER_NODES": None,
+             "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_GPUS_ON_NODE": "8",
+             "SLURM_SUBMIT_DIR": str(tiny.ROOT)}
+    r, calls = _run_launch(tmp_path, 0, slurm, script=SBATCH)
+    assert r.returncode == 0, r.stderr
+    assert calls[0].startswith("srun --nodes 2 --ntasks-per-node 1 --kill-on-bad-exit=1 --wait=120 bash -c")
+    assert calls[1].startswith("ray start --head") and "--num-gpus 0" in calls[1]
+    assert "--nodes 2 --gpus-per-node 8 --trainer-gpus 8" in calls[2]
+    assert calls[3].startswith("torchrun --nnodes 1 --node-rank 0 --nproc-per-node 8 --master-addr gpu-a ")
+
+    engine_node = tmp_path / "engine_node"
+    engine_node.mkdir()
+    r, calls = _run_launch(engine_node, 1, slurm, script=SBATCH)
+    assert r.returncode == 0, r.stderr
+    assert calls[-1].startswith("ray start --address gpu-a:6379 --num-gpus 8") and "--block" in calls[-1]
