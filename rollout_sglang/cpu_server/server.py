@@ -174,11 +174,10 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     @app.get("/health_generate")
-    async def health() -> Any:
+    async def health() -> Response:
         # async: answered on the event loop even while every worker thread waits in /generate.
-        if not state.started.is_set():
-            return Response(status_code=503)  # still warming up, as SGLang
-        return {"status": "ok"}
+        # As SGLang: an empty body, 503 while still warming up.
+        return Response(status_code=200 if state.started.is_set() else 503)
 
     @app.get("/ready")
     async def ready() -> Response:
