@@ -139,7 +139,7 @@ class Prober:
         self.client = SGLangClient(url)  # used by the probe thread only
         self.probes_sent = 0
         """Probes sent since this prober was made (how the tests count them)."""
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # notified when the last watcher leaves
         self._watchers = 0
         self._thread: Thread | None = None
         self._answered_at = time.monotonic()
@@ -159,6 +159,8 @@ class Prober:
         finally:
             with self._lock:
                 self._watchers -= 1
+                if self._watchers == 0:
+                    self._lock.notify_all()  # the thread ends now, not after its interval
 
     def hung_s(self) -> float | None:
         """Seconds since the engine last answered (or the watch began) once it gave no answer
@@ -171,8 +173,11 @@ class Prober:
     def _run(self) -> None:
         last = time.monotonic()
         while True:
-            time.sleep(max(0.0, last + self.policy.probe_interval_s - time.monotonic()))
             with self._lock:
+                # Until the interval has passed, or at once when the last watcher leaves (a
+                # watch begun later starts a new thread, which waits its own interval).
+                self._lock.wait_for(lambda: self._watchers == 0,
+                                    timeout=max(0.0, last + self.policy.probe_interval_s - time.monotonic()))
                 if self._watchers == 0:
                     self._thread = None
                     return
