@@ -18,13 +18,16 @@
 # metadata (pip --dry-run), so a pin that cannot coexist fails the suite, not the build.
 FROM lmsysorg/sglang:v0.5.23
 
+# No CUDA_DEVICE_MAX_CONNECTIONS here: the launch script sets it for torchrun only (Megatron's
+# TP overlap), and the engines must not inherit it (SGLang overlaps streams).
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
-    RAY_USAGE_STATS_ENABLED=0 \
-    CUDA_DEVICE_MAX_CONNECTIONS=1
+    RAY_USAGE_STATS_ENABLED=0
 
-RUN pip freeze | grep -iE '^(torch|transformers|sglang|triton)==' > /etc/megatron-qae-base-pins.txt \
- && grep -q '^sglang==0.5.23$' /etc/megatron-qae-base-pins.txt
+# The base's versions, read from the installed metadata (the image installs sglang editable, so
+# `pip freeze` has no `sglang==` line); fails unless sglang is 0.5.23.
+COPY tools/base_pins.py /tmp/base_pins.py
+RUN python /tmp/base_pins.py 0.5.23 > /etc/megatron-qae-base-pins.txt
 
 # Versions pinned here must satisfy pyproject.toml and resolve with the base image's pins
 # (tests/test_scale_files.py checks both).

@@ -6,8 +6,13 @@
 #   NODE_RANK       this node's rank, 0..NNODES-1 (node 0 is the Ray head and trainer rank 0)
 #   MASTER_ADDR     address of node 0, reachable from every node
 #   MODEL_DIR       Hugging Face Qwen2.5-32B directory (config.json, tokenizer, safetensors)
-#   TRAINER_NODES   nodes running torchrun (the rest only join Ray and host engines); default NNODES/2
+#   TRAINER_NODES   nodes running torchrun (the rest only join Ray and host engines); default NNODES/2,
+#                   at least 1
 #   GPUS_PER_NODE   default 8
+#   TRAINER_GPUS_PER_NODE  GPUs of each trainer node torchrun uses (the first ones); the others
+#                   host engines through Ray. Default GPUS_PER_NODE, or GPUS_PER_NODE/2 on one node
+#                   (NNODES=1: trainer GPUs 0-3 + engine GPUs 4-7). Colocated engines share the
+#                   trainer's GPUs: set it to GPUS_PER_NODE there.
 #   MASTER_PORT     torchrun rendezvous port, default 29500
 #   RAY_PORT        Ray head port, default 6379
 #   RAY_WAIT_S      how long a worker node waits for the Ray head, default 600
@@ -22,9 +27,16 @@
 #
 # Networking: set NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME to the interface the nodes reach each
 # other on (e.g. eth0) when a node has several, and NCCL_IB_HCA to the InfiniBand adapters to
-# use (e.g. mlx5); NCCL picks them itself otherwise. CUDA_DEVICE_MAX_CONNECTIONS=1 is set below:
-# Megatron's tensor-parallel communication overlap with sequence parallel relies on kernels
-# being issued in order on one hardware queue.
+# use (e.g. mlx5); NCCL picks them itself otherwise. CUDA_DEVICE_MAX_CONNECTIONS=1 is set for
+# torchrun only: Megatron's tensor-parallel communication overlap with sequence parallel relies
+# on kernels being issued in order on one hardware queue, while SGLang's engines (started by
+# Ray, which inherits `ray start`'s environment) overlap streams and must not get it.
+#
+# One node (NNODES=1, not colocated): torchrun gets GPUs 0..TRAINER_GPUS_PER_NODE-1
+# (CUDA_VISIBLE_DEVICES) and the Ray head is started with the other GPUs visible and counted
+# (--num-gpus), so Ray hands exactly those to the engines (Ray maps its GPU slots through the
+# CUDA_VISIBLE_DEVICES it was started with). The same split applies on every trainer node
+# whenever TRAINER_GPUS_PER_NODE < GPUS_PER_NODE.
 #
 # Order of start-up: node 0 starts the Ray head, then runs the dry-run planner (so a layout that
 # does not fit stops the run before any GPU is touched); every other node waits until the head
@@ -38,7 +50,13 @@ set -euo pipefail
 
 : "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}" "${MODEL_DIR:?set MODEL_DIR}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
-TRAINER_NODES="${TRAINER_NODES:-$((NNODES / 2))}"
+half=$((NNODES / 2))
+TRAINER_NODES="${TRAINER_NODES:-$((half > 0 ? half : 1))}"
+if [ "$NNODES" -eq 1 ]; then
+  TRAINER_GPUS_PER_NODE="${TRAINER_GPUS_PER_NODE:-$((GPUS_PER_NODE / 2))}"
+else
+  TRAINER_GPUS_PER_NODE="${TRAINER_GPUS_PER_NODE:-$GPUS_PER_NODE}"
+fi
 MASTER_PORT="${MASTER_PORT:-29500}"
 RAY_PORT="${RAY_PORT:-6379}"
 RAY_WAIT_S="${RAY_WAIT_S:-600}"
@@ -53,10 +71,30 @@ if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
        "'ray get-auth-token --generate'" >&2
   exit 2
 fi
+if [ "$TRAINER_NODES" -lt 1 ] || [ "$TRAINER_NODES" -gt "$NNODES" ]; then
+  echo "error: TRAINER_NODES=$TRAINER_NODES must be in 1..NNODES=$NNODES" >&2
+  exit 2
+fi
+if [ "$TRAINER_GPUS_PER_NODE" -lt 1 ] || [ "$TRAINER_GPUS_PER_NODE" -gt "$GPUS_PER_NODE" ]; then
+  echo "error: TRAINER_GPUS_PER_NODE=$TRAINER_GPUS_PER_NODE must be in 1..GPUS_PER_NODE=$GPUS_PER_NODE" >&2
+  exit 2
+fi
 export RAY_AUTH_MODE=token
-export CUDA_DEVICE_MAX_CONNECTIONS=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 cd "$(dirname "$0")/.."
+# A trainer node's GPU split: torchrun's first, Ray's (engines') the rest.
+ENGINE_GPUS_HERE=$((GPUS_PER_NODE - TRAINER_GPUS_PER_NODE))
+TRAINER_DEVICES=$(seq -s, 0 $((TRAINER_GPUS_PER_NODE - 1)))
+ENGINE_DEVICES=$(seq -s, "$TRAINER_GPUS_PER_NODE" $((GPUS_PER_NODE - 1)))
+
+# Ray on a trainer node: only the GPUs torchrun does not use, visible and counted.
+start_ray_on_trainer_node() {
+  if [ "$ENGINE_GPUS_HERE" -gt 0 ]; then
+    CUDA_VISIBLE_DEVICES="$ENGINE_DEVICES" ray start "$@" --num-gpus "$ENGINE_GPUS_HERE" --disable-usage-stats
+  else
+    ray start "$@" --num-gpus 0 --disable-usage-stats
+  fi
+}
 
 wait_for_ray_head() {
   local deadline=$((SECONDS + RAY_WAIT_S))
@@ -71,16 +109,16 @@ wait_for_ray_head() {
 }
 
 if [ "$NODE_RANK" -eq 0 ]; then
-  # The trainer's GPUs are used by torchrun, not by Ray: advertise only engine nodes' GPUs.
-  ray start --head --port "$RAY_PORT" --num-gpus 0 --disable-usage-stats
+  # The trainer's GPUs are used by torchrun, not by Ray: Ray advertises only engine GPUs.
+  start_ray_on_trainer_node --head --port "$RAY_PORT"
   trap 'ray stop' EXIT
   # shellcheck disable=SC2086  # EXTRA_ARGS is a list of key=value words
   python -m megatron_qae.plan --config "$CONFIG" --nodes "$NNODES" --gpus-per-node "$GPUS_PER_NODE" \
-    --trainer-gpus "$((TRAINER_NODES * GPUS_PER_NODE))" model.path="$MODEL_DIR" $EXTRA_ARGS
+    --trainer-gpus "$((TRAINER_NODES * TRAINER_GPUS_PER_NODE))" model.path="$MODEL_DIR" $EXTRA_ARGS
 else
   wait_for_ray_head
   if [ "$NODE_RANK" -lt "$TRAINER_NODES" ]; then
-    ray start --address "$MASTER_ADDR:$RAY_PORT" --num-gpus 0 --disable-usage-stats
+    start_ray_on_trainer_node --address "$MASTER_ADDR:$RAY_PORT"
     trap 'ray stop' EXIT
   else
     ray start --address "$MASTER_ADDR:$RAY_PORT" --num-gpus "$GPUS_PER_NODE" --disable-usage-stats --block
@@ -89,7 +127,8 @@ else
 fi
 
 # shellcheck disable=SC2086  # EXTRA_ARGS is a list of key=value words
-torchrun --nnodes "$TRAINER_NODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
+CUDA_DEVICE_MAX_CONNECTIONS=1 CUDA_VISIBLE_DEVICES="$TRAINER_DEVICES" \
+torchrun --nnodes "$TRAINER_NODES" --node-rank "$NODE_RANK" --nproc-per-node "$TRAINER_GPUS_PER_NODE" \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
   -m megatron_qae.train --config "$CONFIG" \
   model.path="$MODEL_DIR" run.run_dir="$RUN_DIR" ray.address="$MASTER_ADDR:$RAY_PORT" \

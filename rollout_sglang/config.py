@@ -104,7 +104,11 @@ class EngineConfig:
     port_base: int = 30000
     """First port tried for engine servers."""
     startup_timeout_s: float = 300.0
-    """Seconds an engine may take to become healthy."""
+    """Seconds an engine's server may take, once Ray placed it, to serve (SGLang: warmup done)."""
+    schedule_timeout_s: float = 600.0
+    """Seconds Ray may take to place the engine actors (their GPUs free on live nodes; engine
+    nodes may still be joining); past it the start fails naming what an engine asks for, its
+    Ray state and what the cluster has."""
     request_timeout_s: float = 600.0
     """Deadline of one control or weight-update request (generation has its own, sized for
     the request); a hung engine is found by its /health probes within seconds either way."""
@@ -114,12 +118,14 @@ class EngineConfig:
     request_floor_s: float = 60.0
     """Seconds every generation request gets whatever its size (queueing, prefill)."""
     health_interval_s: float = 2.0
-    """Seconds between /health probes of an engine while a request to it is in flight."""
+    """Seconds between /health probes of an engine while requests to it are in flight (one
+    prober per engine, however many requests)."""
     health_timeout_s: float = 5.0
-    """Seconds one /health probe may take; an engine that misses health_failures probes in
-    a row is hung (stopped or wedged): it is killed, restarted and given the current weights."""
+    """Seconds one /health probe may take; an engine that gives no answer (of any status: a
+    503 from a warming SGLang is an answer) to health_failures probes in a row is hung (stopped
+    or wedged): it is killed, restarted and given the current weights."""
     health_failures: int = 2
-    """Missed /health probes in a row that make an engine hung."""
+    """Probes in a row without any answer that make an engine hung."""
     max_restarts: int = 3
     """Restarts allowed per engine before the run fails."""
     weight_sync_bucket_bytes: int = 512 * 1024 * 1024
@@ -135,6 +141,7 @@ class EngineConfig:
             fail("engine.mem_fraction_static", self.mem_fraction_static, "must be in (0, 1)")
         positive("engine.weight_sync_bucket_bytes", self.weight_sync_bucket_bytes)
         positive("engine.request_timeout_s", self.request_timeout_s)
+        positive("engine.schedule_timeout_s", self.schedule_timeout_s)
         positive("engine.request_s_per_token", self.request_s_per_token, strict=False)
         positive("engine.request_floor_s", self.request_floor_s)
         positive("engine.health_interval_s", self.health_interval_s)

@@ -9,8 +9,8 @@ certainly needed, and every request still in flight aborted once the step's batc
 returns typed groups and the step's rollout metrics (tokens/s, engine busy fraction,
 time-to-full-batch, groups aborted). A failed request is retried on another engine; a group
 is accepted exactly once. Every engine request has a deadline sized for it (tokens it may
-generate: per group, not per step) and a /health watch: a hung engine is killed and its
-requests go elsewhere (engine_pool.py). Every sample gets its own `sampling_seed` from (run
+generate: per group, not per step) and a /health watch, one prober per engine shared by all
+its requests (watchdog.py): a hung engine is killed and its requests go elsewhere (pool.py). Every sample gets its own `sampling_seed` from (run
 seed, group id, sample index) and its own request id: the n samples of a group never share a
 seed. Reproducibility: the CPU server always samples from the seed, so a resumed run repeats
 itself; SGLang honours `sampling_seed` only with `--enable-deterministic-inference` (then per
@@ -149,7 +149,7 @@ class RolloutManager(EnginePool):
             placed.update(dict.fromkeys(rids, en.url))
             try:
                 return call_watched(client, lambda: client.generate(rows, params, True, rids),
-                                    self.watch, deadline_s, f"a /generate of {len(rows)} rows")
+                                    self.watch, deadline_s, f"a /generate of {len(rows)} rows", self.probers)
             except EngineHung as exc:
                 self._kill_hung(en, exc.stuck_s, "a /generate request")
             except EngineError as exc:

@@ -8,11 +8,17 @@ NCCL, and /destroy_weights_update_group leaves it; /server_info lists the groups
 "weight_update_groups", a field SGLang does not have; /update_weights_from_distributed receives tensors by broadcast from rank 0 and loads them
 by HF name; /update_weights_from_tensor takes SGLang's payload, tensors by shared-memory
 handle), and implements pause / continue, memory release / resume per tag, flush_cache,
-health, /model_info (weight version, "default" before the first update) and /server_info.
+health and readiness, /model_info (weight version, "default" before the first update) and
+/server_info. Start-up as SGLang's: the routes serve at once, but the server counts as started
+only after its warmup request (one short /generate through its own HTTP API, sent once
+/model_info answers); until then /health and /ready answer 503 (SGLang's ServerStatus.Starting,
+sglang/srt/entrypoints/http_server.py:735-736, 2360-2440). /health never generates (SGLang with
+SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0, which our launcher sets); /ready is 200 only once
+started and while generation is not paused (tokenizer_manager.py:728-734).
 It enforces SGLang 0.5.23's contract, refusals included, with SGLang's status codes and
 bodies (tests/rollout/sglang/test_conformance.py holds it to the real server): updates only inside a
 `/begin_weight_update` ... `/end_weight_update` session (400 outside; a second begin 400),
-`--api-key` required on every route but /health (401), /get_weight_version and
+`--api-key` required on every route but /health and /ready (401), /get_weight_version and
 /get_weights_by_name absent (404). One deliberate difference: resuming a tag that was not
 released is a 400 here, where SGLang's scheduler dies (KeyError); callers must never send it.
 Sampling honours `sampling_seed` always (SGLang only with --enable-deterministic-inference).
@@ -38,8 +44,11 @@ import argparse
 import contextlib
 import hmac
 import logging
+import os
+import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +56,13 @@ import torch
 import torch.distributed as dist
 import uvicorn
 from fastapi import Body, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from rollout_sglang.cpu_server.generation import Batcher, generation_routes
 from rollout_sglang.cpu_server.request_bounds import Bounds
 from rollout_sglang.cpu_server.limits import Busy, Limits, StoppableServer, refused_peer
 from rollout_sglang.cpu_server.sampling import eos_token_ids
+from rollout_sglang.sglang.client import SGLangClient
 from rollout_sglang.sglang.tensor_payload import deserialize_named_tensors
 from rollout_sglang.sglang.weight_group import init_weight_group
 
@@ -81,6 +91,8 @@ class ServerState:
         senders (one weight group per pipeline stage) are loaded one after another."""
         self.running = threading.Event()
         self.running.set()
+        self.started = threading.Event()
+        """Set when the warmup request has finished (SGLang's ServerStatus.Up)."""
         self.abort = threading.Event()
         torch.manual_seed(seed)
         if any(Path(model_path).glob("*.safetensors")):
@@ -153,8 +165,9 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.middleware("http")
     async def require_api_key(request: Request, call_next):
-        # As SGLang's --api-key: every route but /health* needs "Authorization: Bearer KEY".
-        if state.api_key and not request.url.path.startswith("/health"):
+        # As SGLang's --api-key (utils/auth.py:101-105): every route but /health* and /ready*
+        # needs "Authorization: Bearer KEY".
+        if state.api_key and not request.url.path.startswith(("/health", "/ready")):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given, f"Bearer {state.api_key}"):
                 return JSONResponse({"error": "Unauthorized"}, status_code=401)
@@ -162,9 +175,14 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     @app.get("/health_generate")
-    async def health() -> dict:
+    async def health() -> Response:
         # async: answered on the event loop even while every worker thread waits in /generate.
-        return {"status": "ok"}
+        # As SGLang: an empty body, 503 while still warming up.
+        return Response(status_code=200 if state.started.is_set() else 503)
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        return Response(status_code=200 if state.started.is_set() and state.running.is_set() else 503)
 
     @app.get("/model_info")
     @app.get("/get_model_info")
@@ -345,6 +363,30 @@ def _load(state: ServerState, named: list[tuple[str, torch.Tensor]]) -> str | No
     return None
 
 
+def warm_up(url: str, state: ServerState, timeout_s: float = 600.0) -> None:
+    """SGLang's start-up warmup (http_server.py:2360-2440): wait until /model_info answers,
+    send one short /generate through the server's own HTTP API, then count as started. A
+    warmup that fails stops the server (as SGLang's does), naming why."""
+    client = SGLangClient(url, timeout_s=60.0, api_key=state.api_key)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                client.model_info()
+                break
+            except Exception:  # noqa: BLE001 - not serving yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.generate([[0, 1, 2]], {"max_new_tokens": 8, "temperature": 0.0}, return_logprob=False)
+    except Exception as exc:  # noqa: BLE001 - the server cannot serve: stop it
+        log.error("warmup failed, stopping: %s", exc)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    state.started.set()
+    log.info("warmup done: serving")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="CPU rollout server with SGLang's HTTP API")
     ap.add_argument("--model-path", required=True)
@@ -373,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     state = ServerState(a.model_path, a.random_seed, a.api_key, limits)
     config = uvicorn.Config(build_app(state), host=a.host, port=a.port, log_level="warning",
                             timeout_graceful_shutdown=5)
+    here = "127.0.0.1" if a.host in ("0.0.0.0", "") else a.host
+    threading.Thread(target=warm_up, args=(f"http://{here}:{a.port}", state), daemon=True).start()
     sockets = [socket.socket(fileno=a.fd)] if a.fd is not None else None
     StoppableServer(config, state.abort, state.running).run(sockets=sockets)
 

@@ -5,7 +5,7 @@ may live in its own venv) or `python -m rollout_sglang.cpu_server.server` (the s
 free port (the CPU server inherits the socket bound here, so its port is held from the moment
 it is chosen), with the run's API key, waits until it serves our model (/model_info; an SGLang
 server, which binds its port itself, that lost its port to another process is relaunched on
-the next), checks its SGLang version once
+the next) and has finished its own warmup (/ready), checks its SGLang version once
 per start, reports its URL and process id, tells whether the process is alive, restarts it
 after a crash, kills a hung one (SIGKILL of its process group), and stops it by terminating
 the process group it started (never by name).
@@ -150,12 +150,25 @@ def server_command(backend: str, model_path: str, host: str, port: int, tp_size:
     return cmd
 
 
+TRAINER_ONLY_ENV = ("CUDA_DEVICE_MAX_CONNECTIONS",)
+"""Trainer settings an engine must not inherit (through Ray, from whoever started it):
+CUDA_DEVICE_MAX_CONNECTIONS=1 serializes every stream on one hardware queue, which Megatron's
+TP overlap wants and SGLang's overlapped scheduling does not."""
+
+
 def server_env(backend: str, extra_args: dict[str, Any], devices: tuple[str, ...]) -> dict[str, str]:
-    """The server's environment: one OpenMP thread unless set, the GPUs of a colocated
-    engine, and for SGLang on CPU its CPU engine switch and the `sgl_kernel` stand-in."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    """The server's environment: one OpenMP thread unless set, the trainer-only settings
+    removed, the GPUs of a colocated engine; for SGLang a /health that does not generate
+    (SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0: otherwise every probe is a one-token generation
+    through the scheduler that waits at least 1 s, and stalls behind a weight update,
+    sglang/srt/environ.py:344, entrypoints/http_server.py:745-786), and for SGLang on CPU its
+    CPU engine switch and the `sgl_kernel` stand-in."""
+    env = {k: v for k, v in os.environ.items() if k not in TRAINER_ONLY_ENV}
+    env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     if devices:  # colocated: exactly the GPUs of the trainer ranks it shares
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    if backend == "sglang":
+        env["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] = "0"
     if backend == "sglang" and extra_args.get("device") == "cpu":
         env["SGLANG_USE_CPU_ENGINE"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_STAND_IN_DIR), env.get("PYTHONPATH")) if p)
@@ -171,7 +184,9 @@ class RolloutEngine:
                  request_timeout_s: float = 600.0, log_dir: str = ".", seed: int = 0,
                  devices: tuple[str, ...] = (), colocated: bool = False, python: str | None = None,
                  api_key: str | None = None, bind_node_ip: bool = False,
-                 weight_sync_hosts: tuple[str, ...] = ()) -> None:
+                 weight_sync_hosts: tuple[str, ...] = (), start_now: bool = True) -> None:
+        """`start_now=False`: `start()` launches the server (the pool first waits for Ray to
+        place the actor, so a start that cannot be placed is told from one that is slow)."""
         if bind_node_ip:  # inside a Ray actor on a multi-node cluster
             import ray
 
@@ -193,7 +208,13 @@ class RolloutEngine:
         self.devices, self.colocated = tuple(devices), colocated
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
+        if start_now:
+            self._start()
+
+    def start(self) -> str:
+        """Launch the server of an engine made with `start_now=False`; returns its URL."""
         self._start()
+        return self.url()
 
     def _start(self) -> None:
         """Launch on a free port. The CPU server inherits a socket bound and listening here
@@ -241,7 +262,10 @@ class RolloutEngine:
 
     def _wait_ready(self, cmd: list[str]) -> bool:
         """Wait until our server answers /model_info for our model with our key (not some
-        other process that took the port meanwhile); False if it lost the port."""
+        other process that took the port meanwhile) and then /ready: SGLang answers
+        /model_info as soon as uvicorn serves, but counts as started only after its own warmup
+        request (/health and /ready answer 503 until then, http_server.py:714-718, 735-736);
+        an engine handed work or probed before that looks unhealthy. False if it lost the port."""
         client = SGLangClient(self.url(), timeout_s=5.0, api_key=self.api_key)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
@@ -252,7 +276,7 @@ class RolloutEngine:
                 shown = ["--api-key=***" if a.startswith("--api-key=") else a for a in cmd]
                 raise RuntimeError(f"engine exited with code {self.proc.returncode} during start-up: "
                                    f"{' '.join(shown)}; end of {self.log_path()}:\n{tail}")
-            if self._serves_our_model(client):
+            if self._serves_our_model(client) and client.ready():
                 return True
             time.sleep(0.1)
         self.stop()

@@ -24,7 +24,7 @@ from rollout_sglang.config import EngineConfig
 from rollout_sglang.sglang.client import EngineError, SGLangClient
 from rollout_sglang.engines.engine import RolloutEngine
 from rollout_sglang.types import EnginePlacement
-from rollout_sglang.engines.watchdog import EngineHung, WatchPolicy, run_in_thread, wait_watching
+from rollout_sglang.engines.watchdog import EngineHung, Probers, WatchPolicy, run_in_thread, wait_watching
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,13 @@ def engine_watch_policy(e: EngineConfig) -> WatchPolicy:
 
 
 def _engine_actor(e: EngineConfig, place: EnginePlacement | None):
-    """The Ray actor class of one engine: its own GPUs, or pinned to its trainer ranks' node."""
+    """The Ray actor class of one engine, its own GPUs or pinned to its trainer ranks' node,
+    and what it asks Ray for (for the error when Ray cannot place it)."""
     actor = ray.remote(RolloutEngine)
     if place is None:
         on_gpu = e.backend == "sglang" and e.sglang_args.get("device", "cuda") != "cpu"
-        return actor.options(num_cpus=0, num_gpus=e.engine_tp if on_gpu else 0)
+        gpus = e.engine_tp if on_gpu else 0
+        return actor.options(num_cpus=0, num_gpus=gpus), f"{{'GPU': {gpus}}} on any node"
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = {n["NodeManagerHostname"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -63,7 +65,28 @@ def _engine_actor(e: EngineConfig, place: EnginePlacement | None):
                           f"({sorted(nodes)}); start a Ray node on every trainer node")
     # The trainer (torchrun) already holds these GPUs outside Ray's accounting: ask Ray for none.
     return actor.options(num_cpus=0, num_gpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        nodes[place.hostname], soft=False))
+        nodes[place.hostname], soft=False)), f"no GPU, on node {place.hostname!r}"
+
+
+def unplaced_reason(actor, index: int, count: int, asks: str, waited_s: float) -> str:
+    """Why Ray has not placed engine `index`'s actor, as Ray sees it: the actor's state in
+    Ray's actor table, what it asks for, and the GPUs of the cluster's live nodes (Ray's own
+    "cannot be scheduled" warning goes to the driver's log, which this run does not show)."""
+    try:
+        from ray._private.state import actors  # the GCS actor table; needs no dashboard
+
+        state = actors(actor._actor_id.hex()).get("State", "unknown")
+    except Exception as exc:  # noqa: BLE001 - the reason is best effort; the error is not
+        state = f"unknown ({exc})"
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    per_node = ", ".join(f"{n['NodeManagerHostname']}: {n['Resources'].get('GPU', 0):g}" for n in nodes)
+    total, free = ray.cluster_resources().get("GPU", 0), ray.available_resources().get("GPU", 0)
+    return (f"engine {index} of {count} was not placed by Ray within engine.schedule_timeout_s={waited_s:g} s: "
+            f"Ray has its actor {state}, asking for {asks}; the cluster has {total:g} GPUs in all, "
+            f"{free:g} free ({len(nodes)} live nodes, GPUs per node: {per_node}). Give Ray the engines' "
+            "GPUs (`ray start --num-gpus N` on the nodes that host engines; "
+            "examples/run_qwen2.5_32b_qae.sh gives Ray the GPUs torchrun does not use), lower "
+            "engine.num_engines x engine.engine_tp, or raise engine.schedule_timeout_s")
 
 
 class EnginePool:
@@ -78,24 +101,41 @@ class EnginePool:
         self.engine_cfg, self.api_key = engine, api_key
         e = engine
         multi_node = sum(1 for n in ray.nodes() if n["Alive"]) > 1
-        handles = []
+        handles, self._asks, self._starts = [], [], []
         for i in range(e.num_engines):
             place = placements[i] if placements is not None else None
-            handles.append(_engine_actor(e, place).remote(
+            actor, asks = _engine_actor(e, place)
+            handles.append(actor.remote(
                 model_path, e.backend, e.host, e.port_base + 100 * i, e.engine_tp,
                 e.mem_fraction_static, dict(e.sglang_args), e.startup_timeout_s, e.request_timeout_s,
                 log_dir, run_seed + i, place.devices if place else (), place is not None,
                 python=e.sglang_python, api_key=api_key, bind_node_ip=multi_node,
-                weight_sync_hosts=(trainer_address,) if trainer_address else ()))
+                weight_sync_hosts=(trainer_address,) if trainer_address else (), start_now=False))
+            self._asks.append(asks)
+            self._starts.append(handles[-1].start.remote())  # runs once Ray has placed it
         return handles
 
     def _await_engines(self, handles: list) -> None:
-        """Wait until every launched engine serves (raises what an engine's start raised)."""
+        """Wait until Ray has placed every engine actor (engine.schedule_timeout_s; past it an
+        EngineError says why, in Ray's terms), then until every server serves (each start
+        has its own engine.startup_timeout_s; raises what an engine's start raised)."""
         e = self.engine_cfg
-        self.engines = [_Engine(h, ray.get(h.url.remote()), e.engine_tp) for h in handles]
+        placed = [h.__ray_ready__.remote() for h in handles]
+        _, pending = ray.wait(placed, num_returns=len(placed), timeout=e.schedule_timeout_s)
+        if pending:
+            i = placed.index(pending[0])
+            raise EngineError(unplaced_reason(handles[i], i, len(handles), self._asks[i], e.schedule_timeout_s))
+        self._supervise([_Engine(h, url, e.engine_tp) for h, url in zip(handles, ray.get(self._starts))])
+
+    def _supervise(self, engines: list[_Engine]) -> None:
+        """Take charge of `engines` (serving, not yet holding weights)."""
+        e = self.engine_cfg
+        self.engines = engines
         self._clients: dict[str, SGLangClient] = {}
         self.requests_retried = 0
         self.watch = engine_watch_policy(e)
+        self.probers = Probers(self.watch)
+        """One /health prober per engine, shared by all its in-flight requests."""
         self._dead_lock = threading.Lock()
         self.warnings: list[str] = []
         """Engine warnings not yet taken by the driver (this actor's log goes to Ray's files)."""
@@ -103,6 +143,10 @@ class EnginePool:
     # ---- engines -------------------------------------------------------------------------
     def engine_endpoints(self) -> list[tuple[str, int]]:
         return [(en.url, en.tp) for en in self.engines if not en.dead]
+
+    def probes_sent(self) -> dict[str, int]:
+        """/health probes sent to each engine (by URL) since the pool started."""
+        return self.probers.probes_sent()
 
     def engine_pids(self) -> list[int]:
         return [ray.get(en.actor.pid.remote()) for en in self.engines]
@@ -173,10 +217,11 @@ class EnginePool:
         return restarted
 
     def _probe(self, en: _Engine) -> None:
-        """Kill `en` when it misses engine.health_failures /health probes in a row."""
+        """Kill `en` when it gives no answer to engine.health_failures /health probes in a row
+        (an answer of any status is alive: SGLang answers 503 while it warms up)."""
         client, t0 = self._client(en), time.monotonic()
         for _ in range(self.watch.probe_failures):
-            if client.health(timeout_s=self.watch.probe_timeout_s):
+            if client.answers(timeout_s=self.watch.probe_timeout_s):
                 return
         self._kill_hung(en, time.monotonic() - t0, "a health probe")
 
@@ -247,7 +292,8 @@ class EnginePool:
         futures = [run_in_thread(lambda en=en, c=c: call(en, c)) for en, c in zip(live, clients)]
         for en, c, f in zip(live, clients, futures):
             try:
-                wait_watching([(c, f)], self.watch, self.engine_cfg.request_timeout_s, "a control request")
+                wait_watching([(c, f)], self.watch, self.engine_cfg.request_timeout_s, "a control request",
+                              self.probers)
             except EngineHung as exc:
                 self._kill_hung(en, exc.stuck_s, "a control request")
             except EngineError as exc:

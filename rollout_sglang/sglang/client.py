@@ -4,7 +4,7 @@ What it does: token-in / token-out generation with per-token log-probs (one samp
 dict for all rows, or one per row), the weight-update group, weight-update sessions
 (`/begin_weight_update` ... `/end_weight_update`, which SGLang >= 0.5.21 requires around every
 distributed or tensor update), pause / continue, memory release / resume, cache flush,
-health, aborting requests by id, the weight version (`/model_info`; "default" before the first
+health and readiness, aborting requests by id, the weight version (`/model_info`; "default" before the first
 update) and the server version (`/server_info`, checked once against the supported range). Every request carries
 the engine's API key when one is set. The same client talks to `sglang.launch_server` and to
 our CPU server, which implements the same contract. What it does not: start servers
@@ -113,9 +113,29 @@ class SGLangClient:
         return out
 
     def health(self, timeout_s: float = 5.0) -> bool:
-        """True when the server answers /health with 200."""
+        """True when the server answers /health with 200 (SGLang: 503 until its own warmup
+        request has finished, `http_server.py:735-736`)."""
         try:
             self._request("GET", "/health", timeout_s=timeout_s)
+        except EngineError:
+            return False
+        return True
+
+    def answers(self, timeout_s: float = 5.0) -> bool:
+        """True when the server's HTTP process answers /health at all, whatever the status: a
+        503 from a server still warming up (or shutting down) is an answer, only silence (no
+        connection, no reply within `timeout_s`) is not. What a hang probe asks."""
+        try:
+            self._request("GET", "/health", timeout_s=timeout_s)
+        except EngineError as exc:
+            return exc.status is not None
+        return True
+
+    def ready(self, timeout_s: float = 5.0) -> bool:
+        """True when /ready answers 200: SGLang's readiness (started, warmup done, not paused:
+        `http_server.py:714-718`, `tokenizer_manager.py:728-734`); needs no API key."""
+        try:
+            self._request("GET", "/ready", timeout_s=timeout_s)
         except EngineError:
             return False
         return True

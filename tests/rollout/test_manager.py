@@ -12,6 +12,7 @@ import ray
 from megatron_qae.config.loading import load_config
 from rollout_sglang import demo_task
 from rollout_sglang.manager import RolloutManager, select_groups
+from rollout_sglang.sglang.client import EngineError
 from rollout_sglang.types import Group, Prompt, Sample
 from testsupport.ray_local import local_ray
 
@@ -49,8 +50,13 @@ def manager(tmp_path_factory):
 
 
 def test_dynamic_sampling_keeps_mixed_groups_and_counts_drops(manager):
+    probes_before = ray.get(manager.probes_sent.remote())
     batch = ray.get(manager.generate.remote(0))
     m = batch.metrics
+    # Every group request in flight shares its engine's prober: at most one /health probe per
+    # engine per engine.health_interval_s (2 s) of generation, however many requests wait.
+    for url, sent in ray.get(manager.probes_sent.remote()).items():
+        assert sent - probes_before.get(url, 0) <= m["rollout/generate_s"] / 2.0 + 1, (url, sent)
     assert len(batch.groups) == 6
     assert all(not g.accuracy_is_constant and len(g.samples) == 4 for g in batch.groups)
     # Independent recount: the reward is "first char odd", recomputed from the samples' text
@@ -97,3 +103,24 @@ def test_killed_engine_mid_rollout_loses_no_group(manager):
     restarted = ray.get(manager.restart_dead_engines.remote())
     assert len(restarted) == 1
     assert ray.get(manager.engines_needing_sync.remote()) == restarted
+
+
+def test_engines_ray_cannot_place_fail_at_the_deadline_naming_rays_reason(manager, tmp_path):
+    """The module's Ray has no GPU: an SGLang engine on GPU asks for one and is never placed.
+    The start fails at engine.schedule_timeout_s with Ray's view of it (it waited forever)."""
+    from rollout_sglang.config import EngineConfig
+    from rollout_sglang.engines.pool import EnginePool
+
+    cfg = EngineConfig(backend="sglang", num_engines=2, engine_tp=4, schedule_timeout_s=2.0)
+    pool = EnginePool()
+    handles = pool._launch_engines(cfg, 0, str(tmp_path / "model"), str(tmp_path / "logs"), None, None, None)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(EngineError, match=r"engine 0 of 2 was not placed by Ray within "
+                           r"engine.schedule_timeout_s=2 s: Ray has its actor PENDING_CREATION, asking for "
+                           r"\{'GPU': 4\} on any node; the cluster has 0 GPUs in all, 0 free \(1 live nodes"):
+            pool._await_engines(handles)
+        assert time.monotonic() - t0 < 30
+    finally:
+        for h in handles:
+            ray.kill(h)

@@ -127,3 +127,41 @@ def test_bad_weight_updates_are_refused_by_name(served):
     client.pause_generation()
     client.continue_generation()
     assert client.health()
+
+
+def test_start_up_as_sglang_health_and_ready_503_until_the_warmup_request(tmp_path):
+    """SGLang serves its routes at once but counts as started only after its warmup request:
+    /health and /ready answer 503 until then (http_server.py:714-736); /ready also while
+    generation is paused. The server runs here in-process, its warmup called by hand."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from rollout_sglang.cpu_server.server import ServerState, build_app, warm_up
+
+    model_dir = write_model_dir(tmp_path / "m", tiny.tiny_hf_config(), seed=0)
+    state = ServerState(str(model_dir), 0, api_key="k")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        client, anonymous = SGLangClient(url, timeout_s=30, api_key="k"), SGLangClient(url, timeout_s=30)
+        while not anonymous.answers():
+            pass  # uvicorn coming up
+        with pytest.raises(EngineError) as starting:
+            anonymous._request("GET", "/health")
+        assert starting.value.status == 503 and not anonymous.ready()
+        assert client.model_info()["model_path"] == str(model_dir)  # served while starting
+        warm_up(url, state)
+        assert anonymous.health() and anonymous.ready()  # neither needs the key
+        client.pause_generation()
+        assert anonymous.health() and not anonymous.ready()
+        client.continue_generation()
+        assert anonymous.ready()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -55,6 +55,16 @@ def test_sglang_on_cpu_gets_the_stand_in_and_a_sized_kv_pool():
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(CPU_STAND_IN_DIR)
     gpu = server_env("sglang", {}, ("GPU-1",))
     assert "SGLANG_USE_CPU_ENGINE" not in gpu and str(CPU_STAND_IN_DIR) not in gpu.get("PYTHONPATH", "")
+
+
+def test_engines_get_a_health_route_that_does_not_generate_and_not_the_trainers_settings(monkeypatch):
+    # Ray hands its workers the environment of whoever started it: the trainer's (or the
+    # launch script's) CUDA_DEVICE_MAX_CONNECTIONS=1 must stop at the engine's server.
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    for backend, args in (("sglang", {}), ("sglang", {"device": "cpu"}), ("cpu", {})):
+        env = server_env(backend, args, ())
+        assert "CUDA_DEVICE_MAX_CONNECTIONS" not in env, backend
+    assert server_env("sglang", {}, ())["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] == "0"
     with pytest.raises(ValueError, match="max_total_tokens"):
         server_command("sglang", "/m", "127.0.0.1", 1, 1, 0.8, {"device": "cpu"}, 0)
 

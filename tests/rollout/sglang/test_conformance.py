@@ -1,7 +1,8 @@
 """Our CPU server against real SGLang 0.5.23: one scripted scenario through the client, run on
 both servers, must give the same status codes and response shapes, refusals included
 (updates outside a weight-update session, a second session, a session closed twice, an
-unknown weight group, a request without the API key, removed routes); then greedy generation
+unknown weight group, a request without the API key, removed routes, /health and /ready without
+the key, /ready 503 while paused); then greedy generation
 on both with the same fp32 weights gives the same tokens and log-probs; out-of-bounds /generate
 bodies (max_new_tokens past the context, sampling parameters out of range or of the wrong
 type) get SGLang's status from both; /abort_request of a request id stops that row the same
@@ -101,6 +102,14 @@ def scenario(url: str, model_dir) -> list[tuple[str, int | None, object]]:
         "input_ids": [[5, 9, 11], [5, 9, 11]], "sampling_params": seeded, "return_logprob": True,
         "logprob_start_len": -1}))
     _step(rec, "generate, n=2", lambda: client.generate([[5, 9, 11], [3, 4]], {"max_new_tokens": 2, "n": 2}))
+    # Health and readiness need no key; /ready is 503 while generation is paused, /health not.
+    _step(rec, "health", lambda: anonymous._request("GET", "/health"))
+    _step(rec, "ready", lambda: anonymous._request("GET", "/ready"))
+    client.pause_generation()
+    _step(rec, "ready while paused", lambda: anonymous._request("GET", "/ready"))
+    _step(rec, "health while paused", lambda: anonymous._request("GET", "/health"))
+    client.continue_generation()
+    _step(rec, "ready after continue", lambda: anonymous._request("GET", "/ready"))
     return rec
 
 
@@ -127,6 +136,7 @@ def test_cpu_server_answers_the_scenario_as_sglang_does(urls, model_dir):
     statuses = {name: status for name, status, _ in real}
     assert statuses["tensor update outside a session"] == 400  # the refusal the issue is about
     assert statuses["model_info without key"] == 401 and statuses["removed /get_weight_version"] == 404
+    assert statuses["ready while paused"] == 503 and statuses["health while paused"] == 200
 
 
 def test_same_weights_same_greedy_tokens_and_logprobs(urls):
