@@ -174,7 +174,8 @@ def _train(cfg: Config, policy: Policy, reference: Reference | None, shard: Trai
     if not shard.num_mini_batches:
         return {"train/optimizer_steps": 0.0}
     groups = policy.groups
-    plans = shard_micro_batches(shard, advantages, cfg.train.micro_batch_max_tokens, seq_multiple(groups.dims.tp),
+    multiple = seq_multiple(groups.dims.tp, cfg.parallel.sequence_parallel, cfg.model.fp8 is not None)
+    plans = shard_micro_batches(shard, advantages, cfg.train.micro_batch_max_tokens, multiple,
                                 schedule_multiple(groups.dims.pp, groups.dims.vpp), cfg.train.pack_sequences)
     t0 = time.perf_counter()
     chunk = cfg.train.logprob_chunk_tokens
