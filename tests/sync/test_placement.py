@@ -26,12 +26,13 @@ def test_colocated_save_runs_release_restore_save_offload_resume(tmp_path):
     proc = tiny.run_logged(cmd, env, timeout_s=420)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     calls = json.loads(out.read_text())
-    # The trainer holds at the engines' start exactly what it holds while they generate.
-    assert calls.index("offload") < calls.index("start_engines"), calls
+    order = " ".join(calls)
     save = calls.index("save")
     release = max(i for i in range(save) if calls[i] == "release")
-    assert calls[release:save + 1] == ["release", "restore", "save"], calls
+    assert calls[release:save + 1] == ["release", "restore", "save"], order
     after = calls[save + 1:]
     assert after[0] == "offload" and after.index("offload") < min(
-        i for i, c in enumerate(after) if c.startswith("resume")), calls
-    assert calls.count("restore") == calls.count("offload") - 1 == 1, calls
+        i for i, c in enumerate(after) if c.startswith("resume")), order
+    # The trainer holds at the engines' start exactly what it holds while they generate.
+    assert calls.index("offload") < calls.index("start_engines"), order
+    assert calls.count("restore") == calls.count("offload") - 1 == 1, order
