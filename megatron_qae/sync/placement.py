@@ -4,8 +4,9 @@ What it does: `Separate` (engines on devices of their own, weights over each pip
 weight link) and `Colocated` (engines on the trainer's devices, weights by memory handle, the
 trainer's gradient buffers and optimizer state off the GPU while the engines hold it) each
 start their engines, ready the devices before and after training, push weights with
-restart-and-retry (engine.max_restarts) returning a `PushResult`, and tear down. `placement_for` picks one from engine.colocate, so the
-loop calls the same methods whichever runs. What it does not: generate, train or checkpoint
+restart-and-retry (engine.max_restarts) returning a `PushResult`, and tear down.
+`placement_for` picks one from engine.colocate, so the loop calls the same methods whichever
+runs. What it does not: generate, train or checkpoint
 (the loop does), form weight groups or send tensors (weight_sync.py, colocated_sync.py), or
 restart engines (the rollout manager does when `Rollout.prepare_sync` / `prepare_colocated`
 asks it to).
