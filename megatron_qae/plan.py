@@ -32,12 +32,19 @@ Logits (last stage; e = 2 bytes bf16, 4 fp32; v = vocab/tp; c = min(train.logpro
   upcast copy, softmax and gradient), since log-probs and entropy run over response rows only,
   a chunk at a time, each chunk recomputed in backward (logprobs.response_logprobs). Usable memory: (1 - 0.08) * GPU memory (CUDA context, NCCL
   buffers, allocator fragmentation).
-Engine GPU (SGLang): weights = params*2/engine_tp; KV cache = GPU*mem_fraction_static - weights;
-  KV bytes/token = 2 (K, V) * layers * max(kv_heads/engine_tp, 1) * head_dim * 2.
+Engine GPU (SGLang): weights = params*2/engine_tp; KV cache = (GPU - held)*mem_fraction_static
+  - weights, held = what other processes hold on the GPU when the engine starts (SGLang 0.5.23
+  mem_cache/kv_cache_configurator.py:2990-3057: the memory free after its weights minus
+  (1 - mem_fraction_static) of the memory free before them); KV bytes/token = 2 (K, V) * layers
+  * max(kv_heads/engine_tp, 1) * head_dim * 2.
 Colocated (engine.colocate): engines run on the trainer's GPUs; while they generate, the
   trainer's params (+ FP8 copies) stay, its grads + optimizer state too unless
   engine.offload_train_state moved them out (freed / in host memory), and SGLang takes
-  GPU*mem_fraction_static; while the trainer trains, the engines have released theirs.
+  (GPU - that)*mem_fraction_static: the engines start after the first offload, so `held` is what
+  stays during rollout. While the trainer trains, the engines have released theirs. A
+  checkpoint is saved right after training, before the offload: the whole train state on the
+  GPU (params, grads, optimizer, FP8 copies, reference), the engines holding nothing; below the
+  training peak, printed as the save's figure.
 """
 
 from __future__ import annotations
@@ -194,6 +201,12 @@ class StageMemory:
         return self.resident - (self.grads + self.optimizer if offload else 0.0)
 
     @property
+    def at_save(self) -> float:
+        """Bytes during a checkpoint save: the whole train state, back on the GPU after the
+        colocated engines released theirs (the loop saves after training, before the offload)."""
+        return self.resident
+
+    @property
     def total(self) -> float:
         return self.resident + self.activations + self.logits
 
@@ -225,12 +238,14 @@ class EngineMemory:
         return int(self.kv_cache // self.kv_bytes_per_token)
 
 
-def engine_memory(cfg: Config, hf: dict[str, Any], n_params: int, gpu_bytes: float) -> EngineMemory:
-    """Weights and KV cache per engine GPU under SGLang's --mem-fraction-static."""
+def engine_memory(cfg: Config, hf: dict[str, Any], n_params: int, gpu_bytes: float,
+                  held_bytes: float = 0.0) -> EngineMemory:
+    """Weights and KV cache per engine GPU under SGLang's --mem-fraction-static, with
+    `held_bytes` of the GPU taken by others when the engine starts (colocated: the trainer)."""
     etp = cfg.engine.engine_tp
     _, kv_heads, head_dim = attention_dims(hf)
     weights = n_params * 2 / etp
-    kv = gpu_bytes * cfg.engine.mem_fraction_static - weights
+    kv = (gpu_bytes - held_bytes) * cfg.engine.mem_fraction_static - weights
     return EngineMemory(weights, kv, 2 * hf["num_hidden_layers"] * max(kv_heads // etp, 1) * head_dim * 2)
 
 
@@ -291,13 +306,13 @@ def shortfalls(cfg: Config, mem: list[StageMemory], eng: EngineMemory, usable: f
 
 def _colocated_shortfall(cfg: Config, mem: list[StageMemory], usable: float, gpu: float) -> list[str]:
     """Colocated: during rollout the trainer's state (params, and grads + optimizer unless
-    offloaded) stays while SGLang takes mem_fraction_static of the GPU; during training the
-    engine has released its memory."""
+    offloaded) stays while SGLang takes mem_fraction_static of what it found free at its start;
+    during training and a checkpoint save the engine has released its memory."""
     resident = max(s.during_rollout(cfg.engine.offload_train_state) for s in mem)
-    engine = gpu * cfg.engine.mem_fraction_static
+    engine = (gpu - resident) * cfg.engine.mem_fraction_static
     if resident + engine <= usable:
         return []
-    room = (usable - resident) / gpu
+    room = (usable - resident) / (gpu - resident)
     fix = (f"lower engine.mem_fraction_static to {room:.2f} or less" if room > 0 else
            "the trainer state alone leaves no room: raise parallel.tp / parallel.pp")
     return [f"colocated rollout: trainer state {resident / GIB:.1f} GiB + engine {engine / GIB:.1f} GiB "
@@ -311,7 +326,8 @@ def report(cfg: Config, hf: dict[str, Any], shape: ModelShape, n_params: int, wo
     p, e = cfg.parallel, cfg.engine
     dp = ParallelDims.from_config(p, world).dp
     mem = [trainer_memory(cfg, hf, shape, dp, s) for s in range(p.pp)]
-    eng = engine_memory(cfg, hf, n_params, gpu)
+    held = max(s.during_rollout(e.offload_train_state) for s in mem) if e.colocate else 0.0
+    eng = engine_memory(cfg, hf, n_params, gpu, held)
     print(f"model: {cfg.model.path}  parameters: {n_params / 1e9:.2f}B ({n_params:,}; "
           f"Megatron GPTModel on the meta device: {shape.total:,})")
     engine_gpus = world if e.colocate else total_gpus - world
@@ -334,12 +350,14 @@ def report(cfg: Config, hf: dict[str, Any], shape: ModelShape, n_params: int, wo
           + (f"by memory handle to {e.num_engines} colocated engines" if e.colocate
              else f"broadcast to {e.num_engines} engines"))
     if e.colocate:
-        stays = max(s.during_rollout(e.offload_train_state) for s in mem)
-        freed = max(s.resident for s in mem) - stays
-        print(f"colocated: trainer state {stays / GIB:.1f} GiB stays during rollout"
+        freed = max(s.resident for s in mem) - held
+        print(f"colocated: trainer state {held / GIB:.1f} GiB stays during rollout"
               + (f" ({freed / GIB:.1f} GiB of grads + optimizer state offloaded to host memory)"
                  if e.offload_train_state else "")
-              + f"; engines release their {gpu * e.mem_fraction_static / GIB:.1f} GiB during training")
+              + f"; engines start after it and take {(gpu - held) * e.mem_fraction_static / GIB:.1f} GiB, "
+              "released during training")
+    print(f"checkpoint save (GiB per GPU): trainer state {max(s.at_save for s in mem) / GIB:.1f}"
+          + (", engines released" if e.colocate else "") + " (saved after training, before the offload)")
     return shortfalls(cfg, mem, eng, gpu * (1 - RESERVED_FRACTION), gpu, engine_gpus)
 
 

@@ -85,7 +85,8 @@ def train(cfg, a: argparse.Namespace) -> dict[str, float]:
     for step in bar:
         batch = rng.sample(pairs, min(a.batch_prompts, len(pairs)))
         mbs = sft_micro_batches(batch, groups.dp_rank, dims.dp, cfg.train.micro_batch_max_tokens,
-                                seq_multiple(dims.tp), schedule_multiple(dims.pp, dims.vpp))
+                                seq_multiple(dims.tp, cfg.parallel.sequence_parallel, cfg.model.fp8 is not None),
+                                schedule_multiple(dims.pp, dims.vpp))
         metrics = sft_step(policy, mbs, sum(len(t) for _, t in batch), step, cfg.train.logprob_chunk_tokens)
         history.append(metrics)
         bar.set_postfix({"nll": f"{metrics['sft/nll']:.3f}", "p_target": f"{metrics['sft/p_target']:.3f}"})

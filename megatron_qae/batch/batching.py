@@ -38,13 +38,21 @@ def split_by_tokens(lengths: list[int], parts: int) -> list[list[int]]:
     return [sorted(ix) for ix in out]
 
 
-def seq_multiple(tp: int) -> int:
-    """What every micro-batch's sequence length is padded to a multiple of: lcm(16, tp).
+def seq_multiple(tp: int, sequence_parallel: bool = False, fp8: bool = False) -> int:
+    """What every micro-batch row (padded row, packed THD row, the empty filler) is padded to a
+    multiple of: lcm(16, tp), or lcm(16, 8 * tp) with FP8 and sequence parallel both on.
 
     Sequence parallel scatters the [s, b, h] activations over TP ranks along s (s % tp == 0),
-    and Transformer Engine's FP8 GEMMs need the token dimension % 16. Applied on CPU too, so
-    the CPU run pads exactly like the GPU run."""
-    return math.lcm(16, tp)
+    and Transformer Engine's FP8 GEMMs need the token dimension % 16. Under sequence parallel
+    TE checks FP8's rule on each TP rank's local shard, before its all-gather: TE 2.20.2
+    pytorch/module/layernorm_linear.py:174-184 views the local [s/tp, b, h] input and
+    pytorch/utils.py:704-714 (`assert_dim_for_fp8_exec`) requires the product of all dims but
+    the last to be divisible by 8; megatron-core 0.19.2 extensions/transformer_engine.py:1266
+    builds TELayerNormColumnParallelLinear with `sequence_parallel`. A row of s tokens leaves
+    s / tp on each rank, so s % (8 * tp) == 0 makes every shard pass whatever the row count
+    (at tp=8, lcm(16, 8) = 16 would leave 2 tokens a rank). Applied on CPU too, so the CPU run
+    pads exactly like the GPU run."""
+    return math.lcm(16, 8 * tp if sequence_parallel and fp8 else tp)
 
 
 def schedule_multiple(pp: int, vpp: int | None) -> int:

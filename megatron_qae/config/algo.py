@@ -10,6 +10,12 @@ from dataclasses import dataclass
 
 from rollout_sglang.config_checks import fail as _fail, one_of as _one_of, positive as _positive
 
+FP8_TIS_CAP = 2.0
+"""algo.tis_cap when it is null and model.fp8 is on: every trainer forward (old log-probs and
+reference included) runs in FP8 while the engines sample in bf16, so the trainer's old
+log-probs are not the sampling policy's; the truncated weight exp(old - rollout) <= 2 corrects
+the loss for that gap (docs/algorithm.md, "FP8 training against bf16 sampling")."""
+
 POLICY_LOSSES = ("dapo", "gspo", "clip_cov", "kl_cov")
 """The allowed algo.policy_loss values: the names megatron_qae/algorithm/losses/ registers (a
 test holds the two equal; the config does not import the losses)."""
@@ -36,7 +42,9 @@ class AlgoConfig:
     clip_c: float | None = 10.0
     """Dual-clip bound for negative advantages (> 1); None disables it."""
     tis_cap: float | None = None
-    """Truncated importance-sampling cap on trainer/rollout probability ratios; None = off."""
+    """Truncated importance-sampling cap on trainer/rollout probability ratios; None = auto:
+    FP8_TIS_CAP (2.0) with model.fp8 (FP8 training against bf16 sampling), else off; an
+    explicit value wins (`effective_tis_cap`)."""
     skip_zero_advantage: bool = True
     """Leave responses with advantage exactly 0 out of forward/backward (same update); turned
     off for the run, with a log line, when the loss gives them a gradient (KL, entropy bonus,
@@ -93,6 +101,13 @@ class AlgoConfig:
         for name in ("kl_coef", "entropy_coef"):
             if getattr(self, name) < 0.0:
                 _fail(f"algo.{name}", getattr(self, name), "must be >= 0 (0 turns the term off)")
+
+    def effective_tis_cap(self, fp8: bool) -> float | None:
+        """The truncated-IS cap the loss applies: algo.tis_cap when set; when null, FP8_TIS_CAP
+        with FP8 training (`fp8` = model.fp8 is set), else None (off)."""
+        if self.tis_cap is not None:
+            return self.tis_cap
+        return FP8_TIS_CAP if fp8 else None
 
     @property
     def effective_quantile_k(self) -> float:

@@ -54,12 +54,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     """Micro-batching of the trainer."""
 
+    @property
+    def loss_algo(self) -> AlgoConfig:
+        """`algo` as the loss applies it: algo.tis_cap=null resolved against model.fp8
+        (`AlgoConfig.effective_tis_cap`); the written config keeps what the user set."""
+        return dataclasses.replace(self.algo, tis_cap=self.algo.effective_tis_cap(self.model.fp8 is not None))
+
     def __post_init__(self) -> None:
         r = self.rollout
         check_rollout_sections(r, self.engine, self.reward)
         if self.model.fp8 and self.model.params_dtype != "bfloat16":
             fail("model.fp8", self.model.fp8, "FP8 training needs model.params_dtype=bfloat16")
-        if r.async_steps and self.algo.tis_cap is None:
+        if r.async_steps and self.loss_algo.tis_cap is None:
             # The trainer's old log-probs are one version newer than the policy that sampled:
             # without the truncated importance weight the loss is biased by the staleness.
             fail("rollout.async_steps", r.async_steps, "one-step off-policy needs truncated importance "

@@ -1,12 +1,14 @@
-"""The RL loop: rollout -> reward -> advantage -> train -> weight sync -> eval / checkpoint.
+"""The RL loop: rollout -> reward -> advantage -> train -> checkpoint -> weight sync -> eval.
 
 What it does: `run(cfg, env)` drives one training run on every trainer rank. Global rank 0
 owns the Ray side (rollout manager, engines) and sends each DP rank its `TrainShard` of the
 rollout batch in one scatter (batch/shard.py); each rank's advantages come from its shard through
-the DP-aware QAE reduction; training runs the step's mini-batches through megatron; then weights
-go to the engines. Where the engines run (devices of their own, or colocated with the trainer)
-is one `Placement` (sync/placement.py), picked once: it readies the devices around training and
-pushes the weights, so this loop reads the same either way. What it does not: parse arguments
+the DP-aware QAE reduction; training runs the step's mini-batches through megatron; a checkpoint,
+when one is due, is written right after training (the train state is on the device then and
+colocated engines hold nothing); then weights go to the engines. Where the engines run (devices
+of their own, or colocated with the trainer) is one `Placement` (sync/placement.py), picked
+once: it readies the devices around training and pushes the weights, so this loop reads the
+same either way. What it does not: parse arguments
 or read the environment (train.py does), or implement any of the steps (each is a call).
 """
 
@@ -56,17 +58,20 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
         save_config(cfg, run_dir)
     total_steps = cfg.run.num_rollout_steps * cfg.rollout.steps_per_rollout
     _log_zero_advantage_skip(cfg.algo, is_driver)
+    _log_fp8_tis(cfg, is_driver)
     # Separate engines start now, while the policy is built and restored; colocated ones once
-    # the trainer's memory is allocated (attach).
+    # the policy is restored and its train state offloaded (attach).
     placement = placement_for(cfg, env.master_address, is_driver)
     try:  # whatever fails from here on (a damaged checkpoint included) tears the engines down
         policy = build_policy(cfg, hf, groups, total_steps)
         # Before any checkpoint is loaded: the reference is the initial policy, resumed or not.
         reference = build_reference(policy, cfg.model.transformer_impl,
                                     cfg.model.path if cfg.model.load_weights else None) if cfg.algo.kl_coef > 0 else None
+        start, state = _restore(cfg, policy)
         rollout = placement.attach(policy)
-        start, _ = _restore(cfg, policy, rollout)
         if rollout is not None:
+            if state.get("rollout") is not None:
+                rollout.load_state_dict(state["rollout"])
             rollout.wait_ready()
         return _train_loop(cfg, policy, reference, rollout, placement, start, run_dir, is_driver)
     finally:
@@ -82,8 +87,7 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
     ledger.truncate_after(start)
     stop = checkpoint.install_sigterm_save()
     history: list[dict[str, float]] = []
-    placement.after_training()  # colocated: grads + optimizer state leave the GPU for the push and generation
-    placement.push(start)  # engines start from the trainer's weights
+    placement.push(start)  # engines start from the trainer's weights (attach readied the devices)
     progress = _progress(cfg, start, is_driver)
     for rollout_step in range(start + 1, cfg.run.num_rollout_steps + 1):
         t0 = time.perf_counter()
@@ -102,6 +106,9 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
         offload_metrics = placement.before_training()                     # colocated: engines free GPUs, state back
         advantages, adv_metrics = shard_advantages(shard, cfg.algo, policy.groups.dp)  # advantage
         train_metrics = _train(cfg, policy, reference, shard, advantages, rollout_step)  # train
+        stopping = _broadcast(stop.requested, policy)  # every rank must agree before a collective save
+        if stopping or (cfg.run.save_interval_steps and rollout_step % cfg.run.save_interval_steps == 0):
+            _save(cfg, policy, rollout, rollout_step, run_dir, is_driver)                # checkpoint
         placement.after_training()                                          # colocated: state off the GPU
         if ahead:
             _wait_ahead(rollout, policy)
@@ -115,13 +122,6 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
         sink.log(rollout_step, metrics)
         history.append(metrics)
         _progress_update(progress, metrics)
-        stopping = _broadcast(stop.requested, policy)  # every rank must agree before a collective save
-        if stopping or (cfg.run.save_interval_steps and rollout_step % cfg.run.save_interval_steps == 0):
-            loop_state = {"step": rollout_step, "rollout": rollout.state_dict() if is_driver else None}
-            with placement.train_state_resident():  # the checkpoint holds the optimizer state
-                checkpoint.save_checkpoint(run_dir, rollout_step, policy,                 # checkpoint
-                                           _broadcast(loop_state, policy),
-                                           keep_last=cfg.run.keep_last_checkpoints)
         if stopping:
             log.warning("SIGTERM: saved step %d and stopping", rollout_step)
             break
@@ -131,18 +131,27 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
     return history
 
 
-def _restore(cfg: Config, policy: Policy, rollout: Rollout | None) -> tuple[int, dict]:
-    """Resume from the run directory's latest checkpoint, else load HF weights if any."""
+def _restore(cfg: Config, policy: Policy) -> tuple[int, dict]:
+    """Resume from the run directory's latest checkpoint, else load HF weights if any; (step,
+    the checkpoint's loop state: its "rollout" entry goes to the rollout manager)."""
     found = checkpoint.load_latest(cfg.run.run_dir, policy, cfg.run.resume_from_damaged)
     if found is not None:
         path, state = found
-        if rollout is not None and state.get("rollout") is not None:
-            rollout.load_state_dict(state["rollout"])
         log.info("resumed from %s (step %d)", path, state["step"])
         return int(state["step"]), state
     if cfg.model.load_weights:
         weights.load_hf_dir(policy, cfg.model.path)
     return 0, {}
+
+
+def _save(cfg: Config, policy: Policy, rollout: Rollout | None, rollout_step: int, run_dir: Path,
+          is_driver: bool) -> None:
+    """Checkpoint right after training, before the offload and the push: the train state is
+    still on the device and colocated engines still hold nothing, so the save's peak is the
+    trainer's alone (colocated: release -> restore -> [train] -> save -> offload -> resume)."""
+    loop_state = {"step": rollout_step, "rollout": rollout.state_dict() if is_driver else None}
+    checkpoint.save_checkpoint(run_dir, rollout_step, policy, _broadcast(loop_state, policy),
+                               keep_last=cfg.run.keep_last_checkpoints)
 
 
 def _broadcast(obj, policy: Policy):
@@ -166,6 +175,13 @@ def _log_zero_advantage_skip(algo: AlgoConfig, is_driver: bool) -> None:
                  "has a gradient (%s), so leaving it out would change the step", reason)
 
 
+def _log_fp8_tis(cfg: Config, is_driver: bool) -> None:
+    if is_driver and cfg.model.fp8 and cfg.algo.tis_cap is None:
+        log.info("model.fp8=%s: truncated importance sampling on at algo.tis_cap=%s (null = auto): the "
+                 "trainer's FP8 old log-probs are not the bf16 engines' sampling policy; set algo.tis_cap "
+                 "to choose another cap", cfg.model.fp8, cfg.loss_algo.tis_cap)
+
+
 def _train(cfg: Config, policy: Policy, reference: Reference | None, shard: TrainShard,
            advantages: torch.Tensor, rollout_step: int) -> dict:
     """Old (and reference) log-probs for all mini-batches, then one optimizer step per
@@ -173,8 +189,9 @@ def _train(cfg: Config, policy: Policy, reference: Reference | None, shard: Trai
     this rank's shard and the advantages of its samples."""
     if not shard.num_mini_batches:
         return {"train/optimizer_steps": 0.0}
-    groups = policy.groups
-    plans = shard_micro_batches(shard, advantages, cfg.train.micro_batch_max_tokens, seq_multiple(groups.dims.tp),
+    groups, algo = policy.groups, cfg.loss_algo  # algo.tis_cap resolved against model.fp8
+    multiple = seq_multiple(groups.dims.tp, cfg.parallel.sequence_parallel, cfg.model.fp8 is not None)
+    plans = shard_micro_batches(shard, advantages, cfg.train.micro_batch_max_tokens, multiple,
                                 schedule_multiple(groups.dims.pp, groups.dims.vpp), cfg.train.pack_sequences)
     t0 = time.perf_counter()
     chunk = cfg.train.logprob_chunk_tokens
@@ -186,7 +203,7 @@ def _train(cfg: Config, policy: Policy, reference: Reference | None, shard: Trai
     gap = logprob_gap(policy, [mb for mbs in mbs_of for mb in mbs])
     sums: dict[str, float] = {}
     for i, (plan, mbs) in enumerate(zip(plans, mbs_of)):
-        m = train_step(policy, mbs, plan.response_tokens, cfg.algo, (rollout_step - 1) * len(plans) + i,
+        m = train_step(policy, mbs, plan.response_tokens, algo, (rollout_step - 1) * len(plans) + i,
                        cfg.rollout.temperature, chunk, global_samples=plan.samples, seed=cfg.run.seed)
         for k, v in {**m, **plan.metrics}.items():
             sums[k] = sums.get(k, 0.0) + v / len(plans)
@@ -194,7 +211,7 @@ def _train(cfg: Config, policy: Policy, reference: Reference | None, shard: Trai
     elapsed = time.perf_counter() - t0
     trained = torch.tensor([float(sum(mb.loss_mask.sum() for mbs in mbs_of for mb in mbs))])
     dist.all_reduce(trained, group=groups.dp)
-    return {**sums, "train/logprob_gap_rollout": gap, "train/step_s": elapsed,
+    return {**sums, "train/logprob_gap_rollout": gap, "train/tis_cap": algo.tis_cap or 0.0, "train/step_s": elapsed,
             "train/tokens_per_s": float(trained) / elapsed, "train/optimizer_steps": float(len(plans))}
 
 

@@ -4,25 +4,26 @@ What it does: `Separate` (engines on devices of their own, weights over each pip
 weight link) and `Colocated` (engines on the trainer's devices, weights by memory handle, the
 trainer's gradient buffers and optimizer state off the GPU while the engines hold it) each
 start their engines, ready the devices before and after training, push weights with
-restart-and-retry (engine.max_restarts) returning a `PushResult`, keep the train state on the
-device for a checkpoint, and tear down. `placement_for` picks one from engine.colocate, so the
-loop calls the same methods whichever runs. What it does not: generate, train or checkpoint
+restart-and-retry (engine.max_restarts) returning a `PushResult`, and tear down.
+`placement_for` picks one from engine.colocate, so the loop calls the same methods whichever
+runs. What it does not: generate, train or checkpoint
 (the loop does), form weight groups or send tensors (weight_sync.py, colocated_sync.py), or
 restart engines (the rollout manager does when `Rollout.prepare_sync` / `prepare_colocated`
 asks it to).
 
 Lifecycle, on every trainer rank (global rank 0 also holds the `Rollout` handle):
-construct -> attach(policy) -> after_training() -> push(start) -> per rollout step:
-[generate] before_training() [train] after_training() push(step) [train_state_resident() for a
-checkpoint] -> close().
+construct -> [build, restore] attach(policy) -> push(start) -> per rollout step: [generate]
+before_training() [train, checkpoint] after_training() push(step) -> close(). A checkpoint is
+written between training and after_training, while the train state is on the device and
+colocated engines hold nothing: release -> restore -> save -> offload -> resume, so the save's
+peak is the trainer's alone (`plan.py` prints it).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,20 +73,18 @@ class Placement(Protocol):
     """What the loop calls, whichever placement runs (every rank, in the same order)."""
 
     def attach(self, policy: Policy) -> Rollout | None:
-        """After the policy is built: form what the pushes need; global rank 0's rollout handle."""
+        """After the policy is built and restored: form what the pushes need and ready the
+        devices for the first push; global rank 0's rollout handle."""
 
     def before_training(self) -> dict[str, float]:
         """Ready the devices for training (after generation); returns the colocated/* metrics."""
 
     def after_training(self) -> None:
-        """Free what only training needs, before weights go out and generation runs; also once
-        before the first push."""
+        """Free what only training needs, before weights go out and generation runs (after a
+        checkpoint, if one is due)."""
 
     def push(self, version: int) -> PushResult:
         """Weights at `version` to every engine, restarting failed engines and pushing again."""
-
-    def train_state_resident(self) -> AbstractContextManager[None]:
-        """The optimizer state and gradient buffers on the device inside (for a checkpoint)."""
 
     def close(self) -> None:
         """Drop the weight links and shut the engines down (after a failure too)."""
@@ -117,10 +116,6 @@ class Separate:
 
     def after_training(self) -> None:
         return None
-
-    @contextmanager
-    def train_state_resident(self) -> Iterator[None]:
-        yield  # the train state never leaves the device
 
     def push(self, version: int) -> PushResult:
         policy, link, rollout = self.policy, self.link, self.rollout
@@ -155,11 +150,15 @@ class Colocated:
         """What the last offload released and the seconds it took, until restored."""
 
     def attach(self, policy: Policy) -> Rollout | None:
-        """Start the engines now: SGLang sizes its KV cache from the memory free when it starts,
-        so the trainer's memory must be allocated first."""
+        """Offload the train state (engine.offload_train_state), then start the engines: SGLang
+        sizes its KV pool from the memory free when it starts (0.5.23
+        mem_cache/kv_cache_configurator.py:2990-3057: free memory after its weights minus
+        (1 - mem_fraction_static) of the memory free before them), so the trainer must hold
+        then exactly what it holds while the engines generate."""
         e = self.cfg.engine
         placements = engine_placements(e.num_engines, e.engine_tp)
         self.policy = policy
+        self.after_training()
         self.sync = ColocatedSync(e.num_engines, e.engine_tp, e.request_timeout_s)
         self.rollout = Rollout.start(self.cfg, self.master_address, placements) if self.is_driver else None
         return self.rollout
@@ -180,12 +179,6 @@ class Colocated:
         t0 = time.perf_counter()
         state = offload_train_state(self.policy)
         self.offloaded = (state, time.perf_counter() - t0)
-
-    @contextmanager
-    def train_state_resident(self) -> Iterator[None]:
-        self._restore()
-        yield
-        self.after_training()
 
     def push(self, version: int) -> PushResult:
         policy, sync, rollout, e = self.policy, self.sync, self.rollout, self.cfg.engine

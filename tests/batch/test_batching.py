@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 
 import torch
@@ -69,7 +71,7 @@ def test_skip_zero_advantage_drops_exactly_the_zero_samples():
 
 @pytest.mark.parametrize("tp,multiple", [(1, 16), (2, 16), (3, 48), (8, 16), (12, 48)])
 def test_sequence_lengths_are_padded_to_lcm_16_tp(tp, multiple):
-    assert seq_multiple(tp) == multiple
+    assert seq_multiple(tp) == multiple == seq_multiple(tp, sequence_parallel=True) == seq_multiple(tp, fp8=True)
     samples = [_sample(4, r, gid=i) for i, r in enumerate((3, 30, 7, 12, 25, 9, 50))]
     mbs, _ = rank_micro_batches(samples, [1.0] * 7, 0, 1, max_tokens=200, seq_multiple=multiple)
     assert sorted(i for mb in mbs for i in mb.sample_index) == list(range(7))
@@ -97,3 +99,40 @@ def test_interleaved_schedule_gets_a_multiple_of_pp_micro_batches(n, budget):
         assert len(mbs) >= pp and len(mbs) % pp == 0 and m["batch/micro_batches"] == len(mbs)
         assert sorted(i for mb in mbs for i in mb.sample_index) == list(range(n))
         assert sum(mb.num_response_tokens for mb in mbs) == sum(len(s.response_ids) for s in samples)
+
+
+def _te_accepts(mb, tp: int, sequence_parallel: bool, fp8: bool) -> bool:
+    """Transformer Engine's view of one micro-batch, written from its rule, not from our
+    padding: megatron runs [s, b, h]; under sequence parallel each TP rank holds [s / tp, b, h]
+    (s % tp == 0), and an FP8 GEMM asserts the product of all dims but the last % 8 on that
+    local input (TE 2.20.2 pytorch/utils.py:704-714 via layernorm_linear.py:174-184)."""
+    b, s = mb.tokens.shape
+    if sequence_parallel and s % tp:
+        return False
+    local = (s // tp if sequence_parallel else s, b)
+    return not fp8 or (math.prod(local) % 8 == 0 and s % 16 == 0)
+
+
+@pytest.mark.parametrize("tp,sequence_parallel,fp8,pack",
+                         list(itertools.product((2, 4, 8), (False, True), (False, True), (False, True))))
+def test_every_micro_batch_meets_fp8_sequence_parallel_local_shard_rule(tp, sequence_parallel, fp8, pack):
+    """Random length mixes over DP ranks, some with no samples (the filler micro-batch) and a
+    count multiple (interleaved schedule): every row the batching and packing code emits
+    passes TE's local-shard check, and with FP8 + SP is a multiple of lcm(16, 8 * tp)."""
+    rng = random.Random(tp * 8 + 4 * sequence_parallel + 2 * fp8 + pack)
+    multiple = seq_multiple(tp, sequence_parallel, fp8)
+    rule = math.lcm(16, 8 * tp) if sequence_parallel and fp8 else math.lcm(16, tp)
+    for trial in range(12):
+        n = rng.choice((0, 1, 3, 17))
+        samples = [_sample(rng.randint(1, 40), rng.randint(1, 200), gid=i) for i in range(n)]
+        advs = [rng.choice((0.0, 1.0, -0.5)) for _ in range(n)]
+        dp, budget = rng.choice((1, 2, 4)), rng.choice((256, 1024))
+        for dp_rank in range(dp):
+            mbs, _ = rank_micro_batches(samples, advs, dp_rank, dp, budget, skip_zero_advantage=trial % 2 == 1,
+                                        seq_multiple=multiple, count_multiple=rng.choice((1, 2)), pack=pack)
+            for mb in mbs:
+                b, s = mb.tokens.shape
+                assert _te_accepts(mb, tp, sequence_parallel, fp8), (
+                    f"tp={tp} sp={sequence_parallel} fp8={fp8} pack={pack}: a [{b}, {s}] micro-batch "
+                    f"({len(mb.sample_index)} samples) leaves TE a [{s // tp if sequence_parallel else s}, {b}] input")
+                assert s % rule == 0, f"row of {s} tokens is not a multiple of {rule}"

@@ -187,3 +187,19 @@ def test_saved_config_loads_back_equal(tmp_path):
     again = load_config(path, [])
     assert again == cfg and to_dict(again) == to_dict(cfg)
     assert to_dict(cfg)["engine"]["sglang_args"] == {"enable_metrics": True}
+
+
+def test_tis_cap_null_is_auto_on_with_fp8_and_an_explicit_value_wins():
+    # FP8 training against bf16 sampling: the trainer's old log-probs are not the sampler's.
+    fp8 = load_config("configs/test_tiny.yaml", ["model.fp8=hybrid", "model.params_dtype=bfloat16"])
+    assert fp8.algo.tis_cap is None and fp8.loss_algo.tis_cap == 2.0
+    assert load_config("configs/test_tiny.yaml", []).loss_algo.tis_cap is None
+    explicit = load_config("configs/test_tiny.yaml", ["model.fp8=e4m3", "model.params_dtype=bfloat16",
+                                                      "algo.tis_cap=1.5"])
+    assert explicit.loss_algo.tis_cap == 1.5
+    assert load_config("configs/test_tiny.yaml", ["algo.tis_cap=3"]).loss_algo.tis_cap == 3.0
+    # The shipped FP8 recipe trains with it; one-step off-policy needs no explicit cap then.
+    assert load_config("configs/qwen2.5_32b_qae.yaml", []).loss_algo.tis_cap == 2.0
+    off_policy = load_config("configs/test_tiny.yaml", ["model.fp8=hybrid", "model.params_dtype=bfloat16",
+                                                        "rollout.async_steps=1"])
+    assert off_policy.loss_algo.tis_cap == 2.0
