@@ -121,18 +121,34 @@ def _in_sglang_venv(code: str) -> str:
     return proc.stdout
 
 
-def test_cpu_tensors_serialize_with_sglang_importable():
+def test_cpu_tensors_serialize_with_sglang_importable(tmp_path):
     """With sglang importable, a CPU payload must not go through SGLang's CUDA reductions
-    patch (IndexError there) and must load back."""
+    patch (IndexError there) and must load back. In the same process (one sglang import):
+    SGLang 0.5.23's own unpickler of the route (utils/common.py SafeUnpickler) is given the
+    hostile payloads of test_tensor_payload.py; its exact (module, name) set refuses each
+    global, so none runs its command (docs/reliability.md)."""
+    marker = tmp_path / "pwned"
     out = _in_sglang_venv(
-        "import torch\n"
+        "import io, os, torch\n"
         "from rollout_sglang.sglang.tensor_payload import serialize_named_tensors, deserialize_named_tensors\n"
-        "import sglang.srt.utils\n"
+        "from sglang.srt.utils.common import SafeUnpickler\n"
+        "from testsupport.hostile_pickles import hostile_payloads\n"
         "t = torch.arange(6.0).reshape(2, 3)\n"
         "back = deserialize_named_tensors(serialize_named_tensors([('w', t)]))\n"
         "assert torch.equal(back[0][1], t), back\n"
+        f"for kind, raw in sorted(hostile_payloads('touch {marker}').items()):\n"
+        "    try:\n"
+        "        got = repr(SafeUnpickler(io.BytesIO(raw)).load())\n"
+        "    except Exception as exc:\n"
+        "        got = type(exc).__name__ + ': ' + str(exc)\n"
+        f"    print(kind, os.path.exists('{marker}'), got[:120])\n"
         "print('ok')\n")
     assert out.strip().endswith("ok")
+    assert not marker.exists(), out
+    lines = dict(line.split(" ", 1) for line in out.splitlines()[:-1])
+    for kind in ("dotted_builtins_eval", "dotted_from_allowed_name", "dotted_module_attribute", "reduce_eval"):
+        assert lines[kind].startswith("False RuntimeError: Blocked unsafe global"), (kind, lines[kind])
+    assert lines["trailing_bytes"] == "False []"  # SGLang reads one pickle and ignores what follows
 
 
 def test_server_args_are_checked_against_sglangs_parser():
