@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megatron_qae.config.algo import AlgoConfig
 from megatron_qae.config.sections import ModelConfig, OptimConfig, ParallelConfig, RayConfig, RunConfig, TrainConfig
-from rollout_sglang.config import DataConfig, EngineConfig, RewardConfig, RolloutConfig, check_rollout_sections
+from rollout_sglang.config import (CPU_SERVER_MAX_SEQUENCES, DataConfig, EngineConfig, RewardConfig, RolloutConfig,
+                                   check_rollout_sections)
 from rollout_sglang.config_checks import fail
 
 
@@ -57,6 +59,7 @@ class Config:
     def __post_init__(self) -> None:
         r = self.rollout
         check_rollout_sections(r, self.engine, self.reward)
+        self._check_sizes()
         if self.model.fp8 and self.model.params_dtype != "bfloat16":
             fail("model.fp8", self.model.fp8, "FP8 training needs model.params_dtype=bfloat16")
         if r.async_steps and self.algo.tis_cap is None:
@@ -67,6 +70,18 @@ class Config:
         if r.async_steps and self.engine.colocate:
             fail("rollout.async_steps", r.async_steps, "colocated engines share the trainer's GPUs, so "
                   "generation cannot overlap training: set engine.colocate=false or rollout.async_steps=0")
+
+    def _check_sizes(self) -> None:
+        """Sizes that only make sense against another section's."""
+        multiple = math.lcm(16, self.parallel.tp)  # batch/batching.py seq_multiple: every row is padded to it
+        if self.train.micro_batch_max_tokens < multiple:
+            fail("train.micro_batch_max_tokens", self.train.micro_batch_max_tokens,
+                 f"must be >= {multiple}: every micro-batch row is padded to a multiple of lcm(16, parallel.tp)")
+        eval_sequences = self.rollout.groups_per_request * self.run.eval_n_samples
+        if self.engine.backend == "cpu" and eval_sequences > CPU_SERVER_MAX_SEQUENCES:
+            fail("run.eval_n_samples", self.run.eval_n_samples,
+                 f"x rollout.groups_per_request={self.rollout.groups_per_request} = {eval_sequences} sequences "
+                 f"per eval request, the CPU server serves at most {CPU_SERVER_MAX_SEQUENCES}; lower either")
 
 
 def _load_error(exc: OmegaConfBaseException, source: str) -> ValueError:
