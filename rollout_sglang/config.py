@@ -22,6 +22,11 @@ CPU_SERVER_MAX_SEQUENCES = 1024
 """Sequences (rows x n) per request our CPU server serves: its --max-sequences default
 (cpu_server/limits.py, imported there with uvicorn; a test holds the two equal)."""
 
+CPU_SERVER_ARGS = ("dtype", "num_threads", "max_sequences", "max_body_bytes", "lock_timeout_s",
+                   "weight_sync_timeout_s")
+"""The CPU server's own options that `engine.sglang_args` may set with engine.backend=cpu (the
+launcher sets the rest; a test holds these plus those equal to the server's parser)."""
+
 SGLANG_SHADOWED = {
     "model_path": "model.path", "host": "engine.host", "port": "engine.port_base", "tp_size": "engine.engine_tp",
     "tp": "engine.engine_tp", "mem_fraction_static": "engine.mem_fraction_static", "random_seed": "run.seed",
@@ -116,8 +121,11 @@ class EngineConfig:
     """SGLang --mem-fraction-static (weights + KV cache share of GPU memory)."""
     sglang_args: dict[str, Any] = field(default_factory=dict)
     """Extra sglang.launch_server arguments by SGLang's own ServerArgs names, passed as
-    --key value (checked against SGLang's parser when sglang is importable). `device: cpu`
-    (with `max_total_tokens`) serves real SGLang on CPU with the tools/sglang_cpu stand-in."""
+    --key value (checked at start by SGLang's parser in engine.sglang_python; what the launcher
+    sets from a field, e.g. port or tp_size, is refused). `device: cpu` (with `max_total_tokens`)
+    serves real SGLang on CPU with the tools/sglang_cpu stand-in. With backend=cpu: only the CPU
+    server's own options (dtype, num_threads, max_sequences, max_body_bytes, lock_timeout_s,
+    weight_sync_timeout_s)."""
     sglang_python: str | None = None
     """Python interpreter that runs sglang.launch_server (e.g. .venv-sglang/bin/python when
     SGLang lives in its own venv); None = the trainer's own interpreter."""
@@ -170,6 +178,9 @@ class EngineConfig:
             if not re.fullmatch(r"[a-z][a-z0-9_-]*", str(key)):
                 fail(f"engine.sglang_args.{key}", self.sglang_args[key], "use SGLang's ServerArgs name "
                      "(e.g. max_total_tokens, without leading dashes); see `python -m sglang.launch_server --help`")
+            if self.backend == "cpu" and str(key).replace("-", "_") not in CPU_SERVER_ARGS:
+                fail(f"engine.sglang_args.{key}", self.sglang_args[key], f"the CPU server (engine.backend=cpu) "
+                     f"takes only {list(CPU_SERVER_ARGS)}; SGLang's own arguments need engine.backend=sglang")
 
 
 @dataclass(frozen=True)
@@ -234,8 +245,15 @@ def check_rollout_sections(rollout: RolloutConfig, engine: EngineConfig, reward:
              "or set reward.overlong_buffer_enable=false")
     if engine.backend == "cpu" and engine.engine_tp != 1:
         fail("engine.engine_tp", engine.engine_tp, "the CPU rollout server runs tp=1; set 1")
-    sequences = rollout.groups_per_request * rollout.n_samples_per_prompt
-    if engine.backend == "cpu" and sequences > CPU_SERVER_MAX_SEQUENCES:
+    sequences, most = rollout.groups_per_request * rollout.n_samples_per_prompt, cpu_max_sequences(engine)
+    if most is not None and sequences > most:
         fail("rollout.groups_per_request", rollout.groups_per_request,
              f"x rollout.n_samples_per_prompt={rollout.n_samples_per_prompt} = {sequences} sequences per request, "
-             f"the CPU server serves at most {CPU_SERVER_MAX_SEQUENCES}; lower either")
+             f"the CPU server serves at most {most} (engine.sglang_args.max_sequences); lower either")
+
+
+def cpu_max_sequences(engine: EngineConfig) -> int | None:
+    """Sequences per request the CPU server serves (None: engine.backend=sglang, no such limit)."""
+    if engine.backend != "cpu":
+        return None
+    return int(engine.sglang_args.get("max_sequences", CPU_SERVER_MAX_SEQUENCES))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megatron_qae.config.algo import AlgoConfig
 from megatron_qae.config.sections import ModelConfig, OptimConfig, ParallelConfig, RayConfig, RunConfig, TrainConfig
-from rollout_sglang.config import (CPU_SERVER_MAX_SEQUENCES, DataConfig, EngineConfig, RewardConfig, RolloutConfig,
-                                   check_rollout_sections)
+from rollout_sglang.config import (DataConfig, EngineConfig, RewardConfig, RolloutConfig, check_rollout_sections,
+                                   cpu_max_sequences)
 from rollout_sglang.config_checks import fail
 
 
@@ -77,11 +78,11 @@ class Config:
         if self.train.micro_batch_max_tokens < multiple:
             fail("train.micro_batch_max_tokens", self.train.micro_batch_max_tokens,
                  f"must be >= {multiple}: every micro-batch row is padded to a multiple of lcm(16, parallel.tp)")
-        eval_sequences = self.rollout.groups_per_request * self.run.eval_n_samples
-        if self.engine.backend == "cpu" and eval_sequences > CPU_SERVER_MAX_SEQUENCES:
+        eval_sequences, most = self.rollout.groups_per_request * self.run.eval_n_samples, cpu_max_sequences(self.engine)
+        if most is not None and eval_sequences > most:
             fail("run.eval_n_samples", self.run.eval_n_samples,
                  f"x rollout.groups_per_request={self.rollout.groups_per_request} = {eval_sequences} sequences "
-                 f"per eval request, the CPU server serves at most {CPU_SERVER_MAX_SEQUENCES}; lower either")
+                 f"per eval request, the CPU server serves at most {most}; lower either")
 
 
 def _load_error(exc: OmegaConfBaseException, source: str) -> ValueError:
@@ -114,9 +115,15 @@ def _fields_of(section: str) -> dict[str, str]:
     return {f.name: str(f.type) for f in dataclasses.fields(cls)}
 
 
+@functools.cache
+def _defaults():
+    """The structured defaults, built once (most of a load's time); OmegaConf.merge copies it."""
+    return OmegaConf.structured(Config)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file, then dotted `key=value` overrides; validated."""
-    merged = OmegaConf.structured(Config)
+    merged = _defaults()
     if path is not None:
         if not Path(path).is_file():
             raise ValueError(f"--config {str(path)!r} does not exist; pass a YAML file under configs/")
