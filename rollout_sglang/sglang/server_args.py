@@ -41,7 +41,7 @@ def sglang_arg_names(python: str) -> frozenset[str]:
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=ASK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise TimeoutError(f"asking {python} for sglang.launch_server's arguments timed out after "
-                           f"{ASK_TIMEOUT_S:.0f} s (importing sglang.srt.server_args)") from None
+                           f"{ASK_TIMEOUT_S:g} s (importing sglang.srt.server_args)") from None
     except OSError as exc:
         raise ValueError(f"engine.sglang_python={python!r} cannot run ({exc}); give the absolute path of "
                          "the python that has sglang (`make test` builds .venv-sglang/bin/python)") from None

@@ -151,13 +151,20 @@ def test_cpu_tensors_serialize_with_sglang_importable(tmp_path):
     assert lines["trailing_bytes"] == "False []"  # SGLang reads one pickle and ignores what follows
 
 
-def test_server_args_are_checked_against_sglangs_parser():
-    out = _in_sglang_venv(
-        "from rollout_sglang.engines.engine import validate_server_args\n"
-        "validate_server_args({'device': 'cpu', 'max_total_tokens': 64, 'enable_deterministic_inference': True})\n"
-        "try:\n"
-        "    validate_server_args({'max_total_token': 64})\n"
-        "except ValueError as e:\n"
-        "    print(e)\n")
-    assert "engine.sglang_args.max_total_token: not an argument of sglang.launch_server" in out
-    assert "max_total_tokens" in out.split("did you mean", 1)[1]
+def test_server_args_are_checked_by_sglangs_parser_in_the_engines_python():
+    """The trainer's python has no sglang: the check asks .venv-sglang's python, once."""
+    import importlib.util
+
+    from rollout_sglang.sglang.server_args import sglang_arg_names, validate_server_args
+
+    assert importlib.util.find_spec("sglang") is None
+    python = sglang_python()
+    hits = sglang_arg_names.cache_info().hits
+    validate_server_args({"device": "cpu", "max_total_tokens": 64, "enable_deterministic_inference": True}, python)
+    with pytest.raises(ValueError, match="engine.sglang_args.max_total_token: not an argument of "
+                                         "sglang.launch_server") as refused:
+        validate_server_args({"max_total_token": 64}, python)
+    assert "max_total_tokens" in str(refused.value).split("did you mean", 1)[1]
+    with pytest.raises(ValueError, match="engine.sglang_args.not_an_arg"):
+        validate_server_args({"not_an_arg": 1}, python)
+    assert sglang_arg_names.cache_info().hits == hits + 2  # asked once, answered from the cache twice
