@@ -2,7 +2,7 @@
 
 What it does: one frozen dataclass per section, read by this package (the manager, the engine
 pool, the reward scorer, the prompt loader) and composed into the run's root config by
-megatron_qae.config.loading; a docstring per field, per-field validation and the checks
+megatron_qae.config.loading; a docstring per field, per-field validation (every numeric field has a `BOUNDS` entry) and the checks
 across these four sections (`check_rollout_sections`), each a ValueError naming field, value
 and fix. What it does not: load files, or check against the trainer's sections or the model
 (megatron_qae.config.loading does).
@@ -10,11 +10,31 @@ and fix. What it does not: load files, or check against the trainer's sections o
 
 from __future__ import annotations
 
-import math
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from rollout_sglang.config_checks import fail, one_of, positive
+from rollout_sglang.config_checks import (AT_LEAST_ONE, FINITE, NON_NEGATIVE, POSITIVE, PORT, SECONDS, SEED,
+                                          UNIT_OPEN, Bound, check_bounds, fail, no_shadowing, one_of)
+from rollout_sglang.rewards.registry import BUILTIN_REWARDS
+
+CPU_SERVER_MAX_SEQUENCES = 1024
+"""Sequences (rows x n) per request our CPU server serves: its --max-sequences default
+(cpu_server/limits.py, imported there with uvicorn; a test holds the two equal)."""
+
+CPU_SERVER_ARGS = ("dtype", "num_threads", "max_sequences", "max_body_bytes", "lock_timeout_s",
+                   "weight_sync_timeout_s")
+"""The CPU server's own options that `engine.sglang_args` may set with engine.backend=cpu (the
+launcher sets the rest; a test holds these plus those equal to the server's parser)."""
+
+SGLANG_SHADOWED = {
+    "model_path": "model.path", "host": "engine.host", "port": "engine.port_base", "tp_size": "engine.engine_tp",
+    "tp": "engine.engine_tp", "mem_fraction_static": "engine.mem_fraction_static", "random_seed": "run.seed",
+    "api_key": "the run (a fresh key per run)", "enable_memory_saver": "engine.colocate",
+    "skip_tokenizer_init": "the engine launcher (always on: the trainer sends token ids)",
+}
+"""sglang.launch_server arguments the engine launcher sets from a first-class field
+(engines/engine.py server_command) -> that field."""
 
 
 @dataclass(frozen=True)
@@ -52,21 +72,28 @@ class RolloutConfig:
     async_steps: int = 0
     """1: one-step off-policy -- the engines generate step k+1's batch while the trainer trains on step k (samples at most one policy_version old; needs algo.tis_cap). 0: generate, then train."""
 
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        **{name: AT_LEAST_ONE for name in ("n_samples_per_prompt", "prompts_per_step", "mini_batch_prompts",
+                                           "gen_batch_prompts", "max_gen_batches", "groups_per_request",
+                                           "max_prompt_tokens", "max_response_tokens")},
+        "temperature": Bound(0, low_open=True, why="log-probs are taken at this temperature; SGLang's 0 is greedy"),
+        "val_temperature": POSITIVE,
+        "top_p": Bound(0, 1, low_open=True, why="SGLang's SamplingParams.verify"),
+        "val_top_p": Bound(0, 1, low_open=True, why="SGLang's SamplingParams.verify"),
+        "top_k": Bound(1, also=(-1,), why="SGLang's SamplingParams.verify: -1 (off) or at least 1"),
+        "async_steps": Bound(0, 1),
+    }
+
     def __post_init__(self) -> None:
-        for name in ("n_samples_per_prompt", "prompts_per_step", "mini_batch_prompts",
-                     "gen_batch_prompts", "max_gen_batches", "groups_per_request", "max_prompt_tokens",
-                     "max_response_tokens"):
-            positive(f"rollout.{name}", getattr(self, name))
+        check_bounds("rollout", self, self.BOUNDS)
         one_of("rollout.on_underfilled", self.on_underfilled, ("train", "fail"))
-        one_of("rollout.async_steps", self.async_steps, (0, 1))
         if self.prompts_per_step % self.mini_batch_prompts:
             fail("rollout.mini_batch_prompts", self.mini_batch_prompts,
                   f"must divide rollout.prompts_per_step={self.prompts_per_step}")
-        for name in ("temperature", "val_temperature"):
-            positive(f"rollout.{name}", getattr(self, name))
-        for name in ("top_p", "val_top_p"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                fail(f"rollout.{name}", getattr(self, name), "must be in (0, 1]")
+        if self.groups_per_request > self.gen_batch_prompts:
+            fail("rollout.groups_per_request", self.groups_per_request,
+                 f"must be <= rollout.gen_batch_prompts={self.gen_batch_prompts} (a request holds groups of "
+                 "one generation batch)")
 
     @property
     def steps_per_rollout(self) -> int:
@@ -94,8 +121,11 @@ class EngineConfig:
     """SGLang --mem-fraction-static (weights + KV cache share of GPU memory)."""
     sglang_args: dict[str, Any] = field(default_factory=dict)
     """Extra sglang.launch_server arguments by SGLang's own ServerArgs names, passed as
-    --key value (checked against SGLang's parser when sglang is importable). `device: cpu`
-    (with `max_total_tokens`) serves real SGLang on CPU with the tools/sglang_cpu stand-in."""
+    --key value (checked at start by SGLang's parser in engine.sglang_python; what the launcher
+    sets from a field, e.g. port or tp_size, is refused). `device: cpu` (with `max_total_tokens`)
+    serves real SGLang on CPU with the tools/sglang_cpu stand-in. With backend=cpu: only the CPU
+    server's own options (dtype, num_threads, max_sequences, max_body_bytes, lock_timeout_s,
+    weight_sync_timeout_s)."""
     sglang_python: str | None = None
     """Python interpreter that runs sglang.launch_server (e.g. .venv-sglang/bin/python when
     SGLang lives in its own venv); None = the trainer's own interpreter."""
@@ -133,20 +163,30 @@ class EngineConfig:
     max_running_requests: int | None = None
     """SGLang --max-running-requests, None = SGLang's default."""
 
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "num_engines": AT_LEAST_ONE, "engine_tp": AT_LEAST_ONE, "mem_fraction_static": UNIT_OPEN,
+        "port_base": PORT, "startup_timeout_s": SECONDS, "schedule_timeout_s": SECONDS, "request_timeout_s": SECONDS,
+        "request_s_per_token": Bound(0, SECONDS.high, why=SECONDS.why), "request_floor_s": SECONDS,
+        "health_interval_s": SECONDS, "health_timeout_s": SECONDS, "health_failures": AT_LEAST_ONE,
+        "max_restarts": NON_NEGATIVE, "weight_sync_bucket_bytes": AT_LEAST_ONE,
+        "max_running_requests": AT_LEAST_ONE,
+    }
+
     def __post_init__(self) -> None:
+        check_bounds("engine", self, self.BOUNDS)
         one_of("engine.backend", self.backend, ("cpu", "sglang"))
-        positive("engine.num_engines", self.num_engines)
-        positive("engine.engine_tp", self.engine_tp)
-        if not 0.0 < self.mem_fraction_static < 1.0:
-            fail("engine.mem_fraction_static", self.mem_fraction_static, "must be in (0, 1)")
-        positive("engine.weight_sync_bucket_bytes", self.weight_sync_bucket_bytes)
-        positive("engine.request_timeout_s", self.request_timeout_s)
-        positive("engine.schedule_timeout_s", self.schedule_timeout_s)
-        positive("engine.request_s_per_token", self.request_s_per_token, strict=False)
-        positive("engine.request_floor_s", self.request_floor_s)
-        positive("engine.health_interval_s", self.health_interval_s)
-        positive("engine.health_timeout_s", self.health_timeout_s)
-        positive("engine.health_failures", self.health_failures)
+        top = self.port_base + 100 * (self.num_engines - 1)  # engine i searches from port_base + 100 i
+        if top > PORT.high:
+            fail("engine.port_base", self.port_base, f"engine {self.num_engines - 1} would start at port {top}, "
+                 f"past {int(PORT.high)}; lower engine.port_base or engine.num_engines")
+        no_shadowing("engine.sglang_args", self.sglang_args, SGLANG_SHADOWED)
+        for key in self.sglang_args:
+            if not re.fullmatch(r"[a-z][a-z0-9_-]*", str(key)):
+                fail(f"engine.sglang_args.{key}", self.sglang_args[key], "use SGLang's ServerArgs name "
+                     "(e.g. max_total_tokens, without leading dashes); see `python -m sglang.launch_server --help`")
+            if self.backend == "cpu" and str(key).replace("-", "_") not in CPU_SERVER_ARGS:
+                fail(f"engine.sglang_args.{key}", self.sglang_args[key], f"the CPU server (engine.backend=cpu) "
+                     f"takes only {list(CPU_SERVER_ARGS)}; SGLang's own arguments need engine.backend=sglang")
 
 
 @dataclass(frozen=True)
@@ -166,13 +206,18 @@ class RewardConfig:
     failure_score: float = -1.0
     """Score (accuracy 0) of a response whose reward raised, timed out, or returned a non-number or NaN; counted in reward/errors."""
 
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "overlong_buffer_tokens": AT_LEAST_ONE, "overlong_penalty_factor": NON_NEGATIVE,
+        "num_workers": Bound(1, 512, why="each is a process holding two of the manager's file descriptors; "
+                                         "use at most the cores of the manager's node"),
+        "timeout_s": SECONDS, "failure_score": FINITE,
+    }
+
     def __post_init__(self) -> None:
-        if not math.isfinite(self.failure_score):
-            fail("reward.failure_score", self.failure_score, "must be a finite number, e.g. -1.0")
-        positive("reward.timeout_s", self.timeout_s)
-        positive("reward.overlong_buffer_tokens", self.overlong_buffer_tokens)
-        positive("reward.overlong_penalty_factor", self.overlong_penalty_factor, strict=False)
-        positive("reward.num_workers", self.num_workers)
+        check_bounds("reward", self, self.BOUNDS)
+        if self.name not in BUILTIN_REWARDS and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.name):
+            fail("reward.name", self.name, f"use one of {sorted(BUILTIN_REWARDS)} or 'package.module:function' "
+                 "(docs/rewards.md)")
 
 
 @dataclass(frozen=True)
@@ -192,6 +237,11 @@ class DataConfig:
     seed: int = 1234
     """Seed of the prompt order."""
 
+    BOUNDS: ClassVar[dict[str, Bound]] = {"seed": SEED}
+
+    def __post_init__(self) -> None:
+        check_bounds("data", self, self.BOUNDS)
+
 
 def check_rollout_sections(rollout: RolloutConfig, engine: EngineConfig, reward: RewardConfig) -> None:
     """The constraints across the rollout, engine and reward sections."""
@@ -201,3 +251,15 @@ def check_rollout_sections(rollout: RolloutConfig, engine: EngineConfig, reward:
              "or set reward.overlong_buffer_enable=false")
     if engine.backend == "cpu" and engine.engine_tp != 1:
         fail("engine.engine_tp", engine.engine_tp, "the CPU rollout server runs tp=1; set 1")
+    sequences, most = rollout.groups_per_request * rollout.n_samples_per_prompt, cpu_max_sequences(engine)
+    if most is not None and sequences > most:
+        fail("rollout.groups_per_request", rollout.groups_per_request,
+             f"x rollout.n_samples_per_prompt={rollout.n_samples_per_prompt} = {sequences} sequences per request, "
+             f"the CPU server serves at most {most} (engine.sglang_args.max_sequences); lower either")
+
+
+def cpu_max_sequences(engine: EngineConfig) -> int | None:
+    """Sequences per request the CPU server serves (None: engine.backend=sglang, no such limit)."""
+    if engine.backend != "cpu":
+        return None
+    return int(engine.sglang_args.get("max_sequences", CPU_SERVER_MAX_SEQUENCES))

@@ -1,4 +1,4 @@
-"""Generate docs/config.md from the config dataclasses' field docstrings.
+"""Generate docs/config.md from the config dataclasses' field docstrings and their BOUNDS.
 
     python -m tools.gen_config_docs          # write docs/config.md
     python -m tools.gen_config_docs --check  # exit 1 when docs/config.md is out of date
@@ -27,7 +27,8 @@ def _class_node(cls: type) -> ast.ClassDef:
 def _fields(cls: ast.ClassDef) -> list[tuple[str, str, str, str]]:
     rows, body = [], cls.body
     for i, node in enumerate(body):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and "ClassVar" not in ast.unparse(node.annotation)):
             doc = ""
             nxt = body[i + 1] if i + 1 < len(body) else None
             if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
@@ -46,10 +47,14 @@ def render() -> str:
              "Generated from the dataclass docstrings by `python -m tools.gen_config_docs`; do not edit.",
              "Set fields in a YAML file (`--config`) or as dotted overrides (`algo.quantile_k=0.6`).", ""]
     for section, _, _, doc in _fields(top):
-        lines += [f"## `{section}`", "", doc, "", "| field | type | default | meaning |", "| --- | --- | --- | --- |"]
+        lines += [f"## `{section}`", "", doc, "", "| field | type | default | range | meaning |",
+                  "| --- | --- | --- | --- | --- |"]
+        bounds = getattr(sections[section], "BOUNDS", {})
         for name, typ, default, fdoc in _fields(_class_node(sections[section])):
             default = default.replace("field(default_factory=dict)", "{}").replace("|", "\\|")
-            lines.append(f"| `{section}.{name}` | `{typ.replace('|', chr(92) + '|')}` | `{default}` | {fdoc} |")
+            bound = bounds.get(name)
+            span = bound.describe().replace("|", "\\|") if bound is not None else ""
+            lines.append(f"| `{section}.{name}` | `{typ.replace('|', chr(92) + '|')}` | `{default}` | {span} | {fdoc} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -35,8 +35,9 @@ def _rows(mbs: list[MicroBatch], current: list[torch.Tensor]) -> dict[int, torch
 
 
 def selection_generator(seed: int, step: int) -> torch.Generator:
-    """Clip-Cov's draw for optimizer step `step`: the same on every rank, new every step."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    """Clip-Cov's draw for optimizer step `step`: the same on every rank, new every step
+    (wrapped into torch's seed range, [0, 2**64))."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**64)
 
 
 def with_cov_selection(mbs: list[MicroBatch], current: list[torch.Tensor | None], algo: AlgoConfig,

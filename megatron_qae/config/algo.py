@@ -1,14 +1,16 @@
 """The `algo` section of the run config: baseline, policy loss and its terms.
 
 What it does: one frozen dataclass, a docstring per field, per-field validation (ValueError
-naming field, value and fix). What it does not: load files (loading.py) or cross-section checks.
+naming field, value and fix; every numeric field has a `BOUNDS` entry). What it does not: load files (loading.py) or cross-section checks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from rollout_sglang.config_checks import fail as _fail, one_of as _one_of, positive as _positive
+from rollout_sglang.config_checks import (FINITE, POSITIVE, UNIT_OPEN, Bound,
+                                          check_bounds, fail as _fail, one_of as _one_of)
 
 FP8_TIS_CAP = 2.0
 """algo.tis_cap when it is null and model.fp8 is on: every trainer forward (old log-probs and
@@ -73,17 +75,25 @@ class AlgoConfig:
     entropy_coef: float = 0.0
     """Entropy bonus coefficient (loss -= coef * entropy); 0 = off (DAPO)."""
 
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "quantile_k": Bound(0, 1, low_open=True, high_open=True, why="the QAE quantile; 0.4 recommended"),
+        "adv_eps": Bound(0, low_open=True, why="added to the group std, which is 0 for an all-equal group"),
+        "clip_low": Bound(0, 1, low_open=True, high_open=True, why="the ratio's floor 1 - clip_low stays > 0"),
+        "clip_high": POSITIVE,
+        "clip_c": Bound(1, low_open=True, why="dual clip needs c > 1, DAPO uses 10; or null"),
+        "tis_cap": POSITIVE,
+        "gspo_clip_low": UNIT_OPEN, "gspo_clip_high": POSITIVE,
+        "clip_cov_ratio": Bound(0, 1, low_open=True, why="a share of tokens, verl default 2e-4"),
+        "clip_cov_lb": FINITE, "clip_cov_ub": FINITE,
+        "kl_cov_ratio": Bound(0, 1, low_open=True, why="a share of tokens, verl default 2e-4"), "kl_cov_coef": POSITIVE,
+        "kl_coef": Bound(0, why="0 turns the term off"), "entropy_coef": Bound(0, why="0 turns the term off"),
+    }
+
     def __post_init__(self) -> None:
+        check_bounds("algo", self, self.BOUNDS)
         _one_of("algo.baseline", self.baseline, ("quantile", "mean"))
-        if self.baseline == "quantile" and not 0.0 < self.quantile_k < 1.0:
-            _fail("algo.quantile_k", self.quantile_k, "must be in (0, 1) with baseline=quantile "
-                  "(0.4 recommended), or set algo.baseline=mean for GRPO/DAPO")
         _one_of("algo.quantile_method", self.quantile_method, ("linear", "inverted_cdf"))
         _one_of("algo.quantile_source", self.quantile_source, ("score", "accuracy"))
-        _positive("algo.clip_low", self.clip_low)
-        _positive("algo.clip_high", self.clip_high)
-        if self.clip_c is not None and self.clip_c <= 1.0:
-            _fail("algo.clip_c", self.clip_c, "dual clip needs c > 1 (DAPO uses 10), or null")
         if self.tis_cap is not None and self.tis_cap <= 0:
             _fail("algo.tis_cap", self.tis_cap, "must be > 0, or null")
         self._check_loss_variants()
@@ -91,16 +101,8 @@ class AlgoConfig:
     def _check_loss_variants(self) -> None:
         _one_of("algo.policy_loss", self.policy_loss, POLICY_LOSSES)
         _one_of("algo.kl_estimator", self.kl_estimator, ("k1", "k2", "k3", "low_var_kl"))
-        for name in ("gspo_clip_low", "gspo_clip_high", "kl_cov_coef"):
-            _positive(f"algo.{name}", getattr(self, name))
-        for name in ("clip_cov_ratio", "kl_cov_ratio"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                _fail(f"algo.{name}", getattr(self, name), "must be in (0, 1] (verl default 2e-4)")
         if self.clip_cov_lb >= self.clip_cov_ub:
             _fail("algo.clip_cov_lb", self.clip_cov_lb, f"must be below algo.clip_cov_ub={self.clip_cov_ub}")
-        for name in ("kl_coef", "entropy_coef"):
-            if getattr(self, name) < 0.0:
-                _fail(f"algo.{name}", getattr(self, name), "must be >= 0 (0 turns the term off)")
 
     def effective_tis_cap(self, fp8: bool) -> float | None:
         """The truncated-IS cap the loss applies: algo.tis_cap when set; when null, FP8_TIS_CAP

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from megatron_qae.config.algo import AlgoConfig
 from megatron_qae.config.sections import ModelConfig, OptimConfig, ParallelConfig, RayConfig, RunConfig, TrainConfig
-from rollout_sglang.config import DataConfig, EngineConfig, RewardConfig, RolloutConfig, check_rollout_sections
+from rollout_sglang.config import (DataConfig, EngineConfig, RewardConfig, RolloutConfig, check_rollout_sections,
+                                   cpu_max_sequences)
 from rollout_sglang.config_checks import fail
 
 
@@ -63,6 +66,7 @@ class Config:
     def __post_init__(self) -> None:
         r = self.rollout
         check_rollout_sections(r, self.engine, self.reward)
+        self._check_sizes()
         if self.model.fp8 and self.model.params_dtype != "bfloat16":
             fail("model.fp8", self.model.fp8, "FP8 training needs model.params_dtype=bfloat16")
         if r.async_steps and self.loss_algo.tis_cap is None:
@@ -73,6 +77,18 @@ class Config:
         if r.async_steps and self.engine.colocate:
             fail("rollout.async_steps", r.async_steps, "colocated engines share the trainer's GPUs, so "
                   "generation cannot overlap training: set engine.colocate=false or rollout.async_steps=0")
+
+    def _check_sizes(self) -> None:
+        """Sizes that only make sense against another section's."""
+        multiple = math.lcm(16, self.parallel.tp)  # batch/batching.py seq_multiple: every row is padded to it
+        if self.train.micro_batch_max_tokens < multiple:
+            fail("train.micro_batch_max_tokens", self.train.micro_batch_max_tokens,
+                 f"must be >= {multiple}: every micro-batch row is padded to a multiple of lcm(16, parallel.tp)")
+        eval_sequences, most = self.rollout.groups_per_request * self.run.eval_n_samples, cpu_max_sequences(self.engine)
+        if most is not None and eval_sequences > most:
+            fail("run.eval_n_samples", self.run.eval_n_samples,
+                 f"x rollout.groups_per_request={self.rollout.groups_per_request} = {eval_sequences} sequences "
+                 f"per eval request, the CPU server serves at most {most}; lower either")
 
 
 def _load_error(exc: OmegaConfBaseException, source: str) -> ValueError:
@@ -105,9 +121,15 @@ def _fields_of(section: str) -> dict[str, str]:
     return {f.name: str(f.type) for f in dataclasses.fields(cls)}
 
 
+@functools.cache
+def _defaults():
+    """The structured defaults, built once (most of a load's time); OmegaConf.merge copies it."""
+    return OmegaConf.structured(Config)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file, then dotted `key=value` overrides; validated."""
-    merged = OmegaConf.structured(Config)
+    merged = _defaults()
     if path is not None:
         if not Path(path).is_file():
             raise ValueError(f"--config {str(path)!r} does not exist; pass a YAML file under configs/")

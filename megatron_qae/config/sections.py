@@ -2,7 +2,7 @@
 
 What it does: one frozen dataclass per section, a docstring per field, per-field validation
 in `__post_init__` (ValueError through rollout_sglang.config_checks, naming field, value and
-fix); the parallel degrees are checked here on their own, and against the world size once, by
+fix; every numeric field has a `BOUNDS` entry); the parallel degrees are checked here on their own, and against the world size once, by
 `ParallelDims.from_config` (model/layout.py). What it does not: load files or check across
 sections (loading.py); algo.py and rollout_sglang.config hold the other sections.
 """
@@ -13,9 +13,10 @@ import dataclasses
 import difflib
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from rollout_sglang.config_checks import fail, one_of, positive
+from rollout_sglang.config_checks import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SECONDS, SEED, Bound, check_bounds,
+                                          fail, no_shadowing, one_of)
 
 CP_UNSUPPORTED = ("context parallelism is not built: nothing splits sequences over cp ranks, so "
                   "every cp rank would train on whole sequences with wrong attention and loss; set "
@@ -25,6 +26,29 @@ VPP_UNSUPPORTED = ("the interleaved schedule is not supported yet: with variable
                    "(every micro-batch its own length) it deadlocked in megatron-core 0.19's "
                    "pipeline shape exchange in our pp=2 and pp=4 runs; set parallel.vpp=null "
                    "(the 1F1B schedule)")
+
+_ADAM_BETA = Bound(0, 1, high_open=True, why="torch.optim.Adam's betas")
+_FROM_HF = "the model's config.json (model.path)"
+TRANSFORMER_SHADOWED = {
+    "params_dtype": "model.params_dtype", "pipeline_dtype": "model.params_dtype", "bf16": "model.params_dtype",
+    "fp8": "model.fp8", "fp8_recipe": "model.fp8_recipe", "sequence_parallel": "parallel.sequence_parallel",
+    "recompute_granularity": "model.recompute_granularity", "recompute_method": "model.recompute_method",
+    "recompute_num_layers": "model.recompute_num_layers", "tensor_model_parallel_size": "parallel.tp",
+    "pipeline_model_parallel_size": "parallel.pp", "virtual_pipeline_model_parallel_size": "parallel.vpp",
+    "context_parallel_size": "parallel.cp",
+    **{name: _FROM_HF for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                                   "kv_channels", "ffn_hidden_size", "layernorm_epsilon", "add_qkv_bias",
+                                   "qk_layernorm", "init_method_std")},
+}
+"""TransformerConfig fields that model/build.py sets from a first-class field (-> that field)."""
+OPTIMIZER_SHADOWED = {
+    **{name: f"optim.{name}" for name in ("lr", "min_lr", "weight_decay", "clip_grad", "adam_beta1",
+                                          "adam_beta2", "adam_eps")},
+    "bf16": "model.params_dtype", "params_dtype": "model.params_dtype",
+    "use_distributed_optimizer": "parallel.use_distributed_optimizer",
+    "overlap_param_gather": "parallel.ddp_overrides.overlap_param_gather",
+}
+"""OptimizerConfig fields that model/policy.py sets from a first-class field (-> that field)."""
 
 
 def check_upstream_keys(name: str, keys: dict[str, Any], module: str, upstream_name: str) -> None:
@@ -71,14 +95,16 @@ class RunConfig:
     rollout_wait_timeout_s: float = 21600.0
     """How long trainer ranks wait for rank 0's rollout / eval hand-off (its own gloo group)."""
 
+
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "seed": SEED, "num_rollout_steps": AT_LEAST_ONE, "save_interval_steps": NON_NEGATIVE,
+        "keep_last_checkpoints": AT_LEAST_ONE, "eval_interval_steps": NON_NEGATIVE, "eval_n_samples": AT_LEAST_ONE,
+        "collective_timeout_s": SECONDS, "rollout_wait_timeout_s": SECONDS,
+    }
+
     def __post_init__(self) -> None:
-        positive("run.num_rollout_steps", self.num_rollout_steps)
-        positive("run.save_interval_steps", self.save_interval_steps, strict=False)
-        positive("run.keep_last_checkpoints", self.keep_last_checkpoints)
-        positive("run.eval_interval_steps", self.eval_interval_steps, strict=False)
-        positive("run.eval_n_samples", self.eval_n_samples)
+        check_bounds("run", self, self.BOUNDS)
         one_of("run.resume_from_damaged", self.resume_from_damaged, ("fallback", "fail"))
-        positive("run.collective_timeout_s", self.collective_timeout_s)
         if self.rollout_wait_timeout_s < self.collective_timeout_s:
             fail("run.rollout_wait_timeout_s", self.rollout_wait_timeout_s,
                   f"must be >= run.collective_timeout_s={self.collective_timeout_s} (a rollout "
@@ -108,7 +134,11 @@ class ModelConfig:
     transformer_overrides: dict[str, Any] = field(default_factory=dict)
     """Extra megatron.core TransformerConfig fields, passed through (checked against its fields)."""
 
+
+    BOUNDS: ClassVar[dict[str, Bound]] = {"recompute_num_layers": AT_LEAST_ONE}
+
     def __post_init__(self) -> None:
+        check_bounds("model", self, self.BOUNDS)
         one_of("model.params_dtype", self.params_dtype, ("float32", "bfloat16"))
         one_of("model.fp8", self.fp8, (None, "hybrid", "e4m3"))
         one_of("model.fp8_recipe", self.fp8_recipe, ("tensorwise", "delayed", "blockwise", "mxfp8"))
@@ -117,6 +147,7 @@ class ModelConfig:
         one_of("model.recompute_method", self.recompute_method, (None, "uniform", "block"))
         if self.recompute_granularity == "full" and self.recompute_method is None:
             fail("model.recompute_method", None, "full recompute needs 'uniform' or 'block'")
+        no_shadowing("model.transformer_overrides", self.transformer_overrides, TRANSFORMER_SHADOWED)
         check_upstream_keys("model.transformer_overrides", self.transformer_overrides,
                             "megatron.core.transformer", "TransformerConfig")
 
@@ -138,9 +169,12 @@ class ParallelConfig:
     ddp_overrides: dict[str, Any] = field(default_factory=dict)
     """Extra megatron.core DistributedDataParallelConfig fields (checked against its fields)."""
 
+
+    BOUNDS: ClassVar[dict[str, Bound]] = {"tp": AT_LEAST_ONE, "pp": AT_LEAST_ONE, "cp": AT_LEAST_ONE,
+                                          "vpp": Bound(2, why="virtual pipeline stages per rank")}
+
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "cp"):
-            positive(f"parallel.{name}", getattr(self, name))
+        check_bounds("parallel", self, self.BOUNDS)
         if self.cp != 1:
             fail("parallel.cp", self.cp, CP_UNSUPPORTED)
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
@@ -149,6 +183,8 @@ class ParallelConfig:
             fail("parallel.vpp", self.vpp, VPP_UNSUPPORTED)
         if self.sequence_parallel and self.tp < 2:
             fail("parallel.sequence_parallel", True, "needs parallel.tp > 1")
+        no_shadowing("parallel.ddp_overrides", self.ddp_overrides,
+                     {"use_distributed_optimizer": "parallel.use_distributed_optimizer"})
         check_upstream_keys("parallel.ddp_overrides", self.ddp_overrides,
                             "megatron.core.distributed", "DistributedDataParallelConfig")
 
@@ -176,14 +212,19 @@ class OptimConfig:
     optimizer_overrides: dict[str, Any] = field(default_factory=dict)
     """Extra megatron.core OptimizerConfig fields (checked against its fields)."""
 
+
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "lr": POSITIVE, "min_lr": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE,
+        "weight_decay": Bound(0, why="torch.optim.AdamW: weight_decay >= 0"), "clip_grad": POSITIVE,
+        "adam_beta1": _ADAM_BETA, "adam_beta2": _ADAM_BETA, "adam_eps": Bound(0, why="torch.optim.Adam: eps >= 0"),
+    }
+
     def __post_init__(self) -> None:
-        positive("optim.lr", self.lr)
-        positive("optim.min_lr", self.min_lr, strict=False)
-        positive("optim.warmup_steps", self.warmup_steps, strict=False)
+        check_bounds("optim", self, self.BOUNDS)
         one_of("optim.lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine"))
-        positive("optim.clip_grad", self.clip_grad)
         if self.min_lr > self.lr:
             fail("optim.min_lr", self.min_lr, f"must be <= optim.lr={self.lr}")
+        no_shadowing("optim.optimizer_overrides", self.optimizer_overrides, OPTIMIZER_SHADOWED)
         check_upstream_keys("optim.optimizer_overrides", self.optimizer_overrides,
                             "megatron.core.optimizer", "OptimizerConfig")
 
@@ -198,9 +239,11 @@ class TrainConfig:
     """Pack a micro-batch's samples end to end in one row (THD, no padding between them; the
     budget is then the row's total tokens); false: one right-padded row per sample."""
 
+
+    BOUNDS: ClassVar[dict[str, Bound]] = {"micro_batch_max_tokens": AT_LEAST_ONE, "logprob_chunk_tokens": AT_LEAST_ONE}
+
     def __post_init__(self) -> None:
-        positive("train.micro_batch_max_tokens", self.micro_batch_max_tokens)
-        positive("train.logprob_chunk_tokens", self.logprob_chunk_tokens)
+        check_bounds("train", self, self.BOUNDS)
 
 
 @dataclass(frozen=True)
@@ -209,3 +252,8 @@ class RayConfig:
     """Ray cluster address to join (e.g. 'auto' or 'head:6379'); None = start a local Ray."""
     num_cpus: int | None = None
     """CPUs of the local Ray (None = all)."""
+
+    BOUNDS: ClassVar[dict[str, Bound]] = {"num_cpus": AT_LEAST_ONE}
+
+    def __post_init__(self) -> None:
+        check_bounds("ray", self, self.BOUNDS)

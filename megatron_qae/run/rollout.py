@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from megatron_qae.sync.weight_sync import SyncTarget
 from rollout_sglang.config import EngineConfig
 from rollout_sglang.engines.pool import engine_watch_policy
 from rollout_sglang.manager import RolloutManager
+from rollout_sglang.sglang.server_args import validate_server_args
 from rollout_sglang.types import EnginePlacement, RolloutBatch
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ class Rollout:
     """Driver-side facade over the RolloutManager actor."""
 
     def __init__(self, engine: EngineConfig, manager: ray.actor.ActorHandle, master_address: str,
-                 api_key: str) -> None:
+                 api_key: str, args_check: Future | None = None) -> None:
         self.engine_cfg = engine
         self.manager = manager
         self.api_key = api_key
@@ -41,6 +43,8 @@ class Rollout:
         self.master_address = master_address
         self._formed = False
         self._endpoints: list[tuple[str, int]] = []
+        self._args_check = args_check
+        """`engine.sglang_args` being checked by SGLang's parser (sglang/server_args.py); None = no check."""
         self._ahead: ray.ObjectRef | None = None
         """The batch being generated ahead of training (rollout.async_steps=1), until taken."""
         self._state_before_ahead: dict | None = None
@@ -50,20 +54,31 @@ class Rollout:
     def start(cls, cfg: Config, master_address: str, placements: list[EnginePlacement] | None = None,
               wait: bool = True) -> Rollout:
         """Join or start Ray and the rollout manager; `placements` pins colocated engines.
-        `wait=False` returns while the engines start; `wait_ready` (or any later call) waits."""
+        `wait=False` returns while the engines start; `wait_ready` (or any later call) waits.
+        SGLang's arguments are checked by SGLang's own parser in the engines' python while the
+        engines start (10-40 s of sglang import, hidden behind SGLang's own start); `wait_ready`
+        raises its refusal first."""
+        e, check = cfg.engine, None
+        if e.backend == "sglang" and e.sglang_args:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="sglang-args-check")
+            check = pool.submit(validate_server_args, dict(e.sglang_args), e.sglang_python)
+            pool.shutdown(wait=False)  # the thread ends with its one question
         ray_cluster.connect(cfg.ray.address, cfg.ray.num_cpus)
         actor = ray.remote(RolloutManager).options(num_cpus=0, max_concurrency=4)
         log_dir = str(Path(cfg.run.run_dir) / "engine_logs")
         api_key = secrets.token_urlsafe(24)
         manager = actor.remote(cfg.rollout, cfg.engine, cfg.reward, cfg.data, cfg.run.seed, cfg.model.path,
                                log_dir, placements, api_key, master_address)
-        rollout = cls(cfg.engine, manager, master_address, api_key)
+        rollout = cls(cfg.engine, manager, master_address, api_key, check)
         if wait:
             rollout.wait_ready()
         return rollout
 
     def wait_ready(self) -> None:
-        """Block until every engine serves (raises what the manager's start-up raised)."""
+        """Block until every engine serves (raises a refused SGLang argument, then what the
+        manager's start-up raised)."""
+        if self._args_check is not None:
+            self._args_check.result()
         ray.get(self.manager.ready.remote())
 
     def generate(self, policy_version: int) -> RolloutBatch:

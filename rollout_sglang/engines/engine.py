@@ -10,7 +10,8 @@ per start, reports its URL and process id, tells whether the process is alive, r
 after a crash, kills a hung one (SIGKILL of its process group), and stops it by terminating
 the process group it started (never by name).
 Extra SGLang arguments are SGLang's own server-argument names (`engine.sglang_args`), checked
-against SGLang's argument parser when sglang is importable here. `sglang_args.device=cpu`
+once per run against SGLang's parser in the engines' python before any engine starts
+(sglang/server_args.py, from the trainer's `Rollout.start`). `sglang_args.device=cpu`
 serves real SGLang on CPU: SGLANG_USE_CPU_ENGINE=1 and the `sgl_kernel` stand-in of
 tools/sglang_cpu on the server's PYTHONPATH (the kernel wheels are CUDA-only). On a cluster
 of more than one node the server binds the node's IP (from Ray), so trainer rank 0 reaches it.
@@ -22,7 +23,6 @@ over HTTP).
 from __future__ import annotations
 
 import ctypes
-import difflib
 import os
 import signal
 import socket
@@ -85,28 +85,6 @@ def engine_host(configured: str, node_ip: str, num_nodes: int) -> str:
     if num_nodes > 1 and configured in _LOOPBACK:
         return node_ip
     return configured
-
-
-def validate_server_args(extra_args: dict[str, Any]) -> None:
-    """Raise ValueError for a key of `engine.sglang_args` that is not an argument of
-    `sglang.launch_server` (SGLang's own parser, when sglang is importable here; otherwise
-    the server's parser rejects it at start-up and the start-up error quotes it)."""
-    try:
-        import argparse
-
-        from sglang.srt.server_args import ServerArgs
-    except Exception:  # noqa: BLE001 - sglang lives in another venv (engine.sglang_python)
-        return
-    parser = argparse.ArgumentParser()
-    ServerArgs.add_cli_args(parser)
-    known = {opt[2:].replace("-", "_") for a in parser._actions for opt in a.option_strings
-             if opt.startswith("--")}
-    for key in extra_args:
-        if key.replace("-", "_") not in known:
-            close = difflib.get_close_matches(key.replace("-", "_"), sorted(known), n=3)
-            raise ValueError(f"engine.sglang_args.{key}: not an argument of sglang.launch_server "
-                             f"(SGLang's ServerArgs); did you mean {close}? See "
-                             "`python -m sglang.launch_server --help`")
 
 
 def server_command(backend: str, model_path: str, host: str, port: int, tp_size: int,
@@ -202,7 +180,6 @@ class RolloutEngine:
                 raise ValueError(f"engine.sglang_python={python!r} is not an executable; give the "
                                  "absolute path of the python that has sglang (`make test` builds "
                                  ".venv-sglang/bin/python), or leave it unset to use this one")
-            validate_server_args(self.extra_args)
         self.startup_timeout_s, self.request_timeout_s = startup_timeout_s, request_timeout_s
         self.log_dir, self.seed = Path(log_dir), seed
         self.devices, self.colocated = tuple(devices), colocated

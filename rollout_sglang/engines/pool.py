@@ -97,7 +97,8 @@ class EnginePool:
                         trainer_address: str | None) -> list:
         """Create the engine actors and return at once: each starts its server (seconds on CPU,
         minutes for SGLang at scale) while the caller does its own start-up; `_await_engines`
-        waits for them. Engine i's server seed is `run_seed` + i."""
+        waits for them. Engine i's server seed is (`run_seed` + i) mod 2**32: SGLang seeds numpy
+        with it (set_random_seed), which takes 32 bits."""
         self.engine_cfg, self.api_key = engine, api_key
         e = engine
         multi_node = sum(1 for n in ray.nodes() if n["Alive"]) > 1
@@ -108,7 +109,7 @@ class EnginePool:
             handles.append(actor.remote(
                 model_path, e.backend, e.host, e.port_base + 100 * i, e.engine_tp,
                 e.mem_fraction_static, dict(e.sglang_args), e.startup_timeout_s, e.request_timeout_s,
-                log_dir, run_seed + i, place.devices if place else (), place is not None,
+                log_dir, (run_seed + i) % 2**32, place.devices if place else (), place is not None,
                 python=e.sglang_python, api_key=api_key, bind_node_ip=multi_node,
                 weight_sync_hosts=(trainer_address,) if trainer_address else (), start_now=False))
             self._asks.append(asks)

@@ -4,7 +4,8 @@ What it does: turns a list of (HF name, tensor) into the string SGLang's
 `MultiprocessingSerializer.serialize(obj, output_str=True)` produces (base64 of a
 `multiprocessing` ForkingPickler dump, in which torch replaces each tensor by a handle to its
 memory: a CUDA IPC handle on GPU, a shared-memory file on CPU), and back, with an unpickler
-that only rebuilds torch objects. The request carries one such string per engine TP rank.
+that admits only the opcodes and the exact torch globals such a CPU dump uses (docs/reliability.md,
+"What crosses a process boundary"). The request carries one such string per engine TP rank.
 On GPU, when SGLang is importable, its own serializer is used with its CUDA reductions patch
 (device indices rewritten to UUIDs, so the engine finds the trainer's GPU under its own
 CUDA_VISIBLE_DEVICES); the patch is process-wide and breaks the pickling of CPU tensors
@@ -19,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import pickle
+import pickletools
 from multiprocessing.reduction import ForkingPickler
 
 import torch
@@ -58,29 +60,71 @@ def serialize_named_tensors(named: NamedTensors) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+# Exactly the globals torch's ForkingPickler writes for CPU tensors under the file_system
+# sharing strategy (torch/multiprocessing/reductions.py: reduce_tensor -> rebuild_tensor,
+# reduce_storage -> rebuild_storage_filename / rebuild_storage_empty, reduce_typed_storage ->
+# rebuild_typed_storage), each resolved once here. A name is looked up as one exact
+# (module, name) pair: protocol 4's dotted names (`_rebuild_tensor.__builtins__.get`), which
+# the stock find_class resolves by walking attributes, can never match.
+_REDUCTIONS = torch.multiprocessing.reductions
+_ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
+    ("torch", "Tensor"): torch.Tensor,
+    ("torch", "Size"): torch.Size,
+    ("torch.storage", "UntypedStorage"): torch.storage.UntypedStorage,
+    **{("torch.multiprocessing.reductions", name): getattr(_REDUCTIONS, name) for name in (
+        "rebuild_tensor", "rebuild_typed_storage", "rebuild_storage_filename", "rebuild_storage_empty")},
+    **{("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)},
+}
+
+# The opcodes such a dump uses (protocol 2-5: lists, tuples, str / bytes / int / bool / None,
+# the memo, STACK_GLOBAL and REDUCE). Everything else is refused before a byte is unpickled:
+# BUILD / NEWOBJ / INST / OBJ (construct or set state on an object), GLOBAL (protocol 0-3
+# names), EXT* (copyreg's extension registry), PERSID / BINPERSID, dicts, sets, buffers.
+_ALLOWED_OPCODES = frozenset({
+    "PROTO", "FRAME", "STOP", "MARK", "EMPTY_LIST", "APPEND", "APPENDS",
+    "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3",
+    "MEMOIZE", "BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET",
+    "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "SHORT_BINBYTES", "BINBYTES", "BINBYTES8",
+    "BININT", "BININT1", "BININT2", "LONG1", "NONE", "NEWTRUE", "NEWFALSE",
+    "STACK_GLOBAL", "REDUCE",
+})
+
+
+def _check_opcodes(raw: bytes) -> None:
+    """Raise UnpicklingError unless `raw` is one pickle made only of `_ALLOWED_OPCODES`."""
+    end = 0
+    try:
+        for op, _, pos in pickletools.genops(raw):
+            if op.name not in _ALLOWED_OPCODES:
+                raise pickle.UnpicklingError(
+                    f"refused opcode {op.name} at byte {pos} in a weight payload: only lists and "
+                    "tuples of torch tensors are accepted")
+            end = pos + 1
+    except ValueError as exc:  # pickletools' word for a malformed stream
+        raise pickle.UnpicklingError(f"malformed pickle: {exc}") from None
+    if end != len(raw):
+        raise pickle.UnpicklingError(f"{len(raw) - end} bytes after the pickle's STOP")
+
+
 class _TorchOnlyUnpickler(pickle.Unpickler):
-    """Rebuilds tensors, storages, sizes and dtypes; refuses every other global, so a
-    payload cannot name a function to run."""
+    """Rebuilds CPU tensors by shared-memory handle; refuses every global but the exact
+    (module, name) pairs of `_ALLOWED_GLOBALS`, so a payload cannot name a function to run."""
 
     def find_class(self, module: str, name: str):
-        allowed = (
-            (module == "torch" and (name in ("Tensor", "Size")
-                                    or isinstance(getattr(torch, name, None), torch.dtype)))
-            or (module == "torch.multiprocessing.reductions" and name.startswith("rebuild_"))
-            or (module == "torch._utils" and name.startswith("_rebuild_"))
-            or (module == "torch.storage" and name in ("UntypedStorage", "TypedStorage"))
-        )
-        if not allowed:
+        found = _ALLOWED_GLOBALS.get((module, name))
+        if found is None:
             raise pickle.UnpicklingError(
                 f"refused {module}.{name} in a weight payload: only torch tensors are accepted")
-        return super().find_class(module, name)
+        return found
 
 
 def deserialize_named_tensors(text: str) -> NamedTensors:
     """Inverse of `serialize_named_tensors`; raises ValueError on anything but [(str, Tensor)]."""
     try:
-        named = _TorchOnlyUnpickler(io.BytesIO(base64.b64decode(text, validate=True))).load()
-    except (pickle.UnpicklingError, ValueError, EOFError, RuntimeError) as exc:
+        raw = base64.b64decode(text, validate=True)
+        _check_opcodes(raw)
+        named = _TorchOnlyUnpickler(io.BytesIO(raw)).load()
+    except (pickle.UnpicklingError, ValueError, EOFError, RuntimeError, TypeError) as exc:
         raise ValueError(f"serialized_named_tensors entry is not a weight payload: {exc}") from None
     if not isinstance(named, list) or not all(
             isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)

@@ -58,7 +58,7 @@ def test_the_32b_recipe_is_dapo_plus_qae():
     (["algo=3"], "override 'algo=3'"),
     (["quantile_k"], "override 'quantile_k' is not key=value"),
     # run
-    (["run.num_rollout_steps=0"], "run.num_rollout_steps=0: must be > 0"),
+    (["run.num_rollout_steps=0"], "run.num_rollout_steps=0: must be >= 1"),
     (["run.save_interval_steps=-1"], "run.save_interval_steps=-1: must be >= 0"),
     (["run.eval_n_samples=0"], "run.eval_n_samples=0"),
     # model
@@ -71,7 +71,7 @@ def test_the_32b_recipe_is_dapo_plus_qae():
     (["model.recompute_method=chunk"], "model.recompute_method='chunk'"),
     (["model.transformer_overrides={num_layerz: 2}"], "model.transformer_overrides.num_layerz=2: .*num_layers"),
     # parallel
-    (["parallel.tp=0"], "parallel.tp=0: must be > 0"),
+    (["parallel.tp=0"], "parallel.tp=0: must be >= 1"),
     (["parallel.vpp=2"], "parallel.vpp=2: needs vpp >= 2 and pp >= 2 \\(pp=1\\)"),
     (["parallel.pp=2", "parallel.vpp=1"], "parallel.vpp=1"),
     (["parallel.pp=2", "parallel.vpp=2"], "parallel.vpp=2: the interleaved schedule is not supported yet.*"
@@ -90,7 +90,7 @@ def test_the_32b_recipe_is_dapo_plus_qae():
     (["algo.baseline=median"], "algo.baseline='median'"),
     (["algo.quantile_method=nearest"], "algo.quantile_method='nearest'"),
     (["algo.quantile_source=reward"], "algo.quantile_source='reward'"),
-    (["algo.clip_c=0.5"], "algo.clip_c=0.5: dual clip needs c > 1"),
+    (["algo.clip_c=0.5"], "algo.clip_c=0.5: must be > 1 \\(dual clip needs c > 1"),
     (["algo.tis_cap=0"], "algo.tis_cap=0.0"),
     (["algo.clip_high=0"], "algo.clip_high=0.0"),
     (["algo.kl_coef=-0.1"], "algo.kl_coef=-0.1: must be >= 0"),

@@ -121,27 +121,50 @@ def _in_sglang_venv(code: str) -> str:
     return proc.stdout
 
 
-def test_cpu_tensors_serialize_with_sglang_importable():
+def test_cpu_tensors_serialize_with_sglang_importable(tmp_path):
     """With sglang importable, a CPU payload must not go through SGLang's CUDA reductions
-    patch (IndexError there) and must load back."""
+    patch (IndexError there) and must load back. In the same process (one sglang import):
+    SGLang 0.5.23's own unpickler of the route (utils/common.py SafeUnpickler) is given the
+    hostile payloads of test_tensor_payload.py; its exact (module, name) set refuses each
+    global, so none runs its command (docs/reliability.md)."""
+    marker = tmp_path / "pwned"
     out = _in_sglang_venv(
-        "import torch\n"
+        "import io, os, torch\n"
         "from rollout_sglang.sglang.tensor_payload import serialize_named_tensors, deserialize_named_tensors\n"
-        "import sglang.srt.utils\n"
+        "from sglang.srt.utils.common import SafeUnpickler\n"
+        "from testsupport.hostile_pickles import hostile_payloads\n"
         "t = torch.arange(6.0).reshape(2, 3)\n"
         "back = deserialize_named_tensors(serialize_named_tensors([('w', t)]))\n"
         "assert torch.equal(back[0][1], t), back\n"
+        f"for kind, raw in sorted(hostile_payloads('touch {marker}').items()):\n"
+        "    try:\n"
+        "        got = repr(SafeUnpickler(io.BytesIO(raw)).load())\n"
+        "    except Exception as exc:\n"
+        "        got = type(exc).__name__ + ': ' + str(exc)\n"
+        f"    print(kind, os.path.exists('{marker}'), got[:120])\n"
         "print('ok')\n")
     assert out.strip().endswith("ok")
+    assert not marker.exists(), out
+    lines = dict(line.split(" ", 1) for line in out.splitlines()[:-1])
+    for kind in ("dotted_builtins_eval", "dotted_from_allowed_name", "dotted_module_attribute", "reduce_eval"):
+        assert lines[kind].startswith("False RuntimeError: Blocked unsafe global"), (kind, lines[kind])
+    assert lines["trailing_bytes"] == "False []"  # SGLang reads one pickle and ignores what follows
 
 
-def test_server_args_are_checked_against_sglangs_parser():
-    out = _in_sglang_venv(
-        "from rollout_sglang.engines.engine import validate_server_args\n"
-        "validate_server_args({'device': 'cpu', 'max_total_tokens': 64, 'enable_deterministic_inference': True})\n"
-        "try:\n"
-        "    validate_server_args({'max_total_token': 64})\n"
-        "except ValueError as e:\n"
-        "    print(e)\n")
-    assert "engine.sglang_args.max_total_token: not an argument of sglang.launch_server" in out
-    assert "max_total_tokens" in out.split("did you mean", 1)[1]
+def test_server_args_are_checked_by_sglangs_parser_in_the_engines_python():
+    """The trainer's python has no sglang: the check asks .venv-sglang's python, once."""
+    import importlib.util
+
+    from rollout_sglang.sglang.server_args import sglang_arg_names, validate_server_args
+
+    assert importlib.util.find_spec("sglang") is None
+    python = sglang_python()
+    hits = sglang_arg_names.cache_info().hits
+    validate_server_args({"device": "cpu", "max_total_tokens": 64, "enable_deterministic_inference": True}, python)
+    with pytest.raises(ValueError, match="engine.sglang_args.max_total_token: not an argument of "
+                                         "sglang.launch_server") as refused:
+        validate_server_args({"max_total_token": 64}, python)
+    assert "max_total_tokens" in str(refused.value).split("did you mean", 1)[1]
+    with pytest.raises(ValueError, match="engine.sglang_args.not_an_arg"):
+        validate_server_args({"not_an_arg": 1}, python)
+    assert sglang_arg_names.cache_info().hits == hits + 2  # asked once, answered from the cache twice
