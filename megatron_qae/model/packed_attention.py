@@ -4,7 +4,7 @@ What it does: `PackedDotProductAttention` is megatron-core's local `DotProductAt
 given `PackedSeqParams(qkv_format='thd')`, attends within each packed sequence only: the
 sequences of the row (from `cu_seqlens`, as Transformer Engine's THD attention reads them) are
 grouped by length into buckets (`segment_buckets`), each bucket's sequences are stacked as the
-rows of an ordinary causal batch padded at their ends, the parent class attends over that batch,
+rows of an ordinary causal batch padded at their ends to a multiple of 16, the parent class attends over that batch,
 and the real positions go back to their places in the row (`varlen_attention`). Attention then
 costs about the sum of the sequences' squared lengths, not the row length squared. Without
 packed parameters it is exactly the parent class. What it does not: apply rotary embeddings
@@ -36,24 +36,32 @@ from megatron.core.transformer.enums import AttnMaskType
 
 BUCKET_AREA_RATIO = 1.5
 """A sequence joins a bucket while the bucket's width squared is at most this times its own
-length squared: padding costs at most 50% more attention for it, while a 10x length spread
-needs about 12 buckets, not one call per sequence."""
+length (rounded up to WIDTH_MULTIPLE) squared: padding costs at most 50% more attention for it,
+while a 10x length spread needs about 12 buckets, not one call per sequence."""
+
+WIDTH_MULTIPLE = 16
+"""Bucket widths are multiples of 16, as a padded micro-batch's rows are (batching.seq_multiple):
+CPU kernels reduce over a row in fixed-width vector lanes plus a tail, so a width off that grid
+sums a sequence's scores in another order and its log-probs move by float rounding."""
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """Causal attention of one padded batch: q [s, b, heads, dim], k / v [s, b, groups, dim] ->
 [s, b, heads * dim]."""
 
 
-def segment_buckets(lengths: list[int], area_ratio: float = BUCKET_AREA_RATIO) -> list[list[int]]:
-    """Indices of the non-empty `lengths`, longest first, in buckets: a bucket is as wide as its
-    first (longest) sequence, and the next sequence joins while width^2 <= area_ratio * length^2."""
+def segment_buckets(lengths: list[int], area_ratio: float = BUCKET_AREA_RATIO,
+                    multiple: int = WIDTH_MULTIPLE) -> list[tuple[int, list[int]]]:
+    """(width, indices) buckets of the non-empty `lengths`, longest first: a bucket is its first
+    (longest) sequence's length rounded up to `multiple` wide, and the next sequence joins while
+    width^2 <= area_ratio * (its length rounded up)^2."""
     order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i))
-    buckets: list[list[int]] = []
+    buckets: list[tuple[int, list[int]]] = []
     for i in order:
-        if buckets and lengths[buckets[-1][0]] ** 2 <= area_ratio * lengths[i] ** 2:
-            buckets[-1].append(i)
+        width = -(-lengths[i] // multiple) * multiple
+        if buckets and buckets[-1][0] ** 2 <= area_ratio * width ** 2:
+            buckets[-1][1].append(i)
         else:
-            buckets.append([i])
+            buckets.append((width, [i]))
     return buckets
 
 
@@ -69,10 +77,10 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         raise ValueError(f"cu_seqlens {starts} must rise from 0 to the packed row's {tokens} tokens")
     lengths = [b - a for a, b in zip(starts, starts[1:])]
     outputs, positions = [], []
-    for bucket in segment_buckets(lengths):
+    for width, bucket in segment_buckets(lengths):
         lo = torch.tensor([starts[i] for i in bucket], device=query.device)
         length = torch.tensor([lengths[i] for i in bucket], device=query.device)
-        steps = torch.arange(lengths[bucket[0]], device=query.device)
+        steps = torch.arange(width, device=query.device)
         # [width, rows]: row r holds its sequence, then repeats of its last token.
         index = (lo[None, :] + torch.minimum(steps[:, None], length[None, :] - 1))
         out = attend(query[index], key[index], value[index])  # [width, rows, heads * dim]

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-from megatron_qae.model.packed_attention import (BUCKET_AREA_RATIO, PackedDotProductAttention, segment_buckets,
-                                                 varlen_attention)
+from megatron_qae.model.packed_attention import (BUCKET_AREA_RATIO, PackedDotProductAttention, WIDTH_MULTIPLE,
+                                                 segment_buckets, varlen_attention)
 
 HEADS, GROUPS, DIM = 4, 2, 8
 # The tails are what build_packed_micro_batch appends: the row's end padding, a sequence of its own.
@@ -81,41 +81,63 @@ def test_per_sequence_attention_equals_dense_block_masked_attention(mix):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"d{n}: {m}")
 
 
+def rounded(n: int) -> int:
+    return -(-n // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+
+
 def test_buckets_bound_the_padding_and_cover_every_sequence_once():
-    lengths = LENGTH_MIXES["spread_with_tail"]
+    lengths = [70, 4, 13, 1, 27, 2, 9, 1, 5, 52, 33, 60]
     buckets = segment_buckets(lengths)
-    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
-    assert 1 < len(buckets) < len(lengths)  # batched, but not one bucket padded to 40
-    for b in buckets:
-        assert all(lengths[b[0]] ** 2 <= BUCKET_AREA_RATIO * lengths[i] ** 2 for i in b), b
-    assert segment_buckets([6, 0, 3]) == [[0], [2]]  # an empty sequence attends nowhere
+    assert sorted(i for _, b in buckets for i in b) == list(range(len(lengths)))
+    assert 1 < len(buckets) < len(lengths)  # batched, but not one bucket padded to 70
+    for width, b in buckets:
+        assert width == rounded(lengths[b[0]]) and lengths[b[0]] == max(lengths[i] for i in b)
+        assert all(width ** 2 <= BUCKET_AREA_RATIO * rounded(lengths[i]) ** 2 for i in b), (width, b)
+    assert segment_buckets([6, 0, 3]) == [(16, [0, 2])]  # an empty sequence attends nowhere
 
 
-def test_packed_forward_calls_the_parent_per_bucket_with_its_causal_triangle(monkeypatch):
-    """The module on the THD path: the parent class (megatron's local attention, replaced here
-    by SDPA so no megatron world is needed) sees causal batches, no mask, whose attention area
-    is within BUCKET_AREA_RATIO of the sum of squared lengths."""
-    areas = []
+def packed_params(lengths: list[int]) -> PackedSeqParams:
+    cu_seqlens = cu(lengths)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+
+
+@pytest.fixture
+def attention(monkeypatch):
+    """The module on the THD path, its parent class (megatron's local attention) replaced by SDPA
+    so no megatron world is needed; `attention.areas` records rows x width^2 of each call."""
+    module = PackedDotProductAttention.__new__(PackedDotProductAttention)
+    torch.nn.Module.__init__(module)
+    module.areas = []
 
     def parent_forward(self, q, k, v, mask, mask_type=None, bias=None, packed=None):
-        assert packed is None and mask is None
-        areas.append(q.shape[1] * q.shape[0] ** 2)
+        assert packed is None and mask is None  # a causal batch, as a padded micro-batch's
+        self.areas.append(q.shape[1] * q.shape[0] ** 2)
         return sdpa_causal(q, k, v)
 
     monkeypatch.setattr(DotProductAttention, "forward", parent_forward)
-    attention = PackedDotProductAttention.__new__(PackedDotProductAttention)
-    torch.nn.Module.__init__(attention)
+    return module
+
+
+def test_packed_forward_attends_per_sequence_through_the_parent(attention):
     lengths = LENGTH_MIXES["spread_with_tail"]
-    cu_seqlens = cu(lengths)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                             max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
     q, k, v = qkv(sum(lengths), seed=0)
-    out = attention.forward(q, k, v, None, packed_seq_params=params)
-    torch.testing.assert_close(out, dense_masked(q, k, v, cu_seqlens), rtol=1e-5, atol=1e-6)
-    assert sum(areas) <= BUCKET_AREA_RATIO * sum(n * n for n in lengths) < sum(lengths) ** 2 / 2
+    out = attention.forward(q, k, v, None, packed_seq_params=packed_params(lengths))
+    torch.testing.assert_close(out, dense_masked(q, k, v, cu(lengths)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"cu_seqlens_kv == cu_seqlens_q"):
         attention.forward(q, k, v, None, packed_seq_params=PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu(lengths[::-1])))
+            qkv_format="thd", cu_seqlens_q=cu(lengths), cu_seqlens_kv=cu(lengths[::-1])))
+
+
+def test_a_packed_row_costs_about_the_sum_of_squares(attention):
+    # 64 samples of 16..64 tokens in one 2,600-token row: the demo's packed micro-batch shape.
+    lengths = torch.randint(16, 65, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    tokens = sum(lengths)
+    q, k, v = (torch.zeros(tokens, h, DIM) for h in (HEADS, GROUPS, GROUPS))
+    attention.forward(q, k, v, None, packed_seq_params=packed_params(lengths))
+    assert sum(attention.areas) <= BUCKET_AREA_RATIO * sum(rounded(n) ** 2 for n in lengths)
+    assert sum(attention.areas) < tokens ** 2 / 10, (sum(attention.areas), tokens ** 2)
+    assert len(attention.areas) <= 6  # a few batched calls, not one per sequence
 
 
 def test_cu_seqlens_that_do_not_cover_the_row_are_refused():
