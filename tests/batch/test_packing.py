@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_qae.model.packed_attention import block_causal_mask
 from megatron_qae.batch.batching import build_micro_batch, rank_micro_batches
 from megatron_qae.batch.packing import build_packed_micro_batch, pack_by_tokens, packed_seq_params
 from testsupport import tiny
@@ -50,17 +49,6 @@ def test_packed_row_holds_each_sample_where_the_padded_row_does():
     params = packed_seq_params(packed)
     assert params.qkv_format == "thd" and params.cu_seqlens_q is packed.cu_seqlens
     assert packed_seq_params(padded) is None
-
-
-def test_block_causal_mask_matches_a_hand_built_one():
-    mask = block_causal_mask(torch.tensor([0, 2, 5, 6], dtype=torch.int32), 6)
-    allowed = torch.zeros(6, 6, dtype=torch.bool)
-    for lo, hi in [(0, 2), (2, 5), (5, 6)]:
-        for q in range(lo, hi):
-            allowed[q, lo:q + 1] = True
-    assert torch.equal(mask[0, 0], ~allowed)
-    with pytest.raises(ValueError, match="covers 6 tokens"):
-        block_causal_mask(torch.tensor([0, 6], dtype=torch.int32), 8)
 
 
 def test_packing_removes_the_padding():
