@@ -1,10 +1,13 @@
 """HF Qwen2 / Qwen3 safetensors <-> Megatron dist checkpoints: the converter's library half.
 
-What it does: `hf_to_mcore` reads the safetensors shards tensor by tensor and writes a model
-dist checkpoint (torch_dist) that training loads in any layout; `mcore_to_hf` loads a
-checkpoint (saved under any tp/pp/dp), maps tensor by tensor with the same pure mapping weight
-sync uses (qwen2_mapping.py), and writes size-bounded safetensors shards, the index,
-config.json and the tokenizer files; `policy_to_hf` does the same from a live policy (sft.py);
+What it does: `hf_to_mcore` reads the safetensors shards tensor by tensor into a bare
+GPTModel (no DDP, gradient buffer or optimizer) in the weights' own dtype and writes a model
+dist checkpoint (torch_dist) that training loads in any layout; `mcore_to_hf` reads a
+checkpoint (saved under any tp/pp/dp) straight from its files one tensor at a time in its stored
+dtype (dist_ckpt_reader.py: no model, no process group), maps each with the same pure mapping
+weight sync uses (qwen2_mapping.py), and appends it to its size-bounded safetensors shard as it
+comes (hf_shards.py), then writes the index, config.json and the tokenizer files: its peak is a
+few tensors, not the model; `policy_to_hf` does the same from a live policy (sft.py);
 `export_fp8` quantizes an HF directory to FP8 with nvidia-modelopt, calibrating activation
 scales on prompts (`calibration_ids`). Output goes to a temporary directory renamed at the
 end, so a failure leaves nothing half-written. What it does not: parse arguments
@@ -116,6 +119,16 @@ def _hf_specs(megatron_specs: list[tuple[str, torch.Size]], hf: dict, dtype: tor
             for hf_name, t in qm.megatron_to_hf(name, torch.empty(shape, device="meta"), hf)]
 
 
+def _released(pieces: list[tuple[str, torch.Tensor]], dtype: torch.dtype):
+    """Yield (HF name, tensor in `dtype`) and drop each reference once it is written, so the
+    megatron tensor the pieces view is freed before the next one is read."""
+    while pieces:
+        hf_name, t = pieces.pop(0)
+        t = t.to(dtype)
+        yield hf_name, t
+        del t
+
+
 def _write_hf_dir(tmp: Path, tensors, specs: list[TensorSpec], hf_config_dir: Path, dtype: str,
                   max_shard_bytes: int) -> None:
     """Stream `tensors` ((HF name, tensor) in `specs` order) into shards, then the index,
@@ -123,6 +136,7 @@ def _write_hf_dir(tmp: Path, tensors, specs: list[TensorSpec], hf_config_dir: Pa
     writer = ShardWriter(tmp, plan_shards(specs, max_shard_bytes))
     for hf_name, t in tensors:
         writer.write(hf_name, t)
+        del t  # not held while the next tensor is read
     weight_map = writer.close()
     total = sum(s.nbytes for s in specs)
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
@@ -165,8 +179,7 @@ def mcore_to_hf(ckpt: Path, hf_config_dir: Path, out: Path, dtype: str | None, m
 
     def tensors():
         for name in tqdm(names, desc="mcore -> hf", unit="tensor"):
-            for hf_name, t in qm.megatron_to_hf(name, model.read(name), hf):
-                yield hf_name, t.to(target)
+            yield from _released(qm.megatron_to_hf(name, model.read(name), hf), target)
 
     with _atomic_dir(out) as tmp:
         _write_hf_dir(tmp, tensors(), specs, hf_config_dir, dtype, max_shard_bytes)
@@ -190,8 +203,7 @@ def policy_to_hf(policy, hf: dict, hf_config_dir: Path, out: Path, dtype: str,
     def tensors():
         for name, full in tqdm(weights.iter_full_params(policy.chunks, None), total=len(megatron_specs),
                                desc="mcore -> hf", unit="tensor"):
-            for hf_name, t in qm.megatron_to_hf(name, full, hf):
-                yield hf_name, t.to(target)
+            yield from _released(qm.megatron_to_hf(name, full, hf), target)
 
     with _atomic_dir(out) as tmp:
         _write_hf_dir(tmp, tensors(), specs, hf_config_dir, dtype, max_shard_bytes)
