@@ -4,7 +4,8 @@
         [--n 32] [--k 1,4,16] [--config configs/X.yaml] [--out runs/eval] [--verbose] [key=value ...]
 
 What it does: a trainer checkpoint is first written as an HF directory by the existing
-converter (megatron_qae.model.hf_convert.mcore_to_hf, into a temporary directory); then the rollout
+converter (megatron_qae.model.hf_convert.mcore_to_hf, into a temporary directory: one process
+on CPU, tensor by tensor, in the checkpoint's dtype); then the rollout
 engines of the config start on that directory (`engine.backend=cpu`, or `engine.backend=sglang`
 exactly as the trainer takes it), every prompt of `--data` is sampled `--n` times at the
 validation sampling parameters (rollout.val_temperature / val_top_p / top_k), scored with the
@@ -50,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="YAML config (engines, rollout lengths, reward); with --ckpt the run's config.yaml")
     ap.add_argument("--hf-config-dir", type=Path, default=None,
                     help="--ckpt: config.json + tokenizer source (default: the run config's model.path)")
-    ap.add_argument("--dtype", default="float32", help="--ckpt: dtype of the converted weights")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="--ckpt: dtype of the converted weights (default: the checkpoint's own)")
     ap.add_argument("--out", type=Path, default=Path("runs/eval"), help="directory of eval.json and logs")
     ap.add_argument("--chunk-prompts", type=int, default=DEFAULT_CHUNK_PROMPTS)
     ap.add_argument("--verbose", action="store_true", help="also show third-party logs on the terminal")
@@ -81,15 +83,12 @@ def _hf_dir_of(a: argparse.Namespace, base_model_path: str, tmp: Path) -> Path:
     """The HF directory to serve: --hf-dir, or the checkpoint converted by model/hf_convert.py."""
     if a.hf_dir is not None:
         return a.hf_dir
-    from megatron_qae.model import parallel
     from megatron_qae.model.hf_convert import mcore_to_hf
 
     hf_config_dir = a.hf_config_dir or Path(base_model_path)
     if not (hf_config_dir / "config.json").is_file():
         raise SystemExit(f"--ckpt: {hf_config_dir} has no config.json; pass --hf-config-dir")
-    out = mcore_to_hf(a.ckpt, hf_config_dir, tmp / "hf", a.dtype, 5_000_000_000)
-    parallel.destroy()  # the converter's one-rank process group; the engines need none here
-    return out
+    return mcore_to_hf(a.ckpt, hf_config_dir, tmp / "hf", a.dtype, 5_000_000_000)
 
 
 def evaluate(cfg, ks: list[int], n: int, chunk_prompts: int) -> dict[str, float]:

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--ckpt", type=Path, required=True, help="a checkpoints/step_N directory")
     b.add_argument("--hf-config-dir", type=Path, required=True, help="source of config.json and tokenizer files")
     b.add_argument("--out", type=Path, required=True)
-    b.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    b.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                   help="dtype of the written weights (read in the checkpoint's own, cast per tensor)")
     b.add_argument("--max-shard-bytes", type=int, default=5_000_000_000)
     b.add_argument("--fp8", action="store_true",
                    help="write an FP8 (E4M3) model through nvidia-modelopt instead (needs --calib-data)")

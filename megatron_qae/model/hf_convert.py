@@ -1,10 +1,13 @@
 """HF Qwen2 / Qwen3 safetensors <-> Megatron dist checkpoints: the converter's library half.
 
-What it does: `hf_to_mcore` reads the safetensors shards tensor by tensor and writes a model
-dist checkpoint (torch_dist) that training loads in any layout; `mcore_to_hf` loads a
-checkpoint (saved under any tp/pp/dp), maps tensor by tensor with the same pure mapping weight
-sync uses (qwen2_mapping.py), and writes size-bounded safetensors shards, the index,
-config.json and the tokenizer files; `policy_to_hf` does the same from a live policy (sft.py);
+What it does: `hf_to_mcore` reads the safetensors shards tensor by tensor into a bare
+GPTModel (no DDP, gradient buffer or optimizer) in the weights' own dtype and writes a model
+dist checkpoint (torch_dist) that training loads in any layout; `mcore_to_hf` reads a
+checkpoint (saved under any tp/pp/dp) straight from its files one tensor at a time in its stored
+dtype (dist_ckpt_reader.py: no model, no process group), maps each with the same pure mapping
+weight sync uses (qwen2_mapping.py), and appends it to its size-bounded safetensors shard as it
+comes (hf_shards.py), then writes the index, config.json and the tokenizer files: its peak is a
+few tensors, not the model; `policy_to_hf` does the same from a live policy (sft.py);
 `export_fp8` quantizes an HF directory to FP8 with nvidia-modelopt, calibrating activation
 scales on prompts (`calibration_ids`). Output goes to a temporary directory renamed at the
 end, so a failure leaves nothing half-written. What it does not: parse arguments
@@ -22,34 +25,37 @@ from pathlib import Path
 
 import torch
 
-
+from megatron_qae.config.sections import ParallelConfig
 from megatron_qae.launch_env import single_process_env
 from megatron_qae.model import parallel, qwen2_mapping as qm
-from megatron_qae.config.sections import ParallelConfig
+from megatron_qae.model.dist_ckpt_reader import ModelCheckpoint
+from megatron_qae.model.hf_shards import ShardWriter, TensorSpec, plan_shards
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def _policy(hf_dir: Path):
-    """A TP=PP=1 model + optimizer skeleton of the HF config (to load / save sharded state)."""
-    from types import SimpleNamespace
+def _stored_dtype(files: dict[str, Path]) -> str:
+    """"bfloat16" when the HF weights are stored in bf16, else "float32" (fp16 is widened
+    exactly): the dtype the converted checkpoint keeps."""
+    from safetensors import safe_open
 
-    from megatron_qae.model.build import load_hf_config
-    from megatron_qae.model.policy import build_policy
+    name, path = next(iter(files.items()))
+    with safe_open(str(path), framework="pt") as f:
+        return "bfloat16" if f.get_slice(name).get_dtype() == "BF16" else "float32"
 
-    hf = load_hf_config(hf_dir)
+
+def _bare_model(hf: dict, params_dtype: str) -> list[torch.nn.Module]:
+    """The TP = PP = 1 GPTModel in `params_dtype`, uninitialized: no DDP, gradient buffer or
+    optimizer (a checkpoint of the weights needs none of them)."""
+    from megatron_qae.model.build import build_model_chunks, build_transformer_config
+
     groups = parallel.init_distributed(ParallelConfig())
-    cfg = SimpleNamespace(
-        model=SimpleNamespace(params_dtype="float32", fp8=None, fp8_recipe="tensorwise", transformer_impl="local",
-                              recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
-                              transformer_overrides={}),
-        parallel=SimpleNamespace(sequence_parallel=False, use_distributed_optimizer=False, ddp_overrides={}),
-        optim=SimpleNamespace(lr=1e-6, min_lr=0.0, warmup_steps=0, lr_decay_style="constant", weight_decay=0.0,
-                              clip_grad=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
-                              optimizer_overrides={}))
-    return build_policy(cfg, hf, groups, total_steps=1), hf
+    config = build_transformer_config(hf, groups.dims, params_dtype=params_dtype,
+                                      overrides={"perform_initialization": False})
+    return build_model_chunks(hf, config, "local")
 
 
 def _safetensor_index(hf_dir: Path) -> dict[str, Path]:
@@ -71,17 +77,19 @@ def _safetensor_index(hf_dir: Path) -> dict[str, Path]:
 
 
 def hf_to_mcore(hf_dir: Path, out: Path) -> Path:
-    """Write the HF weights as a Megatron checkpoint directory `out/step_0` (+ `latest`)."""
+    """Write the HF weights as a Megatron checkpoint directory `out/step_0` (+ `latest`), in
+    the dtype the HF weights are stored in (bf16 stays bf16; training loads it in any dtype)."""
     from safetensors import safe_open
     from tqdm import tqdm
 
+    from megatron_qae.model import weights
+    from megatron_qae.model.build import load_hf_config
     from megatron_qae.persistence import checkpoint
 
-    from megatron_qae.model import weights
-
     single_process_env()
-    policy, hf = _policy(hf_dir)
+    hf = load_hf_config(hf_dir)
     files = _safetensor_index(hf_dir)
+    chunks = _bare_model(hf, _stored_dtype(files))
     handles = {p: safe_open(str(p), framework="pt") for p in set(files.values())}
 
     class _Lazy(dict):
@@ -98,56 +106,84 @@ def hf_to_mcore(hf_dir: Path, out: Path) -> Path:
         bar.update(1)
         return qm.hf_to_megatron(name, _Lazy(), hf)
 
-    weights.load_full_weights(policy.chunks, get_full, 0, 1)
+    weights.load_full_weights(chunks, get_full, 0, 1)
     bar.close()
-    return checkpoint.save_checkpoint(out, 0, policy, {"step": 0, "model_path": str(hf_dir.resolve())},
-                                      with_optimizer=False)
+    return checkpoint.save_model_checkpoint(out, 0, chunks, {"step": 0, "model_path": str(hf_dir.resolve())})
 
 
-def _write_shards(tensors, out: Path, max_shard_bytes: int) -> dict[str, str]:
-    from safetensors.torch import save_file
-
-    weight_map: dict[str, str] = {}
-    shard: dict[str, torch.Tensor] = {}
-    size, index = 0, 0
-
-    def flush() -> None:
-        nonlocal shard, size, index
-        if shard:
-            index += 1
-            name = f"model-{index:05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-            shard, size = {}, 0
-
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            flush()
-        shard[name] = tensor.contiguous()
-        size += nbytes
-    flush()
-    total = index
-    renamed = {}
-    for k, v in weight_map.items():
-        i = int(v.split("-")[1].split(".")[0])
-        final = f"model-{i:05d}-of-{total:05d}.safetensors"
-        renamed[k] = final
-    for i in range(1, total + 1):
-        os.replace(out / f"model-{i:05d}.safetensors", out / f"model-{i:05d}-of-{total:05d}.safetensors")
-    return renamed
+def _hf_specs(megatron_specs: list[tuple[str, torch.Size]], hf: dict, dtype: torch.dtype) -> list[TensorSpec]:
+    """The HF tensors' (name, shape) the mapping makes of these megatron tensors, found by
+    mapping empty meta tensors: the shard plan is known before any data is read."""
+    return [TensorSpec(hf_name, tuple(t.shape), dtype)
+            for name, shape in megatron_specs
+            for hf_name, t in qm.megatron_to_hf(name, torch.empty(shape, device="meta"), hf)]
 
 
-def mcore_to_hf(ckpt: Path, hf_config_dir: Path, out: Path, dtype: str, max_shard_bytes: int) -> Path:
-    """Write an HF model directory from a Megatron checkpoint (saved in any layout)."""
-    from megatron_qae.persistence import checkpoint
+def _released(pieces: list[tuple[str, torch.Tensor]], dtype: torch.dtype):
+    """Yield (HF name, tensor in `dtype`) and drop each reference once it is written, so the
+    megatron tensor the pieces view is freed before the next one is read."""
+    while pieces:
+        hf_name, t = pieces.pop(0)
+        t = t.to(dtype)
+        yield hf_name, t
+        del t
+
+
+def _write_hf_dir(tmp: Path, tensors, specs: list[TensorSpec], hf_config_dir: Path, dtype: str,
+                  max_shard_bytes: int) -> None:
+    """Stream `tensors` ((HF name, tensor) in `specs` order) into shards, then the index,
+    config.json and the tokenizer files."""
+    writer = ShardWriter(tmp, plan_shards(specs, max_shard_bytes))
+    for hf_name, t in tensors:
+        writer.write(hf_name, t)
+        del t  # not held while the next tensor is read
+    weight_map = writer.close()
+    total = sum(s.nbytes for s in specs)
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    config = json.loads((hf_config_dir / "config.json").read_text())
+    config["torch_dtype"] = dtype
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    for f in TOKENIZER_FILES:
+        if (hf_config_dir / f).is_file():
+            shutil.copy2(hf_config_dir / f, tmp / f)
+
+
+def mcore_to_hf(ckpt: Path, hf_config_dir: Path, out: Path, dtype: str | None, max_shard_bytes: int) -> Path:
+    """Write an HF model directory from a Megatron checkpoint (saved in any layout), in one
+    process on CPU: each tensor is read from the checkpoint's files in its stored dtype, mapped,
+    cast to `dtype` (None: the stored dtype) and appended to its safetensors shard, so the peak
+    is about one tensor, not the model. No model, process group or optimizer is built."""
+    from tqdm import tqdm
+
+    from megatron_qae.model.build import load_hf_config
+    from megatron_qae.persistence.checkpoint import verified_marker
 
     if out.exists():
         raise FileExistsError(f"--out {out} exists; choose a new directory")
-    single_process_env()
-    policy, hf = _policy(hf_config_dir)
-    checkpoint.load_checkpoint(ckpt, policy, model_only=True)
-    return policy_to_hf(policy, hf, hf_config_dir, out, dtype, max_shard_bytes)
+    verified_marker(ckpt)
+    hf = load_hf_config(hf_config_dir)
+    model = ModelCheckpoint(ckpt)
+    if model.num_layers() != hf["num_hidden_layers"]:
+        raise ValueError(f"checkpoint {ckpt} has {model.num_layers()} layers, {hf_config_dir}/config.json "
+                         f"num_hidden_layers={hf['num_hidden_layers']}; pass the model's own --hf-config-dir")
+    names = list(qm.megatron_names(hf))
+    stored = {name: model.spec(name) for name in names}
+    dtype = dtype or _DTYPE_NAMES[next(iter(stored.values()))[1]]
+    target = DTYPES[dtype]
+    try:
+        specs = _hf_specs([(n, shape) for n, (shape, _) in stored.items()], hf, target)
+    except RuntimeError as exc:  # a reshape that does not fit: other heads / widths than config.json
+        raise ValueError(f"checkpoint {ckpt} does not have the shapes of {hf_config_dir}/config.json ({exc}); "
+                         "pass the model's own --hf-config-dir") from exc
+
+    def tensors():
+        for name in tqdm(names, desc="mcore -> hf", unit="tensor"):
+            yield from _released(qm.megatron_to_hf(name, model.read(name), hf), target)
+
+    with _atomic_dir(out) as tmp:
+        _write_hf_dir(tmp, tensors(), specs, hf_config_dir, dtype, max_shard_bytes)
+    return out
 
 
 def policy_to_hf(policy, hf: dict, hf_config_dir: Path, out: Path, dtype: str,
@@ -160,26 +196,17 @@ def policy_to_hf(policy, hf: dict, hf_config_dir: Path, out: Path, dtype: str,
 
     if out.exists():
         raise FileExistsError(f"--out {out} exists; choose a new directory")
+    target = DTYPES[dtype]
+    megatron_specs = [(name, shape) for name, shape, _ in weights.full_param_specs(policy.chunks, 1)]
+    specs = _hf_specs(megatron_specs, hf, target)
+
+    def tensors():
+        for name, full in tqdm(weights.iter_full_params(policy.chunks, None), total=len(megatron_specs),
+                               desc="mcore -> hf", unit="tensor"):
+            yield from _released(qm.megatron_to_hf(name, full, hf), target)
+
     with _atomic_dir(out) as tmp:
-        target = DTYPES[dtype]
-        names = list(weights.global_named_parameters(policy.chunks[0]))
-
-        def tensors():
-            for name, full in tqdm(weights.iter_full_params(policy.chunks, None), total=len(names),
-                                   desc="mcore -> hf", unit="tensor"):
-                for hf_name, t in qm.megatron_to_hf(name, full, hf):
-                    yield hf_name, t.to(target).clone()
-
-        weight_map = _write_shards(tensors(), tmp, max_shard_bytes)
-        total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        config = json.loads((hf_config_dir / "config.json").read_text())
-        config["torch_dtype"] = dtype
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for f in TOKENIZER_FILES:
-            if (hf_config_dir / f).is_file():
-                shutil.copy2(hf_config_dir / f, tmp / f)
+        _write_hf_dir(tmp, tensors(), specs, hf_config_dir, dtype, max_shard_bytes)
     return out
 
 

@@ -4,11 +4,20 @@ What it does: `offload_train_state` releases every DDP chunk's gradient buffer w
 megatron-core's own hook (`DistributedDataParallel.offload_grad_buffers`: the storage is
 resized to 0, views stay valid; `restore_grad_buffers` reallocates and zeroes it) and moves the
 optimizer's state (Adam moments, and fp32 main params where they are copies, not views of the
-model's params) to host memory: each tensor is copied into a host buffer (pinned when CUDA is
-present, so the copies are DMA) and its own storage is resized to 0, so every reference the
-optimizer holds stays the same object. `restore_train_state` brings the storages back and
-copies the bytes in, bit for bit. The same copies and resizes run on CPU and GPU: on CPU the
-host buffer is a second CPU tensor, and the released storage really is freed.
+model's params) to host memory: each tensor is copied into its slice of one host buffer, a
+`HostArena` the caller keeps for the whole run (the same bytes every offload), and its own
+storage is resized to 0, so every reference the optimizer holds stays the same object.
+`restore_train_state` brings the storages back and copies the bytes in, bit for bit. The same
+copies and resizes run on CPU and GPU: on CPU the arena is a plain CPU tensor, and the released
+storage really is freed.
+
+Why one arena: a pinned buffer per tensor goes through torch's caching host allocator, which
+rounds every request up to a power of two and keeps the blocks cached for the process's life
+(torch 2.14.1 ATen/core/CachingHostAllocator.h:340-349): up to twice the optimizer state in
+pinned memory per process, and more as sizes vary. The arena is allocated once at its exact
+size in pageable memory and, where CUDA is present, pinned in place with cudaHostRegister (as
+torch's own checkpoint stager pins its buffers: torch/distributed/_state_dict_utils.py:432),
+so the host holds exactly the optimizer state's bytes, once.
 What it does not: offload the model's params (weight sync and the next step read them), or
 decide when to offload (sync/placement.py's `Colocated` does, around weight sync and generation).
 
@@ -19,6 +28,7 @@ so on CPU it does nothing and its restore would move CPU training state to a GPU
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -28,12 +38,41 @@ from megatron_qae.model import cpu_compat
 from megatron_qae.model.policy import Policy
 
 
+_ALIGN_BYTES = 512
+"""Each tensor's slice of the arena starts on this boundary (aligned DMA copies)."""
+
+
+def _unregister(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+class HostArena:
+    """One host buffer reused by every offload of a run; it grows only if the state does."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """The first `nbytes` of the buffer (allocated, and pinned where CUDA is, on first use)."""
+        if self.buffer is None or self.buffer.numel() < nbytes:
+            self.buffer = None  # the old one's pinning ends with it (its finalizer)
+            buffer = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
+            if cpu_compat.cuda_available() and nbytes > 0:
+                error = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0))
+                if error != 0:
+                    raise RuntimeError(f"cudaHostRegister of the {nbytes}-byte offload arena failed "
+                                       f"(cudaError {error}); is the host short of lockable memory (ulimit -l)?")
+                weakref.finalize(buffer, _unregister, buffer.data_ptr())
+            self.buffer = buffer
+        return self.buffer[:nbytes]
+
+
 @dataclass
 class OffloadedState:
     """What `offload_train_state` released, to be given back by `restore_train_state`."""
 
     tensors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    """(optimizer tensor whose storage is now empty, host copy of its bytes)."""
+    """(optimizer tensor whose storage is now empty, its bytes: a uint8 slice of the arena)."""
     grad_buffer_bytes: int = 0
     """Bytes of gradient buffers released (megatron reallocates and zeroes them)."""
     optimizer_bytes: int = 0
@@ -74,8 +113,13 @@ def _optimizer_tensors(policy: Policy) -> list[torch.Tensor]:
     return list(found.values())
 
 
-def offload_train_state(policy: Policy) -> OffloadedState:
-    """Release gradient buffers and move optimizer state to host memory (every trainer rank,
+def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A uint8 tensor over all of `storage`'s bytes (on its device)."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+def offload_train_state(policy: Policy, arena: HostArena) -> OffloadedState:
+    """Release gradient buffers and move optimizer state into `arena` (every trainer rank,
     between a weight sync and the next training step)."""
     cuda = cpu_compat.cuda_available()
     out = OffloadedState()
@@ -85,10 +129,17 @@ def offload_train_state(policy: Policy) -> OffloadedState:
                 out.grad_buffer_bytes += buffer.grad_data.untyped_storage().nbytes()
         # Device sync / cache release only where there is a device; the resize is the same.
         chunk.offload_grad_buffers(synchronize=cuda, empty_cache=False)
-    for t in _optimizer_tensors(policy):
+    tensors = _optimizer_tensors(policy)
+    offsets, end = [], 0
+    for t in tensors:
+        start = -(-end // _ALIGN_BYTES) * _ALIGN_BYTES
+        offsets.append(start)
+        end = start + t.untyped_storage().nbytes()
+    host_all = arena.take(end)
+    for t, start in zip(tensors, offsets):
         storage = t.untyped_storage()
-        host = torch.empty(storage.nbytes(), dtype=torch.uint8, device="cpu", pin_memory=cuda)
-        host.untyped_storage().copy_(storage, non_blocking=cuda)
+        host = host_all[start:start + storage.nbytes()]
+        host.copy_(_bytes_of(storage), non_blocking=cuda)
         out.tensors.append((t, host))
         out.optimizer_bytes += storage.nbytes()
     if cuda:
@@ -107,8 +158,9 @@ def restore_train_state(policy: Policy, state: OffloadedState) -> None:
     for chunk in policy.chunks:
         chunk.restore_grad_buffers(synchronize=False)
     for t, host in state.tensors:
-        t.untyped_storage().resize_(host.numel())
-        t.untyped_storage().copy_(host.untyped_storage(), non_blocking=cuda)
+        storage = t.untyped_storage()
+        storage.resize_(host.numel())
+        _bytes_of(storage).copy_(host, non_blocking=cuda)
     if cuda:
         torch.cuda.synchronize()  # training reads these next
     state.tensors.clear()

@@ -29,7 +29,8 @@ from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_qae.persistence.checkpoint_verify import CheckpointDamaged, file_digests, table_from_json, table_to_json, verify
+from megatron_qae.persistence.checkpoint_verify import (CheckpointDamaged, file_digests, table_from_json,
+                                                        table_to_json, verify, verify_files)
 
 from megatron_qae.model.policy import Policy
 from megatron_qae.model.weights import unwrap
@@ -43,11 +44,13 @@ def _ckpt_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _model_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    return {"model" if len(chunks) == 1 else f"model{i}": unwrap(chunk).sharded_state_dict()
+            for i, chunk in enumerate(chunks)}
+
+
 def _sharded_state(policy: Policy, is_loading: bool, with_optimizer: bool = True) -> dict[str, Any]:
-    state: dict[str, Any] = {}
-    chunks = policy.chunks
-    for i, chunk in enumerate(chunks):
-        state["model" if len(chunks) == 1 else f"model{i}"] = unwrap(chunk).sharded_state_dict()
+    state = _model_state(policy.chunks)
     if with_optimizer:
         state["optimizer"] = policy.optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=_OPT_META)
     return state
@@ -64,7 +67,23 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: Policy, loop_state: 
                     keep_last: int = 2, with_optimizer: bool = True) -> Path:
     """Collective: every trainer rank calls it. Returns the final checkpoint directory.
 
-    `with_optimizer=False` writes model weights only (conversion from HF)."""
+    `with_optimizer=False` writes model weights only."""
+    state = _sharded_state(policy, is_loading=False, with_optimizer=with_optimizer)
+    state["scheduler"] = policy.scheduler.state_dict()
+    return _save(run_dir, step, state, loop_state, keep_last, with_optimizer)
+
+
+def save_model_checkpoint(run_dir: str | Path, step: int, chunks: list[torch.nn.Module],
+                          loop_state: dict[str, Any]) -> Path:
+    """Collective. A model-only checkpoint of bare model chunks (no DDP, optimizer or LR
+    schedule: conversion from HF); it loads like `save_checkpoint(with_optimizer=False)`'s."""
+    state = _model_state(chunks)
+    state["scheduler"] = None
+    return _save(run_dir, step, state, loop_state, 2, with_optimizer=False)
+
+
+def _save(run_dir: str | Path, step: int, state: dict[str, Any], loop_state: dict[str, Any],
+          keep_last: int, with_optimizer: bool) -> Path:
     root = _ckpt_root(run_dir)
     name = [f"tmp.step_{step}.{uuid.uuid4().hex[:8]}"]
     dist.broadcast_object_list(name, src=0)
@@ -72,8 +91,6 @@ def save_checkpoint(run_dir: str | Path, step: int, policy: Policy, loop_state: 
     if dist.get_rank() == 0:
         tmp.mkdir(parents=True, exist_ok=False)
     dist.barrier()
-    state = _sharded_state(policy, is_loading=False, with_optimizer=with_optimizer)
-    state["scheduler"] = policy.scheduler.state_dict()
     state["rng"] = _rng_state()
     state["loop"] = loop_state
     dist_checkpointing.save(state, str(tmp))
@@ -173,6 +190,23 @@ def _read_marker(path: Path) -> dict[str, Any]:
         return json.loads((path / _DONE).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointDamaged(path, [f"{_DONE}: unreadable ({exc})"]) from exc
+
+
+def verified_marker(path: str | Path) -> dict[str, Any]:
+    """One process, no collective: the completion marker of a complete checkpoint whose files
+    all match their digests (FileNotFoundError when incomplete, CheckpointDamaged when not)."""
+    path = Path(path)
+    if not _complete(path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_DONE}); "
+                                "point at a step_<k> directory written by save_checkpoint")
+    marker = _read_marker(path)
+    if "files" not in marker:
+        log.warning("%s has no file digests (saved by an older version): reading it unverified", path)
+        return marker
+    problems = verify_files(path, table_from_json(marker["files"]))
+    if problems:
+        raise CheckpointDamaged(path, problems)
+    return marker
 
 
 def _verify(path: Path, marker: dict[str, Any]) -> None:

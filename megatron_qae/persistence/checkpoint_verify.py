@@ -85,6 +85,11 @@ def _check(directory: Path, name: str, want: FileRecord) -> str | None:
     return None
 
 
+def verify_files(directory: Path, table: dict[str, FileRecord]) -> list[str]:
+    """One process: every problem found (empty when every file is as written)."""
+    return sorted(p for n in sorted(table) if (p := _check(directory, n, table[n])) is not None)
+
+
 def verify(directory: Path, table: dict[str, FileRecord]) -> list[str]:
     """Collective. Problems found (empty when every file is as written), the same on every rank."""
     names = sorted(table)

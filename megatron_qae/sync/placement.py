@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_qae.config.loading import Config
-from megatron_qae.model.offload import OffloadedState, offload_train_state, restore_train_state
+from megatron_qae.model.offload import HostArena, OffloadedState, offload_train_state, restore_train_state
 from megatron_qae.model.parallel import broadcast_from_driver
 from megatron_qae.model.policy import Policy
 from megatron_qae.run.rollout import Rollout
@@ -148,6 +148,8 @@ class Colocated:
         self.sync: ColocatedSync | None = None
         self.offloaded: tuple[OffloadedState, float] | None = None
         """What the last offload released and the seconds it took, until restored."""
+        self.arena = HostArena()
+        """The host buffer every offload of this run reuses (model/offload.py)."""
 
     def attach(self, policy: Policy) -> Rollout | None:
         """Offload the train state (engine.offload_train_state), then start the engines: SGLang
@@ -177,7 +179,7 @@ class Colocated:
         if not self.cfg.engine.offload_train_state:
             return
         t0 = time.perf_counter()
-        state = offload_train_state(self.policy)
+        state = offload_train_state(self.policy, self.arena)
         self.offloaded = (state, time.perf_counter() - t0)
 
     def push(self, version: int) -> PushResult:

@@ -65,7 +65,7 @@ def main(argv: list[str]) -> None:
         if a.save_step2:
             checkpoint.save_checkpoint(out, 2, policy, {"step": 2, "cursor": [5, 6]})
         loss3 = step(policy, groups, 3)  # depends on the Adam state carried over from step 2
-        if dist.get_rank() == 0:
+        if groups.tp_rank == 0 and groups.dp_rank == 0:  # one writer per pipeline stage
             torch.save({"params": params, "loss2": loss2, "loss3": loss3}, out / f"saved.pp{groups.pp_rank}.pt")
         if a.kill_during_save:
             real_replace = os.replace

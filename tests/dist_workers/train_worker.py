@@ -138,7 +138,7 @@ def mini_steps(a, policy, groups, mbs, samples) -> dict:
 def offload_round_trip(policy) -> dict:
     """Offload, look at what is held during the window (as generation would see it), restore.
     The bytes expected are counted here from the optimizer and buffers, not by offload.py."""
-    from megatron_qae.model.offload import offload_train_state, restore_train_state
+    from megatron_qae.model.offload import HostArena, offload_train_state, restore_train_state
 
     grad_buffers = [b.grad_data for c in policy.chunks for b in c.buffers if b.grad_data is not None]
     inner = [o.optimizer for o in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer])]
@@ -149,14 +149,35 @@ def offload_round_trip(policy) -> dict:
     expected = {"grad": sum(t.untyped_storage().nbytes() for t in grad_buffers),
                 "moments": sum(t.numel() * t.element_size() for t in moments),
                 "mains": sum(t.numel() * t.element_size() for t in mains)}
-    state = offload_train_state(policy)
+    arena = _ARENA.setdefault("arena", HostArena())  # one per run, as Colocated keeps it
+    before = [_bytes(t) for t in _offloadable(inner, model)]
+    state = offload_train_state(policy, arena)
+    host = [h for _, h in state.tensors]
     window = {"grad_storage": sum(t.untyped_storage().nbytes() for t in grad_buffers),
               "moment_storage": sum(t.untyped_storage().nbytes() for t in moments),
               "main_storage": sum(t.untyped_storage().nbytes() for t in mains),
               "model_storage": sum(p.untyped_storage().nbytes() for c in policy.chunks for p in c.parameters()),
               "grad_bytes": state.grad_buffer_bytes, "optimizer_bytes": state.optimizer_bytes}
     restore_train_state(policy, state)
-    return {"expected": expected, "window": window, "moments": len(moments), "mains": len(mains)}
+    after = [_bytes(t) for t in _offloadable(inner, model)]
+    return {"expected": expected, "window": window, "moments": len(moments), "mains": len(mains),
+            "host_storages": sorted({h.untyped_storage().data_ptr() for h in host}),
+            "host_ptrs": [h.data_ptr() for h in host],
+            "restored_bit_exact": len(before) == len(after) > 0 and all(torch.equal(a, b) for a, b in zip(before, after))}
+
+
+_ARENA: dict = {}
+
+
+def _offloadable(inner, model_ptrs: set) -> list[torch.Tensor]:
+    """The Adam moments and the main params that are not the model's, in a fixed order."""
+    out = [v for o in inner for st in o.state.values() for k, v in sorted(st.items()) if k in ("exp_avg", "exp_avg_sq")]
+    return out + [p for o in inner for g in o.param_groups for p in g["params"]
+                  if p.untyped_storage().data_ptr() not in model_ptrs]
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.uint8).clone()
 
 
 def gather_full_grads(policy, groups) -> dict:

@@ -1,6 +1,7 @@
 """tools.convert_checkpoint: HF -> Megatron -> HF is bit-identical; Megatron logits equal
-transformers' on the converted weights; training checkpoints (TP=2) export to the same model;
-bad inputs fail clearly without leaving output behind."""
+transformers' on the converted weights; training checkpoints (TP=2, PP=2 with the distributed
+optimizer) export to the same model, holding about one tensor at a time, not the model; bad
+inputs fail clearly without leaving output behind."""
 
 from __future__ import annotations
 
@@ -56,10 +57,11 @@ def test_hf_mcore_hf_round_trip_is_bit_identical(tmp_path, tied, family):
     assert torch.equal(ref, got)
 
 
-def test_training_checkpoint_saved_under_tp2_exports_the_same_model(tmp_path):
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2", "--dist-opt"]], ids=["tp2", "pp2-distopt"])
+def test_training_checkpoint_saved_under_tp2_or_pp2_exports_the_same_model(tmp_path, layout):
     run = tmp_path / "run"
     tiny.torchrun(tiny.ROOT / "tests" / "dist_workers" / "ckpt_worker.py", 2,
-                  ["--mode", "save", "--tp", "2", "--run-dir", str(run)])
+                  ["--mode", "save", *layout, "--run-dir", str(run)])
     hf = tiny.tiny_hf_config()
     cfg_dir = tmp_path / "cfg"
     cfg_dir.mkdir()
@@ -67,10 +69,13 @@ def test_training_checkpoint_saved_under_tp2_exports_the_same_model(tmp_path):
     r = _convert("mcore-to-hf", "--ckpt", str(run / "checkpoints" / "step_1"), "--hf-config-dir",
                  str(cfg_dir), "--out", str(tmp_path / "hf"), "--dtype", "float32")
     assert r.returncode == 0, r.stderr[-3000:]
-    saved = torch.load(run / "saved.pp0.pt")["params"]  # full (TP-merged) params after step 1
+    saved = {}  # full (TP-merged) params after step 1, every pipeline stage's
+    for f in sorted(run.glob("saved.pp*.pt")):
+        saved.update(torch.load(f)["params"])
     from megatron_qae.model import qwen2_mapping as qm
 
     exported = _tensors(tmp_path / "hf")
+    assert len(saved) == len(list(qm.megatron_names(hf)))
     for name, full in saved.items():
         for hf_name, t in qm.megatron_to_hf(name, full, hf):
             assert torch.equal(exported[hf_name], t), hf_name
@@ -78,6 +83,42 @@ def test_training_checkpoint_saved_under_tp2_exports_the_same_model(tmp_path):
 
     model = Qwen2ForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+_PEAK = """
+import json, sys
+from pathlib import Path
+from megatron_qae.model.hf_convert import mcore_to_hf
+from testsupport.measure import peak_allocated_bytes
+ckpt, cfg, out = map(Path, sys.argv[1:4])
+print(json.dumps(peak_allocated_bytes(lambda: mcore_to_hf(ckpt, cfg, out, "float32", 5_000_000_000))))
+"""
+
+
+def test_export_holds_about_one_tensor_not_the_model(tmp_path):
+    # The old export built the fp32 model in DDP (the parameters plus a gradient buffer of the
+    # same size) and loaded the checkpoint beside it: at least twice the model. Streaming holds
+    # the megatron tensor being mapped, the chunk being read and one contiguous HF piece.
+    hf = tiny.tiny_hf_config(layers=4)
+    src = tmp_path / "hf"
+    tiny.tiny_hf_model(hf).save_pretrained(src)
+    (src / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()),
+                                                 "architectures": hf["architectures"]}))
+    assert _convert("hf-to-mcore", "--hf-dir", str(src), "--out", str(tmp_path / "mc")).returncode == 0
+    r = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "mc" / "checkpoints" / "step_0"), str(src),
+                        str(tmp_path / "back")], cwd=tiny.ROOT, capture_output=True, text=True, timeout=300,
+                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(tiny.ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    peak = json.loads(r.stdout.strip().splitlines()[-1])
+    source = _tensors(src)
+    model_bytes = sum(t.numel() * t.element_size() for t in source.values())
+    from megatron_qae.model import qwen2_mapping as qm
+
+    largest = max(qm.hf_to_megatron(n, source, hf).numel() * 4 for n in qm.megatron_names(hf))
+    assert peak <= 2.5 * largest, (peak, largest, model_bytes)
+    assert peak < 0.3 * model_bytes
+    back = _tensors(tmp_path / "back")
+    assert back.keys() == source.keys() and all(torch.equal(back[k], source[k]) for k in source)
 
 
 def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path):

@@ -1,7 +1,8 @@
 """Colocated mode's offload of gradient buffers and optimizer state around generation: after
 an offload / restore round trip between two optimizer steps, training goes on bit for bit as
 without it, and during the window the released storages really hold no bytes (the bytes the
-offload reports equal what the buffers and the optimizer held, counted independently)."""
+offload reports equal what the buffers and the optimizer held, counted independently); the host
+copies live in one arena that every offload reuses (one storage, the same addresses each step)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,13 @@ def test_training_after_an_offload_round_trip_is_bit_exact(tmp_path, nproc, flag
     moved = max(float((a - b).abs().max()) for a, b in zip(plain["params"].values(),
                                                            plain["history"][0]["params"].values()))
     assert moved > 0
+    trips = [step["offload"] for step in offloaded["history"]]
+    # One host arena, reused: every tensor's bytes sit in one storage, the same one at every
+    # offload, each tensor at the same address; and what comes back is bit for bit what left.
+    assert all(len(t["host_storages"]) == 1 for t in trips), [len(t["host_storages"]) for t in trips]
+    assert trips[0]["host_storages"] == trips[1]["host_storages"]
+    assert trips[0]["host_ptrs"] == trips[1]["host_ptrs"] and len(trips[0]["host_ptrs"]) > 1
+    assert all(t["restored_bit_exact"] for t in trips)
     for step in offloaded["history"]:
         trip = step["offload"]
         window, expected = trip["window"], trip["expected"]
