@@ -123,7 +123,8 @@ def check_bounds(section: str, obj: Any, bounds: dict[str, Bound]) -> None:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             fail(full, value, f"must be a number, {bound.describe()}{hint}")
         if not math.isfinite(value):
-            fail(full, value, f"must be a finite number, {bound.describe()}{hint}")
+            rest = "" if bound.describe() == FINITE.describe() else f", {bound.describe()}"
+            fail(full, value, f"must be a finite number{rest}{hint}")
         if kind == "int" and not float(value).is_integer():
             fail(full, value, f"must be an integer, {bound.describe()}{hint}")
         if not bound.contains(value):

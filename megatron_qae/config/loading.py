@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -137,6 +138,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         except OmegaConfBaseException as exc:
             raise _load_error(exc, str(path)) from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value (e.g. algo.quantile_k=0.6)")
@@ -144,6 +147,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
             raise _load_error(exc, f"override {item!r}") from None
+        except yaml.YAMLError as exc:  # the value is parsed as YAML
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]}); "
+                             "quote it, or write a list as [a, b] and a mapping as {k: v}") from None
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:

@@ -57,6 +57,7 @@ def test_the_32b_recipe_is_dapo_plus_qae():
     (["engine.sglang_args=3"], "config key 'engine.sglang_args'.*type dict"),
     (["algo=3"], "override 'algo=3'"),
     (["quantile_k"], "override 'quantile_k' is not key=value"),
+    (["engine.num_engines=["], "override 'engine.num_engines=\\[': the value is not valid YAML"),
     # run
     (["run.num_rollout_steps=0"], "run.num_rollout_steps=0: must be >= 1"),
     (["run.save_interval_steps=-1"], "run.save_interval_steps=-1: must be >= 0"),
@@ -130,6 +131,9 @@ def test_bad_yaml_names_the_file_and_the_key(tmp_path):
         load_config(path, [])
     path.write_text("algoo:\n  quantile_k: 0.3\n")
     with pytest.raises(ValueError, match="config key 'algoo'.*algo"):
+        load_config(path, [])
+    path.write_text("algo: [\n")
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: not valid YAML"):
         load_config(path, [])
     with pytest.raises(ValueError, match="does not exist"):
         load_config(tmp_path / "missing.yaml", [])

@@ -175,6 +175,13 @@ def test_the_largest_seed_survives_torch_and_megatrons_offsets():
     # seed + 1024 + 100 ep_rank (+ 65536 strides): all must stay in torch's range.
     for seed in (top, top + 2718 + 1023, top + 1024 + 100 * 1023 + 65536 * 1024):
         torch.Generator().manual_seed(seed)
+    # And the project's own derived seeds: Clip-Cov's draw (seed * 1_000_003 + step, wrapped)
+    # and the prompt order (seed + epoch).
+    from megatron_qae.batch.token_selection import selection_generator
+    from rollout_sglang.data import PromptCursor
+
+    selection_generator(top, 10**6)
+    assert sorted(PromptCursor(10, top).next_indices(10)) == list(range(10))
     with pytest.raises(ValueError, match=r"run.seed=9223372036854775808: must be in \[0, 2\*\*63 - 1\]"):
         load_config(None, [f"run.seed={top + 1}"])
     with pytest.raises(ValueError, match="Overflow"):  # torch's own range ends at 2**64 - 1
