@@ -5,12 +5,14 @@ frozen reference holds the run's initial weights (HF directory or the policy's i
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_qae.algorithm.objective import needs_selection
 from testsupport import tiny
+from testsupport.jobs import torchrun_jobs
 from tests.dist_workers.loss_worker import VARIANTS
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "loss_worker.py"
@@ -27,10 +29,23 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("losses") / "base")
-    tiny.torchrun(WORKER, 1, ["--max-tokens", *map(str, BUDGETS), "--out", out])
+def runs(tmp_path_factory) -> Path:
+    """The single-rank base, then the 2-rank layouts and the HF-directory reference in one
+    launch (testsupport/jobs.py)."""
+    out = tmp_path_factory.mktemp("losses")
+    tiny.torchrun(WORKER, 1, ["--max-tokens", *map(str, BUDGETS), "--out", str(out / "base")])
+    hf_dir = out / "hf"
+    tiny.tiny_hf_model(tiny.tiny_hf_config(), seed=5).save_pretrained(hf_dir)
+    torchrun_jobs(WORKER, 2, [
+        ["--skip-zero", "--max-tokens", str(BUDGETS[1]), "--out", str(out / "dp2_skip")],
+        ["--tp", "2", "--max-tokens", str(BUDGETS[1]), "--out", str(out / "tp2")],
+        ["--tp", "2", "--hf-dir", str(hf_dir), "--out", str(out / "ref")]])
     return out
+
+
+@pytest.fixture(scope="module")
+def base(runs) -> str:
+    return str(runs / "base")
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -51,10 +66,8 @@ def test_micro_batch_count_does_not_change_the_gradient(base, name):
 
 
 @pytest.mark.parametrize("layout", ["dp2_skip", "tp2"])
-def test_layout_reproduces_the_single_rank_gradient(base, tmp_path, layout):
-    out = str(tmp_path / layout)
-    args = ["--skip-zero"] if layout == "dp2_skip" else ["--tp", "2"]
-    tiny.torchrun(WORKER, 2, [*args, "--max-tokens", str(BUDGETS[1]), "--out", out])
+def test_layout_reproduces_the_single_rank_gradient(runs, base, layout):
+    out = str(runs / layout)
     for name, cfg in VARIANTS.items():
         ours, ref = _load(out, name, BUDGETS[1]), _load(base, name, BUDGETS[0])
         assert _max_diff(ours["grads"], ref["grads"]) < 1e-6, name
@@ -65,12 +78,8 @@ def test_layout_reproduces_the_single_rank_gradient(base, tmp_path, layout):
         assert (skipped > 0) == exact, (name, skipped)
 
 
-def test_reference_from_an_hf_directory_is_the_loaded_policy(tmp_path):
-    hf_dir = tmp_path / "hf"
-    tiny.tiny_hf_model(tiny.tiny_hf_config(), seed=5).save_pretrained(hf_dir)
-    out = str(tmp_path / "ref")
-    tiny.torchrun(WORKER, 2, ["--tp", "2", "--hf-dir", str(hf_dir), "--out", out])
-    res = torch.load(f"{out}.hf.pt", weights_only=False)
+def test_reference_from_an_hf_directory_is_the_loaded_policy(runs):
+    res = torch.load(runs / "ref.hf.pt", weights_only=False)
     for before, ref, after in zip(res["before"], res["ref"], res["after"]):
         assert torch.equal(ref, after)  # the reference is what the policy becomes when it loads the HF weights
         assert (ref - before).abs().max() > 1e-3  # and not the policy's own init it was copied from

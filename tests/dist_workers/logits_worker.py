@@ -19,15 +19,16 @@ from megatron_qae.config.sections import ParallelConfig  # noqa: E402
 from megatron_qae.model import qwen2_mapping as qm  # noqa: E402
 from megatron_qae.model.build import build_model_chunks, build_transformer_config  # noqa: E402
 from testsupport import tiny  # noqa: E402
+from testsupport.jobs import run_jobs  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--family", choices=["qwen2", "qwen3"], required=True)
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--out", required=True)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     groups = parallel.init_distributed(ParallelConfig(tp=a.tp))
     make = tiny.tiny_qwen3_config if a.family == "qwen3" else tiny.tiny_hf_config
     hf = make(tied=a.tied)
@@ -47,8 +48,7 @@ def main() -> None:
     names = sorted(n for n, _ in weights.global_named_parameters(chunks[0]))
     if dist.get_rank() == 0:
         torch.save({"ours": ours, "theirs": theirs, "names": names}, a.out)
-    parallel.destroy()
 
 
 if __name__ == "__main__":
-    main()
+    run_jobs(main)

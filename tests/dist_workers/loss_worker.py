@@ -25,6 +25,7 @@ from megatron_qae.batch.batching import (rank_micro_batches, response_tokens, se
                                        with_old_logprobs, with_ref_logprobs)
 from megatron_qae.run.train_step import compute_logprobs, forward_backward  # noqa: E402
 from testsupport import tiny  # noqa: E402
+from testsupport.jobs import run_jobs  # noqa: E402
 from tests.dist_workers.train_worker import gather_full_grads  # noqa: E402
 
 VARIANTS = {
@@ -80,7 +81,7 @@ def reference_from_hf(a, groups, hf, cfg) -> dict:
             "ref_grads": any(p.requires_grad for c in reference.chunks for p in c.parameters())}
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
@@ -88,7 +89,7 @@ def main() -> None:
     ap.add_argument("--skip-zero", action="store_true", help="skip zero-advantage samples where exact")
     ap.add_argument("--hf-dir", default=None, help="check the reference built from this HF directory instead")
     ap.add_argument("--out", required=True)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     groups = parallel.init_distributed(ParallelConfig(tp=a.tp))
     hf = tiny.tiny_hf_config()
     cfg = tiny.run_config(a.tp, 1)
@@ -96,15 +97,13 @@ def main() -> None:
         result = reference_from_hf(a, groups, hf, cfg)
         if groups.dp_rank == 0 and groups.tp_rank == 0:
             torch.save(result, f"{a.out}.hf.pt")
-        parallel.destroy()
         return
     for name in a.variants:
         for budget in a.max_tokens:
             result = run_once(a, groups, hf, cfg, VARIANTS[name], budget, SEEDS.get(name, 0))
             if groups.dp_rank == 0 and groups.tp_rank == 0:
                 torch.save(result, f"{a.out}.{name}.mt{budget}.pt")
-    parallel.destroy()
 
 
 if __name__ == "__main__":
-    main()
+    run_jobs(main)

@@ -4,20 +4,37 @@ one mapping round-trips every Qwen3 tensor."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from megatron_qae.model import qwen2_mapping as qm
 from testsupport import tiny
+from testsupport.jobs import torchrun_jobs
 
 WORKER = tiny.ROOT / "tests" / "dist_workers" / "logits_worker.py"
 
 
-@pytest.mark.parametrize("tp,tied", [(1, False), (2, False), (2, True)])
-def test_megatron_logits_equal_transformers_qwen3(tmp_path, tp, tied):
-    out = tmp_path / "logits.pt"
-    tiny.torchrun(WORKER, tp, ["--family", "qwen3", "--tp", str(tp), "--out", str(out)] + (["--tied"] if tied else []))
-    r = torch.load(out)
+QWEN3_CASES = [(1, False), (2, False), (2, True)]
+
+
+@pytest.fixture(scope="module")
+def logits(tmp_path_factory) -> Path:
+    """Every logits comparison of this module: one launch per world size (testsupport/jobs.py)."""
+    out = tmp_path_factory.mktemp("logits")
+    jobs = {1: [], 2: [["--family", "qwen2", "--tp", "2", "--out", str(out / "qwen2-tp2.pt")]]}
+    for tp, tied in QWEN3_CASES:
+        jobs[tp].append(["--family", "qwen3", "--tp", str(tp), "--out", str(out / f"qwen3-tp{tp}-{tied}.pt"),
+                         *(["--tied"] if tied else [])])
+    for nproc, argvs in jobs.items():
+        torchrun_jobs(WORKER, nproc, argvs)
+    return out
+
+
+@pytest.mark.parametrize("tp,tied", QWEN3_CASES)
+def test_megatron_logits_equal_transformers_qwen3(logits, tp, tied):
+    r = torch.load(logits / f"qwen3-tp{tp}-{tied}.pt")
     assert r["ours"].shape == r["theirs"].shape == (1, 12, 64)
     assert (r["ours"] - r["theirs"]).abs().max().item() < 1e-5
     # The model really has Qwen3's attention: per-head q/k norms, no qkv bias.
@@ -25,10 +42,8 @@ def test_megatron_logits_equal_transformers_qwen3(tmp_path, tp, tied):
     assert not any(n.endswith("linear_qkv.bias") for n in r["names"])
 
 
-def test_qwen2_parity_control_still_holds(tmp_path):
-    out = tmp_path / "logits.pt"
-    tiny.torchrun(WORKER, 2, ["--family", "qwen2", "--tp", "2", "--out", str(out)])
-    r = torch.load(out)
+def test_qwen2_parity_control_still_holds(logits):
+    r = torch.load(logits / "qwen2-tp2.pt")
     assert (r["ours"] - r["theirs"]).abs().max().item() < 1e-5
     assert any(n.endswith("linear_qkv.bias") for n in r["names"])
 
