@@ -44,11 +44,8 @@ import argparse
 import contextlib
 import hmac
 import logging
-import os
-import signal
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +59,7 @@ from rollout_sglang.cpu_server.generation import Batcher, generation_routes
 from rollout_sglang.cpu_server.request_bounds import Bounds
 from rollout_sglang.cpu_server.limits import Busy, Limits, StoppableServer, refused_peer
 from rollout_sglang.cpu_server.sampling import eos_token_ids
-from rollout_sglang.sglang.client import SGLangClient
+from rollout_sglang.cpu_server.startup import warm_up
 from rollout_sglang.sglang.tensor_payload import deserialize_named_tensors
 from rollout_sglang.sglang.weight_group import init_weight_group
 
@@ -363,30 +360,6 @@ def _load(state: ServerState, named: list[tuple[str, torch.Tensor]]) -> str | No
     return None
 
 
-def warm_up(url: str, state: ServerState, timeout_s: float = 600.0) -> None:
-    """SGLang's start-up warmup (http_server.py:2360-2440): wait until /model_info answers,
-    send one short /generate through the server's own HTTP API, then count as started. A
-    warmup that fails stops the server (as SGLang's does), naming why."""
-    client = SGLangClient(url, timeout_s=60.0, api_key=state.api_key)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                client.model_info()
-                break
-            except Exception:  # noqa: BLE001 - not serving yet
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.generate([[0, 1, 2]], {"max_new_tokens": 8, "temperature": 0.0}, return_logprob=False)
-    except Exception as exc:  # noqa: BLE001 - the server cannot serve: stop it
-        log.error("warmup failed, stopping: %s", exc)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-    state.started.set()
-    log.info("warmup done: serving")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="CPU rollout server with SGLang's HTTP API")
     ap.add_argument("--model-path", required=True)
@@ -416,7 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     config = uvicorn.Config(build_app(state), host=a.host, port=a.port, log_level="warning",
                             timeout_graceful_shutdown=5)
     here = "127.0.0.1" if a.host in ("0.0.0.0", "") else a.host
-    threading.Thread(target=warm_up, args=(f"http://{here}:{a.port}", state), daemon=True).start()
+    threading.Thread(target=warm_up, args=(f"http://{here}:{a.port}", state.api_key, state.started),
+                     daemon=True).start()
     sockets = [socket.socket(fileno=a.fd)] if a.fd is not None else None
     StoppableServer(config, state.abort, state.running).run(sockets=sockets)
 

@@ -138,7 +138,8 @@ def test_start_up_as_sglang_health_and_ready_503_until_the_warmup_request(tmp_pa
 
     import uvicorn
 
-    from rollout_sglang.cpu_server.server import ServerState, build_app, warm_up
+    from rollout_sglang.cpu_server.server import ServerState, build_app
+    from rollout_sglang.cpu_server.startup import warm_up
 
     model_dir = write_model_dir(tmp_path / "m", tiny.tiny_hf_config(), seed=0)
     state = ServerState(str(model_dir), 0, api_key="k")
@@ -156,7 +157,7 @@ def test_start_up_as_sglang_health_and_ready_503_until_the_warmup_request(tmp_pa
             anonymous._request("GET", "/health")
         assert starting.value.status == 503 and not anonymous.ready()
         assert client.model_info()["model_path"] == str(model_dir)  # served while starting
-        warm_up(url, state)
+        warm_up(url, state.api_key, state.started)
         assert anonymous.health() and anonymous.ready()  # neither needs the key
         client.pause_generation()
         assert anonymous.health() and not anonymous.ready()
