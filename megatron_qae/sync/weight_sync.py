@@ -259,6 +259,7 @@ def _close_sessions(link: EngineLink, opened: list[SGLangClient], so_far: PushOu
         try:
             c.end_weight_update(timeout_s)
         except EngineError as exc:
+            log.warning("weight-update session left open: %s", _failed(c, "the end of the weight update", exc))
             outcome = outcome.merged(PushOutcome(_failed(c, "the end of the weight update", exc)))
     return outcome
 

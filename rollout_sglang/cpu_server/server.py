@@ -19,8 +19,10 @@ It enforces SGLang 0.5.23's contract, refusals included, with SGLang's status co
 bodies (tests/rollout/sglang/test_conformance.py holds it to the real server): updates only inside a
 `/begin_weight_update` ... `/end_weight_update` session (400 outside; a second begin 400),
 `--api-key` required on every route but /health and /ready (401), /get_weight_version and
-/get_weights_by_name absent (404). One deliberate difference: resuming a tag that was not
-released is a 400 here, where SGLang's scheduler dies (KeyError); callers must never send it.
+/get_weights_by_name absent (404). Two deliberate differences: resuming a tag that was not
+released is a 400 here, where SGLang's scheduler dies (KeyError); callers must never send it;
+and a distributed update whose receive fails (the trainer aborted its side of the group) is a
+400 here, where SGLang's scheduler does not catch it.
 Sampling honours `sampling_seed` always (SGLang only with --enable-deterministic-inference).
 Bounded like a production server: every /generate is checked before it runs
 (request_bounds.py: ids in the vocabulary, prompt + max_new_tokens within the context, n and
@@ -273,10 +275,16 @@ def _receive_and_apply(state: ServerState, req: dict[str, Any]) -> Any:
                      "Please call `init_weights_update_group` first.")
     received = []
     # Receive everything before validating: the trainer is broadcasting all of it.
-    for tensor_name, dtype, shape in zip(req["names"], req["dtypes"], req["shapes"]):
-        buf = torch.empty(shape, dtype=_DTYPES[dtype])
-        dist.broadcast(buf, src=0, group=group)
-        received.append((tensor_name, buf))
+    try:
+        for tensor_name, dtype, shape in zip(req["names"], req["dtypes"], req["shapes"]):
+            buf = torch.empty(shape, dtype=_DTYPES[dtype])
+            dist.broadcast(buf, src=0, group=group)
+            received.append((tensor_name, buf))
+    except Exception as exc:  # noqa: BLE001 - the trainer aborted its side, or the group was destroyed
+        # A reply, not a raise: uvicorn closes the connection of a route that raised after
+        # its 500, and the trainer's next request on it (/end_weight_update) would be reset.
+        return _fail(f"Failed to receive weights from group {name}: {exc}. The weights are "
+                     "partially updated; the whole update must be sent again.")
     return _apply_update(state, received, req.get("weight_version"))
 
 

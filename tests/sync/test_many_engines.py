@@ -76,6 +76,7 @@ def test_reforming_before_every_push_leaves_one_group_on_each_engine(engines, tm
         assert _max_gap(engine) < 1e-4 and engine["engine_version"] == str(pushes)
 
 
+@pytest.mark.faults
 def test_after_an_engine_refuses_mid_push_the_next_group_reaches_the_others(engines):
     """Engine B refuses a bucket (no session: a 400 before it joins the broadcast) while A
     receives it: the trainer's broadcasts to B never end, and A waits in the old group for

@@ -1,6 +1,6 @@
 """The CPU rollout server: greedy output equals transformers' generate, log-probs equal an
 independent recomputation, stop / length / n handling, pause / release endpoints, SGLang's
-tensor update by shared memory, bad updates refused."""
+tensor update by shared memory, bad updates (and destroying a group not held) refused."""
 
 from __future__ import annotations
 
@@ -124,6 +124,9 @@ def test_bad_weight_updates_are_refused_by_name(served):
     with pytest.raises(EngineError, match="Group missing not in"):
         client.update_weights_from_distributed(["model.norm.weight"], ["float32"], [[32]], "missing")
     client.end_weight_update()
+    with pytest.raises(EngineError, match="The group to be destroyed does not exist") as unknown:
+        client.destroy_weights_update_group("missing")
+    assert unknown.value.status == 400 and client.server_info()["weight_update_groups"] == []
     client.pause_generation()
     client.continue_generation()
     assert client.health()

@@ -1,8 +1,8 @@
 """Our CPU server against real SGLang 0.5.23: one scripted scenario through the client, run on
 both servers, must give the same status codes and response shapes, refusals included
 (updates outside a weight-update session, a second session, a session closed twice, an
-unknown weight group, a request without the API key, removed routes, /health and /ready without
-the key, /ready 503 while paused); then greedy generation
+unknown weight group (updated or destroyed), a request without the API key, removed routes,
+/health and /ready without the key, /ready 503 while paused); then greedy generation
 on both with the same fp32 weights gives the same tokens and log-probs; out-of-bounds /generate
 bodies (max_new_tokens past the context, sampling parameters out of range or of the wrong
 type) get SGLang's status from both; /abort_request of a request id stops that row the same
@@ -89,6 +89,7 @@ def scenario(url: str, model_dir) -> list[tuple[str, int | None, object]]:
     _step(rec, "tensor update outside a session", lambda: client.update_weights_from_tensor(update, weight_version="1"))
     _step(rec, "distributed update outside a session", lambda: client.update_weights_from_distributed(
         ["model.norm.weight"], ["float32"], [[32]], "weight_update_group"))
+    _step(rec, "destroy an unknown weight group", lambda: client.destroy_weights_update_group("no_such_group"))
     _step(rec, "end without begin", client.end_weight_update)
     _step(rec, "begin", client.begin_weight_update)
     _step(rec, "begin twice", client.begin_weight_update)
