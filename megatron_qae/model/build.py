@@ -200,7 +200,8 @@ def layer_spec(config: TransformerConfig, transformer_impl: str = "auto"):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     # The local attention refuses packed (THD) micro-batches; ours takes them through a
-    # block-diagonal causal mask and is the parent class otherwise (packed_attention.py).
+    # attending per sequence (length buckets of causal batches) and is the parent class otherwise
+    # (packed_attention.py).
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     return spec
 

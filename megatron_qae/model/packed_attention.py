@@ -36,8 +36,13 @@ from megatron.core.transformer.enums import AttnMaskType
 
 BUCKET_AREA_RATIO = 1.5
 """A sequence joins a bucket while the bucket's width squared is at most this times its own
-length (rounded up to WIDTH_MULTIPLE) squared: padding costs at most 50% more attention for it,
-while a 10x length spread needs about 12 buckets, not one call per sequence."""
+length (rounded up to WIDTH_MULTIPLE) squared, or while padding it costs at most
+BUCKET_FREE_AREA score elements: padding costs at most 50% more attention for a long sequence,
+a 10x length spread needs about 12 buckets, not one call per sequence."""
+
+BUCKET_FREE_AREA = 64 * 64
+"""Padding a sequence by fewer score elements than this costs less than one more attention call
+(its fixed cost of ~20 kernel launches, forward and backward), so short sequences share one."""
 
 WIDTH_MULTIPLE = 16
 """Bucket widths are multiples of 16, as a padded micro-batch's rows are (batching.seq_multiple):
@@ -50,19 +55,40 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def segment_buckets(lengths: list[int], area_ratio: float = BUCKET_AREA_RATIO,
-                    multiple: int = WIDTH_MULTIPLE) -> list[tuple[int, list[int]]]:
+                    multiple: int = WIDTH_MULTIPLE, free_area: int = BUCKET_FREE_AREA) -> list[tuple[int, list[int]]]:
     """(width, indices) buckets of the non-empty `lengths`, longest first: a bucket is its first
-    (longest) sequence's length rounded up to `multiple` wide, and the next sequence joins while
-    width^2 <= area_ratio * (its length rounded up)^2."""
+    (longest) sequence's length rounded up to `multiple` wide, and the next sequence, w wide
+    rounded, joins while width^2 <= area_ratio * w^2 or width^2 - w^2 <= free_area."""
     order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i))
     buckets: list[tuple[int, list[int]]] = []
     for i in order:
-        width = -(-lengths[i] // multiple) * multiple
-        if buckets and buckets[-1][0] ** 2 <= area_ratio * width ** 2:
+        w = -(-lengths[i] // multiple) * multiple
+        if buckets and (buckets[-1][0] ** 2 <= area_ratio * w ** 2 or buckets[-1][0] ** 2 - w ** 2 <= free_area):
             buckets[-1][1].append(i)
         else:
-            buckets.append((width, [i]))
+            buckets.append((w, [i]))
     return buckets
+
+
+def bucket_indices(starts: list[int], buckets: list[tuple[int, list[int]]],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gather, source) of a packed row's buckets: `gather` [sum width * rows] are the row's
+    token indices of the buckets' padded batches, each [width, rows] row-major (row r holds its
+    sequence, then repeats of its last token); `source` [t] is, for each token of the row, where
+    its output lies in those batches laid end to end."""
+    gathers, sources, positions, offset = [], [], [], 0
+    for width, bucket in buckets:
+        lo = torch.tensor([starts[i] for i in bucket])
+        length = torch.tensor([starts[i + 1] - starts[i] for i in bucket])
+        steps = torch.arange(width)[:, None]
+        gathers.append((lo + torch.minimum(steps, length - 1)).flatten())
+        real = steps < length
+        positions.append((lo + steps)[real])
+        sources.append((offset + torch.arange(width * len(bucket)).view(width, -1))[real])
+        offset += width * len(bucket)
+    source = torch.empty(starts[-1], dtype=torch.long)
+    source[torch.cat(positions)] = torch.cat(sources)
+    return torch.cat(gathers).to(device), source.to(device)
 
 
 def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -75,23 +101,15 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     tokens = query.shape[0]
     if starts[0] != 0 or starts[-1] != tokens or any(b < a for a, b in zip(starts, starts[1:])):
         raise ValueError(f"cu_seqlens {starts} must rise from 0 to the packed row's {tokens} tokens")
-    lengths = [b - a for a, b in zip(starts, starts[1:])]
-    outputs, positions = [], []
-    for width, bucket in segment_buckets(lengths):
-        lo = torch.tensor([starts[i] for i in bucket], device=query.device)
-        length = torch.tensor([lengths[i] for i in bucket], device=query.device)
-        steps = torch.arange(width, device=query.device)
-        # [width, rows]: row r holds its sequence, then repeats of its last token.
-        index = (lo[None, :] + torch.minimum(steps[:, None], length[None, :] - 1))
-        out = attend(query[index], key[index], value[index])  # [width, rows, heads * dim]
-        real = (steps[None, :] < length[:, None])  # [rows, width]
-        outputs.append(out.transpose(0, 1)[real])
-        positions.append(index.t()[real])
-    # The buckets' real positions, in bucket order, are a permutation of the row.
-    order = torch.cat(positions)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(tokens, device=query.device)
-    return torch.cat(outputs)[inverse]
+    buckets = segment_buckets([b - a for a, b in zip(starts, starts[1:])])
+    gather, source = bucket_indices(starts, buckets, query.device)
+    # One gather per input and one for the output: their gradients are one index_add each,
+    # and split's is one cat (a slice per bucket would zero-fill the whole input per bucket).
+    sizes = [width * len(bucket) for width, bucket in buckets]
+    parts = [x.index_select(0, gather).split(sizes) for x in (query, key, value)]
+    outputs = [attend(*(p.view(width, len(bucket), *p.shape[1:]) for p in batch)).view(size, -1)
+               for (width, bucket), size, *batch in zip(buckets, sizes, *parts)]
+    return torch.cat(outputs).index_select(0, source)
 
 
 class PackedDotProductAttention(DotProductAttention):
