@@ -121,7 +121,8 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
             with placement.train_state_resident():  # the checkpoint holds the optimizer state
                 checkpoint.save_checkpoint(run_dir, rollout_step, policy,                 # checkpoint
                                            _broadcast(loop_state, policy),
-                                           keep_last=cfg.run.keep_last_checkpoints)
+                                           keep_last=cfg.run.keep_last_checkpoints,
+                                           optimizer_format=cfg.run.checkpoint_optimizer_format)
         if stopping:
             log.warning("SIGTERM: saved step %d and stopping", rollout_step)
             break
