@@ -45,6 +45,9 @@ Colocated (engine.colocate): engines run on the trainer's GPUs; while they gener
   checkpoint is saved right after training, before the offload: the whole train state on the
   GPU (params, grads, optimizer, FP8 copies, reference), the engines holding nothing; below the
   training peak, printed as the save's figure.
+Checkpoint save, host memory per trainer rank (n as above; see save_host_bytes): params
+  n*2 or n*4, plus with the distributed optimizer n*12/(dp*cp) ('dp_reshardable') or n*12
+  ('fully_reshardable'), without it n*12 (n*8 for fp32 params).
 """
 
 from __future__ import annotations
@@ -225,6 +228,25 @@ def trainer_memory(cfg: Config, hf: dict[str, Any], shape: ModelShape, dp: int, 
                        n * 2 if m.fp8 else 0.0, reference, activation_bytes(cfg, hf, stage), logits)
 
 
+def save_host_bytes(cfg: Config, n: float, dp: int) -> float:
+    """Host bytes a trainer rank holds while it saves a checkpoint, n = its parameters (the
+    worst rank: DP rank 0 of its TP-PP group, which also writes the model's shard). megatron
+    stages every tensor a rank writes in host memory before writing it
+    (dist_checkpointing/strategies/filesystem_async.py:227-248). With the distributed optimizer,
+    'dp_reshardable' writes each rank's shard of the fp32 main params and both Adam moments as
+    it is (12 bytes / (dp*cp) per parameter); 'fully_reshardable' first builds fp32 host copies
+    of the whole TP-PP shard of all three on every DP rank (distrib_optimizer.py:1315-1321,
+    1729-1738: 12 bytes per parameter). Without it, DP rank 0 writes the whole optimizer state."""
+    p = cfg.parallel
+    bf16 = cfg.model.params_dtype == "bfloat16"
+    params = n * (2 if bf16 else 4)
+    if not p.use_distributed_optimizer:
+        return params + n * (12 if bf16 else 8)
+    if cfg.run.checkpoint_optimizer_format == "fully_reshardable":
+        return params + 12 * n
+    return params + 12 * n / (dp * p.cp)
+
+
 @dataclass(frozen=True)
 class EngineMemory:
     """Bytes on one GPU of one SGLang engine."""
@@ -349,6 +371,10 @@ def report(cfg: Config, hf: dict[str, Any], shape: ModelShape, n_params: int, wo
           f"buckets of <= {e.weight_sync_bucket_bytes / GIB:.2f} GiB, "
           + (f"by memory handle to {e.num_engines} colocated engines" if e.colocate
              else f"broadcast to {e.num_engines} engines"))
+    save = max(save_host_bytes(cfg, stage_parameters(shape, p.tp, p.pp, s), dp) for s in range(p.pp))
+    print(f"checkpoint save (run.checkpoint_optimizer_format={cfg.run.checkpoint_optimizer_format}): host memory "
+          f"{save / GIB:.1f} GiB per trainer rank at most, {save * min(gpus_per_node, world) / GIB:.1f} GiB per node "
+          f"of {min(gpus_per_node, world)} trainer GPUs")
     if e.colocate:
         freed = max(s.resident for s in mem) - held
         print(f"colocated: trainer state {held / GIB:.1f} GiB stays during rollout"

@@ -6,10 +6,11 @@
 
 The command line of megatron_qae/model/hf_convert.py. What it does: HF -> Megatron reads the safetensors shards tensor by tensor and writes a model
 dist checkpoint (torch_dist) that training loads in any layout (`model.path` + the checkpoint
-as the run directory's first step, or `load_checkpoint`). Megatron -> HF loads the checkpoint
-(saved under any tp/pp/dp), maps tensor by tensor with the same pure Qwen2 mapping weight sync
-uses, and writes size-bounded safetensors shards, the index, config.json and the tokenizer
-files. Output goes to a temporary directory renamed at the end, so a failure leaves nothing
+as the run directory's first step, or `load_checkpoint`). Megatron -> HF reads the checkpoint
+(saved under any tp/pp/dp) from its files one tensor at a time on CPU, in its stored dtype,
+maps each with the same pure Qwen2 mapping weight sync uses, and appends it to its size-bounded
+safetensors shard as it goes (no model, optimizer or process group: the peak is a few tensors),
+then writes the index, config.json and the tokenizer files. Output goes to a temporary directory renamed at the end, so a failure leaves nothing
 half-written. `--fp8` quantizes the exported model to FP8 with nvidia-modelopt, calibrating
 activation scales on prompts of a data file. What it does not: optimizer state (HF has none).
 """

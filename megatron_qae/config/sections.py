@@ -90,6 +90,8 @@ class RunConfig:
     """Show a tqdm progress bar with the key metrics on rank 0."""
     resume_from_damaged: str = "fallback"
     """A damaged latest checkpoint (digest mismatch, missing or truncated file): 'fallback' resumes from the newest intact one with a warning; 'fail' stops."""
+    checkpoint_optimizer_format: str = "dp_reshardable"
+    """How checkpoints hold the distributed optimizer's state (megatron-core's sharding types): 'dp_reshardable' writes each rank's shard as it is (no gather, no host copies beyond what is written; resumes under the same tp / pp, any dp); 'fully_reshardable' gathers it into model space (resumes under any tp / pp / dp, but every rank builds fp32 host copies of its whole TP-PP shard of params and both Adam moments). Save once with 'fully_reshardable' before changing tp or pp."""
     collective_timeout_s: float = 1800.0
     """Timeout of collectives between trainer ranks (NCCL / gloo); a hang fails after it."""
     rollout_wait_timeout_s: float = 21600.0
@@ -105,6 +107,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_bounds("run", self, self.BOUNDS)
         one_of("run.resume_from_damaged", self.resume_from_damaged, ("fallback", "fail"))
+        one_of("run.checkpoint_optimizer_format", self.checkpoint_optimizer_format,
+               ("dp_reshardable", "fully_reshardable"))
         if self.rollout_wait_timeout_s < self.collective_timeout_s:
             fail("run.rollout_wait_timeout_s", self.rollout_wait_timeout_s,
                   f"must be >= run.collective_timeout_s={self.collective_timeout_s} (a rollout "

@@ -1,7 +1,11 @@
 """Atomic, layout-independent checkpoints with megatron-core dist_checkpointing.
 
-What it does: saves model, optimizer (distributed optimizer in the fully reshardable format,
-so a checkpoint loads into any (tp, pp, dp) layout), LR schedule, RNG states and the loop's own
+What it does: saves model, optimizer (the distributed optimizer in megatron-core's
+'dp_reshardable' format by default: each rank writes its own shard with no gather and no host
+copies, and the checkpoint resumes under the same tp / pp and any dp; 'fully_reshardable',
+run.checkpoint_optimizer_format, gathers it into model space so it loads into any (tp, pp, dp)
+layout; the marker records which, and a load under another tp / pp is refused naming the fix;
+the model's weights load into any layout either way), LR schedule, RNG states and the loop's own
 state into `<run_dir>/checkpoints/tmp.step_<k>.<id>`, renames it to `step_<k>` once complete,
 then points `latest` at it (written last, atomically); keeps the newest N. A run killed during
 a save leaves the previous checkpoint intact and loadable. The completion marker holds a sha256
@@ -37,7 +41,9 @@ from megatron_qae.model.weights import unwrap
 
 log = logging.getLogger(__name__)
 _DONE = "complete.json"
-_OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
+_OLD_FORMAT = "fully_reshardable"
+"""What a checkpoint whose marker names no format holds (every save before the choice existed)."""
 
 
 def _ckpt_root(run_dir: str | Path) -> Path:
@@ -49,11 +55,27 @@ def _model_state(chunks: list[torch.nn.Module]) -> dict[str, Any]:
             for i, chunk in enumerate(chunks)}
 
 
-def _sharded_state(policy: Policy, is_loading: bool, with_optimizer: bool = True) -> dict[str, Any]:
+def _sharded_state(policy: Policy, is_loading: bool, with_optimizer: bool = True,
+                   optimizer_format: str = "dp_reshardable") -> dict[str, Any]:
     state = _model_state(policy.chunks)
     if with_optimizer:
-        state["optimizer"] = policy.optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=_OPT_META)
+        # Read by megatron's DistributedOptimizer (distrib_optimizer.py sharded_state_dict);
+        # other optimizers save in model space whatever it says.
+        state["optimizer"] = policy.optimizer.sharded_state_dict(
+            state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": optimizer_format})
     return state
+
+
+def _distributed_optimizer(policy: Policy) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(policy.optimizer, "chained_optimizers", [policy.optimizer])
+    return any(isinstance(p, DistributedOptimizer) for p in parts)
+
+
+def _layout(policy: Policy) -> dict[str, int | None]:
+    dims = policy.groups.dims
+    return {"tp": dims.tp, "pp": dims.pp, "vpp": dims.vpp}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -64,13 +86,19 @@ def _rng_state() -> dict[str, Any]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, policy: Policy, loop_state: dict[str, Any],
-                    keep_last: int = 2, with_optimizer: bool = True) -> Path:
+                    keep_last: int = 2, with_optimizer: bool = True,
+                    optimizer_format: str = "dp_reshardable") -> Path:
     """Collective: every trainer rank calls it. Returns the final checkpoint directory.
 
-    `with_optimizer=False` writes model weights only."""
-    state = _sharded_state(policy, is_loading=False, with_optimizer=with_optimizer)
+    `with_optimizer=False` writes model weights only; `optimizer_format` is
+    run.checkpoint_optimizer_format (what the distributed optimizer writes)."""
+    if optimizer_format not in OPTIMIZER_FORMATS:
+        raise ValueError(f"optimizer_format={optimizer_format!r}: one of {OPTIMIZER_FORMATS}")
+    state = _sharded_state(policy, is_loading=False, with_optimizer=with_optimizer, optimizer_format=optimizer_format)
     state["scheduler"] = policy.scheduler.state_dict()
-    return _save(run_dir, step, state, loop_state, keep_last, with_optimizer)
+    marker = {"optimizer_format": optimizer_format, "distributed_optimizer": _distributed_optimizer(policy),
+              "layout": _layout(policy)} if with_optimizer else {}
+    return _save(run_dir, step, state, loop_state, keep_last, with_optimizer, marker)
 
 
 def save_model_checkpoint(run_dir: str | Path, step: int, chunks: list[torch.nn.Module],
@@ -83,7 +111,7 @@ def save_model_checkpoint(run_dir: str | Path, step: int, chunks: list[torch.nn.
 
 
 def _save(run_dir: str | Path, step: int, state: dict[str, Any], loop_state: dict[str, Any],
-          keep_last: int, with_optimizer: bool) -> Path:
+          keep_last: int, with_optimizer: bool, marker: dict[str, Any] | None = None) -> Path:
     root = _ckpt_root(run_dir)
     name = [f"tmp.step_{step}.{uuid.uuid4().hex[:8]}"]
     dist.broadcast_object_list(name, src=0)
@@ -100,7 +128,7 @@ def _save(run_dir: str | Path, step: int, state: dict[str, Any], loop_state: dic
     if dist.get_rank() == 0:
         (tmp / _DONE).write_text(json.dumps({"step": step, "with_optimizer": with_optimizer,
                                              "model_path": loop_state.get("model_path"),
-                                             "files": digests}))
+                                             **(marker or {}), "files": digests}))
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -231,8 +259,11 @@ def load_checkpoint(path: str | Path, policy: Policy, model_only: bool = False) 
     marker = _read_marker(path)
     _verify(path, marker)
     model_only = model_only or not marker.get("with_optimizer", True)
+    optimizer_format = marker.get("optimizer_format", _OLD_FORMAT)
+    if not model_only:
+        _check_optimizer_layout(path, marker, optimizer_format, policy)
     added_steps = [] if model_only else _init_optimizer_state(policy.optimizer)
-    template = _sharded_state(policy, is_loading=True, with_optimizer=not model_only)
+    template = _sharded_state(policy, is_loading=True, with_optimizer=not model_only, optimizer_format=optimizer_format)
     template.update(scheduler=None, rng=None, loop=None)
     try:
         loaded = dist_checkpointing.load(template, str(path))
@@ -251,7 +282,11 @@ def load_checkpoint(path: str | Path, policy: Policy, model_only: bool = False) 
     for state in added_steps:
         del state["step"]
     _patch_reshardable_load_without_te()
-    policy.optimizer.load_state_dict(loaded["optimizer"])
+    # megatron-core 0.19.2's dp_reshardable loader copies into the main params without
+    # no_grad (distrib_optimizer.py:2061, unlike its model-space loader at :2095): with fp32
+    # params those are views of leaves that require grad, and the copy raises.
+    with torch.no_grad():
+        policy.optimizer.load_state_dict(loaded["optimizer"])
     _unshare_adam_steps(policy.optimizer)
     policy.scheduler.load_state_dict(loaded["scheduler"])
     rng = loaded["rng"]
@@ -260,6 +295,19 @@ def load_checkpoint(path: str | Path, policy: Policy, model_only: bool = False) 
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return loaded["loop"]
+
+
+def _check_optimizer_layout(path: Path, marker: dict[str, Any], optimizer_format: str, policy: Policy) -> None:
+    """A 'dp_reshardable' distributed-optimizer state follows the saving ranks' buffers: it
+    loads only under the tp / pp (and vpp) it was saved with."""
+    if optimizer_format != "dp_reshardable" or not marker.get("distributed_optimizer", False):
+        return
+    saved, now = marker.get("layout"), _layout(policy)
+    if saved != now:
+        raise ValueError(f"checkpoint {path} holds the distributed optimizer's state as 'dp_reshardable', saved "
+                         f"under {saved}; it loads only under the same tp / pp / vpp, and this run has {now}. "
+                         f"Resume once under {saved} and save with run.checkpoint_optimizer_format="
+                         "fully_reshardable, then change the layout")
 
 
 def _patch_reshardable_load_without_te() -> None:

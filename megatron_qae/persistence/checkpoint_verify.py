@@ -1,7 +1,8 @@
 """Checkpoint integrity: a sha256 digest and size of every file, written at save, checked at load.
 
-What it does: `file_digests` (collective) hashes a checkpoint directory's files, each rank a
-share, and returns the whole table on every rank; `verify` (collective) checks a directory
+What it does: `file_digests` (collective) hashes a checkpoint directory's files, each rank the
+data files it wrote itself (hot in its page cache) with a few threads, and returns the whole
+table on every rank; `verify` (collective) checks a directory
 against that table and returns the same list of problems (file and reason) on every rank, so
 all ranks take the same decision. The table lives in the checkpoint's completion marker, which
 is written last; a checkpoint without a table (saved before digests existed) is reported as
@@ -12,6 +13,8 @@ and the loop do), or repair anything.
 from __future__ import annotations
 
 import hashlib
+import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,12 +64,35 @@ def _gather(part):
     return parts
 
 
+_WRITER = re.compile(r"^__(\d+)_\d+\.distcp$")
+"""torch_dist's data files are named by the global rank that wrote them (megatron-core
+dist_checkpointing/strategies/filesystem_async.py: the `__<rank>_` storage prefix)."""
+_DIGEST_THREADS = 4
+
+
+def _share(names: list[str], rank: int, world: int) -> list[str]:
+    """This rank's files to digest: the data files it wrote itself (still in its node's page
+    cache, never read back over a shared file system from another node), and a round-robin
+    share of the rest (metadata, or files of ranks that are not in this world)."""
+    own, rest = [], []
+    for n in names:
+        m = _WRITER.match(Path(n).name)
+        writer = int(m.group(1)) if m else None
+        if writer == rank:
+            own.append(n)
+        elif writer is None or writer >= world:
+            rest.append(n)
+    return own + rest[rank::world]
+
+
 def file_digests(directory: Path, exclude: str) -> dict[str, FileRecord]:
-    """Collective. Digest of every file under `directory` except `exclude`; the work is split
-    over the ranks (a 32B checkpoint with optimizer state is hundreds of GB)."""
+    """Collective. Digest of every file under `directory` except `exclude`: each rank digests
+    the files it wrote (a 32B checkpoint with optimizer state is hundreds of GB), several at a
+    time (hashlib releases the GIL while it hashes)."""
     names = _listing(directory, exclude)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {n: _digest(directory / n) for n in names[rank::world]}
+    mine_names = _share(names, dist.get_rank(), dist.get_world_size())
+    with ThreadPoolExecutor(max_workers=_DIGEST_THREADS) as pool:
+        mine = dict(zip(mine_names, pool.map(lambda n: _digest(directory / n), mine_names)))
     table: dict[str, FileRecord] = {}
     for part in _gather(mine):
         table.update(part)

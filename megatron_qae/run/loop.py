@@ -151,7 +151,8 @@ def _save(cfg: Config, policy: Policy, rollout: Rollout | None, rollout_step: in
     trainer's alone (colocated: release -> restore -> [train] -> save -> offload -> resume)."""
     loop_state = {"step": rollout_step, "rollout": rollout.state_dict() if is_driver else None}
     checkpoint.save_checkpoint(run_dir, rollout_step, policy, _broadcast(loop_state, policy),
-                               keep_last=cfg.run.keep_last_checkpoints)
+                               keep_last=cfg.run.keep_last_checkpoints,
+                               optimizer_format=cfg.run.checkpoint_optimizer_format)
 
 
 def _broadcast(obj, policy: Policy):

@@ -18,6 +18,7 @@ from megatron_qae.plan import (
     activation_bytes,
     count_parameters,
     engine_memory,
+    save_host_bytes,
     stage_parameters,
     trainer_memory,
 )
@@ -95,6 +96,23 @@ def test_trainer_memory_by_hand():
     assert activation_bytes(no_recompute, hf, 0) == pytest.approx(2 * 32 * layer)
     plain = load_config("configs/qwen2.5_32b_qae.yaml", ["parallel.use_distributed_optimizer=false"])
     assert trainer_memory(plain, hf, shape, dp=2, stage=0).optimizer == 12 * n
+
+
+def test_checkpoint_save_host_memory_by_hand():
+    # The figure for the fully reshardable format: fp32 params + 2 Adam moments of the
+    # whole TP-PP shard on every rank, about 25 GB per rank at tp 8 x pp 2.
+    shape = _shape(HF["qwen2.5-32b"])
+    n = stage_parameters(shape, 8, 2, 0)
+    cfg = load_config("configs/qwen2.5_32b_qae.yaml", [])  # bf16, dist-opt, dp 2 on 32 GPUs
+    assert save_host_bytes(cfg, n, 2) == 2 * n + 12 * n / 2
+    full = load_config("configs/qwen2.5_32b_qae.yaml", ["run.checkpoint_optimizer_format=fully_reshardable"])
+    assert save_host_bytes(full, n, 2) == 2 * n + 12 * n and 12 * n / 1e9 == pytest.approx(24.6, abs=0.1)
+    plain = load_config("configs/qwen2.5_32b_qae.yaml", ["parallel.use_distributed_optimizer=false"])
+    assert save_host_bytes(plain, n, 2) == 2 * n + 12 * n
+    r = _plan("--config", "configs/qwen2.5_32b_qae.yaml", "--nodes", "8", "--trainer-gpus", "32")
+    worst = max(save_host_bytes(cfg, stage_parameters(shape, 8, 2, s), 2) for s in range(2))
+    assert (f"checkpoint save (run.checkpoint_optimizer_format=dp_reshardable): host memory {worst / GIB:.1f} GiB "
+            f"per trainer rank at most, {8 * worst / GIB:.1f} GiB per node of 8 trainer GPUs") in r.stdout, r.stdout
 
 
 def test_engine_memory_by_hand():

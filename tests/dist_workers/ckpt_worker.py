@@ -40,6 +40,17 @@ def step(policy, groups, k: int) -> float:
     return train_step(policy, mbs, response_tokens(samples), AlgoConfig(), k)["loss/loss"]
 
 
+def compare_save_formats(policy, out: Path) -> dict[str, int]:
+    """Peak bytes torch's allocator held beyond the start of a save, per optimizer format."""
+    from testsupport.measure import peak_allocated_bytes
+
+    peaks = {}
+    for fmt in ("dp_reshardable", "fully_reshardable"):
+        peaks[fmt] = peak_allocated_bytes(lambda: checkpoint.save_checkpoint(
+            out / f"scratch_{fmt}", 1, policy, {"step": 1}, optimizer_format=fmt))
+    return peaks
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["save", "load"], required=True)
@@ -49,6 +60,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--kill-during-save", action="store_true")
     ap.add_argument("--save-step2", action="store_true")
     ap.add_argument("--on-damaged", choices=["fallback", "fail"], default="fallback")
+    ap.add_argument("--optimizer-format", default="dp_reshardable", choices=["dp_reshardable", "fully_reshardable"])
+    ap.add_argument("--compare-save-formats", action="store_true",
+                    help="also save step 1 in each format to scratch directories, recording each save's peak bytes")
     ap.add_argument("--run-dir", required=True)
     a = ap.parse_args(argv)
     groups = parallel.init_distributed(ParallelConfig(tp=a.tp, pp=a.pp))
@@ -59,14 +73,17 @@ def main(argv: list[str]) -> None:
         weights.load_hf_state(policy, tiny.tiny_hf_model(hf).state_dict())
         for k in range(3):  # several optimizer steps, so Adam's step count matters after a resume
             step(policy, groups, 1)
-        checkpoint.save_checkpoint(out, 1, policy, {"step": 1, "cursor": [3, 4]})
+        checkpoint.save_checkpoint(out, 1, policy, {"step": 1, "cursor": [3, 4]}, optimizer_format=a.optimizer_format)
+        save_peaks = compare_save_formats(policy, out) if a.compare_save_formats else {}
         params = {k: v.clone() for k, v in weights.iter_full_params(policy.chunks, groups.tp)}
         loss2 = step(policy, groups, 2)
         if a.save_step2:
             checkpoint.save_checkpoint(out, 2, policy, {"step": 2, "cursor": [5, 6]})
         loss3 = step(policy, groups, 3)  # depends on the Adam state carried over from step 2
         if groups.tp_rank == 0 and groups.dp_rank == 0:  # one writer per pipeline stage
-            torch.save({"params": params, "loss2": loss2, "loss3": loss3}, out / f"saved.pp{groups.pp_rank}.pt")
+            torch.save({"params": params, "loss2": loss2, "loss3": loss3, "save_peaks": save_peaks,
+                        "local_params": sum(p.numel() for c in policy.chunks for p in c.parameters())},
+                       out / f"saved.pp{groups.pp_rank}.pt")
         if a.kill_during_save:
             real_replace = os.replace
 

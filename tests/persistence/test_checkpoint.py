@@ -1,7 +1,9 @@
-"""Checkpoints: layout changes on load, a crash mid-save leaves the previous one loadable."""
+"""Checkpoints: layout changes on load, a crash mid-save leaves the previous one loadable, the
+lighter optimizer format builds no host copies and refuses a tp / pp it cannot load into."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,19 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
     assert loaded["path"].endswith("step_1") and loaded["state"]["step"] == 1
     saved = torch.load(run / "saved.pp0.pt")
     assert _max_diff(saved["params"], loaded["params"]) == 0.0
+
+
+def test_dp_reshardable_save_builds_no_host_copy_and_refuses_another_tp(tmp_path):
+    # fully_reshardable gathers every rank's whole TP-PP shard of fp32 params and both Adam
+    # moments into host tensors (megatron-core distrib_optimizer.py:1315-1321, 1729-1738):
+    # 3 x 4 bytes per local parameter more than dp_reshardable, which writes the shards as they are.
+    run = tmp_path / "run"
+    tiny.torchrun(WORKER, 2, ["--mode", "save", "--tp", "2", "--dist-opt", "--compare-save-formats",
+                              "--run-dir", str(run)])
+    saved = torch.load(run / "saved.pp0.pt")
+    peaks, n = saved["save_peaks"], saved["local_params"]
+    assert peaks["fully_reshardable"] - peaks["dp_reshardable"] >= 0.9 * 12 * n, (peaks, n)
+    marker = json.loads((run / "checkpoints" / "step_1" / "complete.json").read_text())
+    assert marker["optimizer_format"] == "dp_reshardable" and marker["layout"]["tp"] == 2
+    with pytest.raises(AssertionError, match="loads only under the same tp / pp / vpp.*fully_reshardable"):
+        tiny.torchrun(WORKER, 1, ["--mode", "load", "--dist-opt", "--run-dir", str(run)])
