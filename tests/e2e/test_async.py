@@ -7,6 +7,7 @@ pending batch is generated again, not lost and not trained twice)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -42,10 +43,17 @@ def test_one_step_off_policy_staleness_first_step_and_resume(tmp_path):
                                   "run.save_interval_steps=1", "run.keep_last_checkpoints=3"])
     sync, off = read_metrics(sync_dir), read_metrics(async_dir)
     # async_steps=0 is the loop as it was: every logged number equals the recorded run of the
-    # code before one-step off-policy existed (timings aside).
+    # code before one-step off-policy existed (timings aside). Equal to float32 rounding, not
+    # bit for bit: torch's CPU kernels are dispatched by the CPU's vector width
+    # (torch.backends.cpu.get_cpu_capability(); AVX512 on the Intel Xeon where this failed, the
+    # golden was recorded on 2026-11-23 on another machine), and the summation order that sets
+    # moved train/grad_norm by 3e-8 relative (2.6573522636854543 vs 2.6573523534058046) and no
+    # other number; a change of behaviour moves them by far more.
     golden = json.loads((Path(__file__).parents[1] / "data" / "sync_run_golden.json").read_text())
     for want, got in zip(golden["rows"], sync, strict=True):
-        assert {k: got[k] for k in want} == want
+        assert want.keys() <= got.keys()
+        off_by = {k: (got[k], v) for k, v in want.items() if not math.isclose(got[k], v, rel_tol=1e-6, abs_tol=1e-9)}
+        assert not off_by, off_by
     # Step 1 has no earlier batch to overlap: the same batch, trained by the same weights.
     for k in KEYS:
         assert sync[0][k] == off[0][k], (k, sync[0][k], off[0][k])
