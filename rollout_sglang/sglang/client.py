@@ -100,7 +100,7 @@ class SGLangClient:
                                   resp.status_code, body)
             return body
         if isinstance(last, requests.Timeout):
-            raise EngineError(f"{method} {url} timed out: no reply within {timeout_s or self.timeout_s:.0f} s "
+            raise EngineError(f"{method} {url} timed out: no reply within {timeout_s or self.timeout_s:g} s "
                               f"({last})", timed_out=True) from last
         raise EngineError(f"{method} {url} failed: {last}") from last
 

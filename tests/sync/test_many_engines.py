@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_qae.sync import weight_sync
-from rollout_sglang.sglang.client import SGLangClient
+from rollout_sglang.sglang.client import EngineError, SGLangClient
 from testsupport import tiny
 from testsupport.cpu_server import CpuServer, write_model_dir
 
@@ -105,3 +105,19 @@ def test_after_an_engine_refuses_mid_push_the_next_group_reaches_the_others(engi
     assert outcome.ok, outcome.failed
     assert took_s < 10.0 and a.weight_version() == "9"
     assert a.server_info()["weight_update_groups"] == b.server_info()["weight_update_groups"] == []
+
+
+def test_an_update_with_no_reply_in_time_is_reported_as_a_timeout_not_a_refusal():
+    """An engine that takes the request and never answers (here: a socket nobody reads)."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        client = SGLangClient(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout_s=0.5)
+        with pytest.raises(EngineError) as caught:
+            client.update_weights_from_distributed(["model.norm.weight"], ["float32"], [[32]], "g")
+    assert caught.value.timed_out and caught.value.status is None
+    message = weight_sync._failed(client, "the weight update", caught.value)
+    assert message.startswith(f"engine {client.base_url} timed out on the weight update: ")
+    assert "no reply within 0.5 s" in message and "refused" not in message
