@@ -16,7 +16,7 @@ from megatron_qae.model.packed_attention import (BUCKET_AREA_RATIO, BUCKET_FREE_
 HEADS, GROUPS, DIM = 4, 2, 8
 # The tails are what build_packed_micro_batch appends: the row's end padding, a sequence of its own.
 LENGTH_MIXES = {
-    "spread_with_tail": [40, 4, 13, 1, 27, 2, 9, 1, 5],
+    "spread_with_tail": [130, 4, 13, 1, 27, 2, 70, 9, 1, 5],  # three buckets: 144, 80 and 32 wide
     "ones": [1, 1, 1, 1, 1],
     "one_sequence": [23],
     "long_then_ones_with_tail": [30, 1, 1, 7],
@@ -72,7 +72,9 @@ def test_per_sequence_attention_equals_dense_block_masked_attention(mix):
     cu_seqlens, tokens = cu(lengths), sum(lengths)
     ours, theirs = qkv(tokens, seed=len(mix)), qkv(tokens, seed=len(mix))
     weight = torch.randn(tokens, HEADS * DIM, generator=torch.Generator().manual_seed(1))
-    out = varlen_attention(*ours, cu_seqlens, sdpa_causal)
+    calls = []
+    out = varlen_attention(*ours, cu_seqlens, lambda *qkv: calls.append(qkv[0].shape[:2]) or sdpa_causal(*qkv))
+    assert len(calls) == len(segment_buckets(lengths))
     ref = dense_masked(*theirs, cu_seqlens)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     (out * weight).sum().backward()
