@@ -4,6 +4,9 @@ shortfall in GiB."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import re
 import subprocess
 import sys
@@ -22,15 +25,37 @@ from megatron_qae.plan import (
     stage_parameters,
     trainer_memory,
 )
+from megatron_qae.plan import main as plan_main
 from testsupport import tiny
 
 HF = {name: load_hf_config(tiny.ROOT / "configs" / "hf" / name)
       for name in ("qwen2.5-32b", "qwen2.5-7b", "qwen2.5-1.5b", "qwen3-8b-base", "qwen3-14b-base")}
 
 
-def _plan(*args: str) -> subprocess.CompletedProcess:
+def _plan_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m megatron_qae.plan` as a user runs it."""
     return subprocess.run([sys.executable, "-m", "megatron_qae.plan", *args], cwd=tiny.ROOT,
                           capture_output=True, text=True, timeout=120)
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    """The planner's `main` in this process, its output and exit status as the CLI gives them
+    (one megatron-core import for the module, not one per call: each CLI start imports it
+    again, about 7 s of CPU on the 2-core test machine). Its logging setup is undone after."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                plan_main(list(args))
+                status = 0
+            except SystemExit as stop:
+                status = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        root.handlers, root.level = handlers, level
+        logging.captureWarnings(False)
+    return subprocess.CompletedProcess(["megatron_qae.plan", *args], status, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
@@ -137,7 +162,7 @@ def test_shipped_configs_pass_the_dry_run(config, nodes, trainer_gpus, params):
 
 
 def test_tp1_pp1_32b_does_not_fit_and_says_by_how_much():
-    r = _plan("--config", "configs/qwen2.5_32b_qae.yaml", "--nodes", "8", "--trainer-gpus", "32",
+    r = _plan_cli("--config", "configs/qwen2.5_32b_qae.yaml", "--nodes", "8", "--trainer-gpus", "32",
               "parallel.tp=1", "parallel.pp=1", "parallel.sequence_parallel=false")
     assert r.returncode == 1, r.stdout + r.stderr[-2000:]
     short = re.search(r"needs ([0-9.]+) GiB per GPU but ([0-9.]+) GiB are usable: short by ([0-9.]+) GiB", r.stdout)
