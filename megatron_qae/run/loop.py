@@ -29,6 +29,8 @@ from megatron_qae.batch.shard import HandoffBytes, TrainShard, scatter_shards, s
 from megatron_qae.launch_env import LaunchEnv
 from megatron_qae.config.algo import AlgoConfig
 from megatron_qae.config.loading import Config, save_config, to_dict, validate_against_model
+from megatron_qae.algorithm import k_control
+from megatron_qae.algorithm.k_control import KState
 from megatron_qae.algorithm.objective import zero_advantage_gradient
 from megatron_qae.persistence.ledger import GroupLedger
 from megatron_qae.persistence.metrics import MetricsSink
@@ -73,13 +75,15 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
             if state.get("rollout") is not None:
                 rollout.load_state_dict(state["rollout"])
             rollout.wait_ready()
-        return _train_loop(cfg, policy, reference, rollout, placement, start, run_dir, is_driver)
+        kstate = k_control.initial_state(cfg.algo, state.get("k_control"))
+        return _train_loop(cfg, policy, reference, rollout, placement, start, kstate, run_dir, is_driver)
     finally:
         placement.close()
 
 
 def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollout: Rollout | None,
-                placement: Placement, start: int, run_dir: Path, is_driver: bool) -> list[dict[str, float]]:
+                placement: Placement, start: int, kstate: KState, run_dir: Path, is_driver: bool
+                ) -> list[dict[str, float]]:
     sink = MetricsSink(run_dir, enabled=is_driver, tensorboard=cfg.run.log_tensorboard,
                        wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
     sink.truncate_after(start)
@@ -96,7 +100,8 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
         if ahead and is_driver:
             rollout.generate_ahead(rollout_step - 1)  # the next rollout step's batch, while this one trains
         sent = HandoffBytes()  # rank 0 sends each DP rank its shard only (batch/shard.py)
-        shard = scatter_shards(batch, cfg.algo, _samples_per_mini_batch(cfg), skips_zero_advantage(cfg.algo),
+        algo = k_control.algo_at(cfg.algo, kstate)  # this step's K (algo.k_control; cfg.algo when off)
+        shard = scatter_shards(batch, algo, _samples_per_mini_batch(cfg), skips_zero_advantage(cfg.algo),
                                policy.groups, sent)
         wait_s = time.perf_counter() - t0
         samples = batch.samples if batch is not None else None
@@ -104,16 +109,17 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
         _warn_underfilled(cfg, rollout_metrics, rollout_step, is_driver)
         ledger.record(rollout_step, batch)
         offload_metrics = placement.before_training()                     # colocated: engines free GPUs, state back
-        advantages, adv_metrics = shard_advantages(shard, cfg.algo, policy.groups.dp)  # advantage
+        advantages, adv_metrics = shard_advantages(shard, algo, policy.groups.dp)  # advantage
         train_metrics = _train(cfg, policy, reference, shard, advantages, rollout_step)  # train
+        kstate, k_metrics = k_control.update(cfg.algo, kstate, {**adv_metrics, **train_metrics})  # next K
         stopping = _broadcast(stop.requested, policy)  # every rank must agree before a collective save
         if stopping or (cfg.run.save_interval_steps and rollout_step % cfg.run.save_interval_steps == 0):
-            _save(cfg, policy, rollout, rollout_step, run_dir, is_driver)                # checkpoint
+            _save(cfg, policy, rollout, rollout_step, kstate, run_dir, is_driver)        # checkpoint
         placement.after_training()                                          # colocated: state off the GPU
         if ahead:
             _wait_ahead(rollout, policy)
         sync_metrics = placement.push(rollout_step).metrics()                           # weight sync
-        metrics = {**rollout_metrics, **adv_metrics, **train_metrics, **sync_metrics, **offload_metrics,
+        metrics = {**rollout_metrics, **adv_metrics, **train_metrics, **k_metrics, **sync_metrics, **offload_metrics,
                    **_staleness(samples, rollout_step), "time/step_s": time.perf_counter() - t0,
                    "time/rollout_wait_s": wait_s, "train/policy_version": float(rollout_step),
                    "handoff/sent_bytes": float(sent.sent)}
@@ -144,12 +150,13 @@ def _restore(cfg: Config, policy: Policy) -> tuple[int, dict]:
     return 0, {}
 
 
-def _save(cfg: Config, policy: Policy, rollout: Rollout | None, rollout_step: int, run_dir: Path,
-          is_driver: bool) -> None:
+def _save(cfg: Config, policy: Policy, rollout: Rollout | None, rollout_step: int, kstate: KState,
+          run_dir: Path, is_driver: bool) -> None:
     """Checkpoint right after training, before the offload and the push: the train state is
     still on the device and colocated engines still hold nothing, so the save's peak is the
     trainer's alone (colocated: release -> restore -> [train] -> save -> offload -> resume)."""
-    loop_state = {"step": rollout_step, "rollout": rollout.state_dict() if is_driver else None}
+    loop_state = {"step": rollout_step, "rollout": rollout.state_dict() if is_driver else None,
+                  "k_control": kstate.state_dict()}
     checkpoint.save_checkpoint(run_dir, rollout_step, policy, _broadcast(loop_state, policy),
                                keep_last=cfg.run.keep_last_checkpoints)
 
