@@ -2,7 +2,7 @@
 
 What it does: `update` takes the controller's state (the current K and its history window) and
 the rollout step's metrics, and returns the next state and the step's `algo/*` metrics; the
-decision itself is the pure `next_state` on plain numbers. The rule (docs/algorithm.md, "K
+decision itself is the pure `next_state` on plain numbers. The rule (README, "K
 controller"): the signal (`loss/entropy`, or 1 - `adv/zero_frac`) is averaged over the last
 `window` steps measured at the current K; below the band, entropy raises K (more groups in the
 easy regime, whose negative-only advantages raise entropy: the paper's "raise K to 0.6 if

@@ -32,7 +32,7 @@ advantage (1 - `adv/zero_frac`)."""
 @dataclass(frozen=True)
 class KControlConfig:
     """algo.k_control: K of the QAE baseline steered toward a band of one signal
-    (megatron_qae/algorithm/k_control.py; docs/algorithm.md, "K controller")."""
+    (megatron_qae/algorithm/k_control.py; README, "K controller")."""
 
     enabled: bool = False
     """Steer K once per rollout step; off = the fixed algo.quantile_k, exactly as without it."""

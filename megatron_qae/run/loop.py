@@ -119,8 +119,10 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
         if ahead:
             _wait_ahead(rollout, policy)
         sync_metrics = placement.push(rollout_step).metrics()                           # weight sync
+        step_s = time.perf_counter() - t0
         metrics = {**rollout_metrics, **adv_metrics, **train_metrics, **k_metrics, **sync_metrics, **offload_metrics,
-                   **_staleness(samples, rollout_step), "time/step_s": time.perf_counter() - t0,
+                   **_staleness(samples, rollout_step), **_goodput(rollout_metrics, train_metrics, step_s),
+                   "time/step_s": step_s,
                    "time/rollout_wait_s": wait_s, "train/policy_version": float(rollout_step),
                    "handoff/sent_bytes": float(sent.sent)}
         if cfg.run.eval_interval_steps and rollout_step % cfg.run.eval_interval_steps == 0 and is_driver:
@@ -216,10 +218,31 @@ def _train(cfg: Config, policy: Policy, reference: Reference | None, shard: Trai
             sums[k] = sums.get(k, 0.0) + v / len(plans)
     finish_param_sync(policy)  # weight sync and checkpoints read the parameters next
     elapsed = time.perf_counter() - t0
-    trained = torch.tensor([float(sum(mb.loss_mask.sum() for mbs in mbs_of for mb in mbs))])
+    every = [mb for mbs in mbs_of for mb in mbs]
+    # [trained response tokens, those of responses with a non-zero advantage], in one all-reduce.
+    trained = torch.tensor([float(sum(mb.loss_mask.sum() for mb in every)),
+                            float(sum((mb.loss_mask * (mb.advantages != 0)).sum() for mb in every))])
     dist.all_reduce(trained, group=groups.dp)
     return {**sums, "train/logprob_gap_rollout": gap, "train/tis_cap": algo.tis_cap or 0.0, "train/step_s": elapsed,
-            "train/tokens_per_s": float(trained) / elapsed, "train/optimizer_steps": float(len(plans))}
+            "train/tokens_per_s": float(trained[0]) / elapsed, "train/optimizer_steps": float(len(plans)),
+            "train/trained_tokens": float(trained[0]), "train/gradient_tokens": float(trained[1])}
+
+
+def _goodput(rollout_metrics: dict[str, float], train_metrics: dict[str, float], step_s: float) -> dict[str, float]:
+    """Tokens per second of the whole rollout step (generation, hand-off, training, push):
+    generated (every scored response, dropped groups included), trained (reached the backward
+    pass), and goodput (trained and of a response with a non-zero advantage: the tokens that
+    carry a policy gradient); the gradient tokens' share of the generated ones (rank 0 only,
+    where the rollout metrics are). `persistence.metrics.gradient_token_share` is a run's share."""
+    generated = rollout_metrics.get("rollout/response_tokens")
+    if generated is None:
+        return {}
+    gradient = train_metrics.get("train/gradient_tokens", 0.0)
+    return {"perf/generated_tokens": generated, "perf/gradient_tokens": gradient,
+            "perf/generated_tokens_per_s": generated / step_s,
+            "perf/trained_tokens_per_s": train_metrics.get("train/trained_tokens", 0.0) / step_s,
+            "perf/goodput_tokens_per_s": gradient / step_s,
+            "perf/gradient_token_frac": gradient / generated if generated else 0.0}
 
 
 def _wait_ahead(rollout: Rollout | None, policy: Policy) -> None:

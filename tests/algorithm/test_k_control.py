@@ -121,3 +121,12 @@ def test_config_off_accepts_any_k_and_on_loads_its_keys():
     cfg = load_config("configs/test_tiny.yaml", ["algo.k_control.enabled=true", "algo.k_control.window=1",
                                                  "algo.k_control.target=nonzero_adv_frac", "algo.k_control.high=0.5"])
     assert cfg.algo.k_control == KControlConfig(enabled=True, target="nonzero_adv_frac", high=0.5, window=1)
+
+
+def test_every_rank_holds_the_same_k_as_a_single_process():
+    from testsupport import tiny
+
+    proc = tiny.torchrun(tiny.ROOT / "tests" / "dist_workers" / "k_control_worker.py", 2, [], timeout_s=300)
+    for rank in range(2):
+        for target in ("entropy", "nonzero_adv_frac"):
+            assert f"rank {rank}: {target} K equal on 2 ranks" in proc.stdout, proc.stdout[-2000:]
