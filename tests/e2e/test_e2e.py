@@ -132,6 +132,11 @@ def test_resume_after_step_k_repeats_the_uninterrupted_run(tmp_path):
     assert [r["step"] for r in b] == [1, 2, 3]
     for k in keys:
         assert abs(a[2][k] - b[2][k]) < 1e-6, (k, a[2][k], b[2][k])
+    for r in a:  # goodput: 1-token responses, zero-advantage ones skipped, so trained = gradient tokens
+        assert r["perf/generated_tokens"] == r["rollout/response_tokens"]
+        assert r["perf/gradient_tokens"] == r["train/trained_tokens"] == round((1 - r["adv/zero_frac"]) * r["rollout/samples"])
+        assert abs(r["perf/goodput_tokens_per_s"] * r["time/step_s"] - r["perf/gradient_tokens"]) < 1e-6
+        assert abs(sum(v for k, v in r.items() if k.startswith("rollout/group_acc_hist/")) - 1.0) < 1e-9
     ks = [r["algo/quantile_k"] for r in a]
     assert ks == [r["algo/quantile_k"] for r in b], (ks, [r["algo/quantile_k"] for r in b])
     # Each step's K is the last one's plus 0.05 when it trained (it logged an entropy), else the same.
