@@ -8,9 +8,9 @@ same Megatron policy; a random init is right about once in 16^3 samples, too rar
 start), then the real trainer twice (`python -m megatron_qae.train` with configs/demo.yaml:
 megatron-core on gloo, a local Ray, one CPU rollout engine behind SGLang's HTTP API), once as
 configured (QAE) and once with `algo.baseline=mean`, each from the warm start's HF directory,
-one after the other. Plots accuracy, entropy, zero-advantage share and response length of
-both runs into <run_dir>/demo.png and prints both runs' final accuracies and zero-advantage
-shares. What it does not: anything the trainer does not do at scale.
+one after the other. Plots accuracy, entropy, zero-advantage share, response length and
+goodput of both runs into <run_dir>/demo.png and prints both runs' final accuracies,
+zero-advantage shares and goodput. What it does not: anything the trainer does not do at scale.
 
     python -m examples.cpu_demo [--run-dir runs/demo] [--sft-steps N] [key=value overrides ...]
 """
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from megatron_qae import sft
-from megatron_qae.persistence.metrics import read_metrics
+from megatron_qae.persistence.metrics import gradient_token_share, read_metrics
 from rollout_sglang import demo_task
 
 RUNS = {"qae": [], "mean": ["algo.baseline=mean"]}
@@ -37,6 +37,7 @@ PANELS = [
     ("entropy (nats / token)", ["loss/entropy"]),
     ("zero-advantage share", ["adv/zero_frac"]),
     ("response length (tokens)", ["rollout/response_len_mean"]),
+    ("goodput (gradient tokens / s)", ["perf/goodput_tokens_per_s"]),
 ]
 """(title, metric keys) of each panel; the first key solid, the second dashed."""
 _WORLD_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -83,7 +84,9 @@ def plot(runs: dict[str, list[dict]], out: Path) -> Path:
 def summary(rows: list[dict], last: int = 10) -> dict[str, float]:
     """Start / final numbers of one run: rollout accuracy (step 1, mean of the last `last`
     steps), last evaluation avg@4 / pass@4, zero-advantage share (mean over the run and over
-    the last steps), entropy and response length at the end."""
+    the last steps), entropy and response length at the end; goodput (gradient-carrying
+    response tokens / s of the whole rollout step, mean over the run) and the run's share of
+    generated tokens that carried a gradient."""
     tail = rows[-last:]
     evals = [r for r in rows if "eval/avg@4" in r]
 
@@ -97,6 +100,9 @@ def summary(rows: list[dict], last: int = 10) -> dict[str, float]:
         "eval_pass@4": evals[-1]["eval/pass@4"] if evals else float("nan"),
         "zero_adv_mean": mean("adv/zero_frac", rows), "zero_adv_last": mean("adv/zero_frac", tail),
         "entropy_last": mean("loss/entropy", tail), "response_len_last": mean("rollout/response_len_mean", tail),
+        "goodput_mean": mean("perf/goodput_tokens_per_s", rows),
+        "generated_tokens_per_s_mean": mean("perf/generated_tokens_per_s", rows),
+        "gradient_token_share": gradient_token_share(rows),
     }
 
 
@@ -129,7 +135,9 @@ def main(argv: list[str]) -> None:
         print(f"{name:>4}: rollout accuracy {s['accuracy_step1']:.3f} at step 1 -> {s['accuracy_last']:.3f} "
               f"(mean of the last 10 steps), last eval avg@4 {s['eval_avg@4']:.3f} pass@4 {s['eval_pass@4']:.3f}; "
               f"zero-advantage share {s['zero_adv_mean']:.3f} (run mean), {s['zero_adv_last']:.3f} (last 10); "
-              f"entropy {s['entropy_last']:.3f}, response length {s['response_len_last']:.2f}")
+              f"entropy {s['entropy_last']:.3f}, response length {s['response_len_last']:.2f}; goodput "
+              f"{s['goodput_mean']:.1f} gradient tokens/s of {s['generated_tokens_per_s_mean']:.1f} generated "
+              f"(run mean), {s['gradient_token_share']:.3f} of generated tokens carried a gradient")
     print(f"plot: {out}\nmetrics: {run_dir / 'qae' / 'metrics.jsonl'}, {run_dir / 'mean' / 'metrics.jsonl'}")
 
 

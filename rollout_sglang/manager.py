@@ -61,6 +61,23 @@ def select_groups(groups: list[Group], dynamic: bool) -> tuple[list[Group], dict
     return kept, {"all_correct": correct, "all_wrong": len(dropped) - correct}
 
 
+GROUP_ACCURACY_BINS = ("0", "0-25", "25-50", "50-75", "75-100", "100")
+"""Bins of a group's mean accuracy in percent: exactly 0 (all wrong), (0, 25], (25, 50],
+(50, 75], (75, 100), exactly 100 (all right)."""
+
+
+def group_accuracy_histogram(groups: list[Group]) -> dict[str, float]:
+    """Share of `groups` in each GROUP_ACCURACY_BINS bin of mean accuracy, as flat metrics
+    `rollout/group_acc_hist/<bin>` (jsonl and TensorBoard scalars): where the prompts sit
+    against K's two regimes, before dynamic sampling drops the all-equal ones."""
+    counts = dict.fromkeys(GROUP_ACCURACY_BINS, 0)
+    for g in groups:
+        acc = sum(s.accuracy for s in g.samples) / max(len(g.samples), 1)
+        inner = next(i for i, hi in enumerate((0.25, 0.5, 0.75, 1.0), start=1) if acc <= hi)
+        counts[GROUP_ACCURACY_BINS[0 if acc <= 0 else 5 if acc >= 1 else inner]] += 1
+    return {f"rollout/group_acc_hist/{b}": n / max(len(groups), 1) for b, n in counts.items()}
+
+
 def _slice(request: Future, start: int, count: int) -> Future:
     """A future of outputs [start, start + count) of `request`'s (one group of a request that
     carries several)."""
@@ -265,7 +282,8 @@ class RolloutManager(EnginePool):
         # from the weights of this rollout step (groups past the full batch are aborted).
         groups = res.kept
         dropped = select_groups(res.decided, r.dynamic_sampling)[1]
-        metrics = self._metrics(groups, res.decided, dropped, res.batches, gen_s)
+        metrics = {**self._metrics(groups, res.decided, dropped, res.batches, gen_s),
+                   **group_accuracy_histogram(res.decided)}
         metrics.update({
             "rollout/groups_discarded_extra": float(res.discarded_groups),
             "rollout/groups_aborted": float(res.aborted_groups),

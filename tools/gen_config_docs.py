@@ -49,14 +49,26 @@ def render() -> str:
     for section, _, _, doc in _fields(top):
         lines += [f"## `{section}`", "", doc, "", "| field | type | default | range | meaning |",
                   "| --- | --- | --- | --- | --- |"]
-        bounds = getattr(sections[section], "BOUNDS", {})
-        for name, typ, default, fdoc in _fields(_class_node(sections[section])):
-            default = default.replace("field(default_factory=dict)", "{}").replace("|", "\\|")
-            bound = bounds.get(name)
-            span = bound.describe().replace("|", "\\|") if bound is not None else ""
-            lines.append(f"| `{section}.{name}` | `{typ.replace('|', chr(92) + '|')}` | `{default}` | {span} | {fdoc} |")
+        lines += _rows(section, sections[section])
         lines.append("")
     return "\n".join(lines)
+
+
+def _rows(prefix: str, cls: type) -> list[str]:
+    """One table row per field of `cls`; a nested section (a dataclass field, e.g.
+    algo.k_control) gets its own rows under its dotted name."""
+    bounds, nested = getattr(cls, "BOUNDS", {}), {f.name: f.default_factory for f in dataclasses.fields(cls)
+                                                  if dataclasses.is_dataclass(f.default_factory)}
+    out = []
+    for name, typ, default, fdoc in _fields(_class_node(cls)):
+        if name in nested:
+            out += _rows(f"{prefix}.{name}", nested[name])
+            continue
+        default = default.replace("field(default_factory=dict)", "{}").replace("|", "\\|")
+        bound = bounds.get(name)
+        span = bound.describe().replace("|", "\\|") if bound is not None else ""
+        out.append(f"| `{prefix}.{name}` | `{typ.replace('|', chr(92) + '|')}` | `{default}` | {span} | {fdoc} |")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

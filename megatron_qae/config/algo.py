@@ -6,10 +6,10 @@ naming field, value and fix; every numeric field has a `BOUNDS` entry). What it 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
-from rollout_sglang.config_checks import (FINITE, POSITIVE, UNIT_OPEN, Bound,
+from rollout_sglang.config_checks import (FINITE, NON_NEGATIVE, POSITIVE, UNIT_OPEN, Bound,
                                           check_bounds, fail as _fail, one_of as _one_of)
 
 FP8_TIS_CAP = 2.0
@@ -21,6 +21,55 @@ the loss for that gap (docs/algorithm.md, "FP8 training against bf16 sampling").
 POLICY_LOSSES = ("dapo", "gspo", "clip_cov", "kl_cov")
 """The allowed algo.policy_loss values: the names megatron_qae/algorithm/losses/ registers (a
 test holds the two equal; the config does not import the losses)."""
+
+
+K_CONTROL_TARGETS = ("entropy", "nonzero_adv_frac")
+"""The signals algo.k_control can steer: the policy's mean token entropy over the trained
+responses (`loss/entropy`, nats/token), or the share of the batch's responses with a non-zero
+advantage (1 - `adv/zero_frac`)."""
+
+
+@dataclass(frozen=True)
+class KControlConfig:
+    """algo.k_control: K of the QAE baseline steered toward a band of one signal
+    (megatron_qae/algorithm/k_control.py; README, "K controller")."""
+
+    enabled: bool = False
+    """Steer K once per rollout step; off = the fixed algo.quantile_k, exactly as without it."""
+    target: str = "entropy"
+    """'entropy' (K up below the band, down above it) or 'nonzero_adv_frac' (K down below the
+    band, up above it: a larger K gives fewer non-zero advantages)."""
+    low: float = 0.3
+    """Lower edge of the target band (entropy: nats/token; nonzero_adv_frac: a share)."""
+    high: float = 1.0
+    """Upper edge of the target band; inside [low, high] K holds."""
+    step: float = 0.05
+    """How far K moves in one decision (at most one decision per rollout step)."""
+    k_min: float = 0.2
+    """Smallest K the controller sets."""
+    k_max: float = 0.8
+    """Largest K the controller sets."""
+    window: int = 2
+    """Hysteresis: the signal compared with the band is the mean of the last `window` rollout
+    steps measured at the current K; after K moves the window starts empty, so K holds for at
+    least `window` steps."""
+
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "low": NON_NEGATIVE, "high": POSITIVE,
+        "step": Bound(0, 1, low_open=True, high_open=True, why="a change of the quantile K"),
+        "k_min": UNIT_OPEN, "k_max": UNIT_OPEN,
+        "window": Bound(1, 1000, why="rollout steps of history"),
+    }
+
+    def __post_init__(self) -> None:
+        check_bounds("algo.k_control", self, self.BOUNDS)
+        _one_of("algo.k_control.target", self.target, K_CONTROL_TARGETS)
+        if self.low >= self.high:
+            _fail("algo.k_control.low", self.low, f"must be below algo.k_control.high={self.high}")
+        if self.target == "nonzero_adv_frac" and self.high > 1:
+            _fail("algo.k_control.high", self.high, "nonzero_adv_frac is a share: set a band inside [0, 1]")
+        if self.k_min > self.k_max:
+            _fail("algo.k_control.k_min", self.k_min, f"must be <= algo.k_control.k_max={self.k_max}")
 
 
 @dataclass(frozen=True)
@@ -74,6 +123,8 @@ class AlgoConfig:
     """KL estimator: 'k1', 'k2', 'k3' or 'low_var_kl' (= k3), as verl's kl_penalty."""
     entropy_coef: float = 0.0
     """Entropy bonus coefficient (loss -= coef * entropy); 0 = off (DAPO)."""
+    k_control: KControlConfig = field(default_factory=KControlConfig)
+    """Steering of quantile_k toward a band of entropy or non-zero-advantage share; off by default."""
 
     BOUNDS: ClassVar[dict[str, Bound]] = {
         "quantile_k": Bound(0, 1, low_open=True, high_open=True, why="the QAE quantile; 0.4 recommended"),
@@ -97,6 +148,18 @@ class AlgoConfig:
         if self.tis_cap is not None and self.tis_cap <= 0:
             _fail("algo.tis_cap", self.tis_cap, "must be > 0, or null")
         self._check_loss_variants()
+        self._check_k_control()
+
+    def _check_k_control(self) -> None:
+        kc = self.k_control
+        if not kc.enabled:
+            return
+        if self.baseline != "quantile":
+            _fail("algo.k_control.enabled", kc.enabled, f"steers the quantile baseline's K; algo.baseline="
+                  f"{self.baseline!r} has none: set algo.baseline=quantile or algo.k_control.enabled=false")
+        if not kc.k_min <= self.quantile_k <= kc.k_max:
+            _fail("algo.quantile_k", self.quantile_k, f"the controller starts from it: must be in "
+                  f"[algo.k_control.k_min={kc.k_min}, algo.k_control.k_max={kc.k_max}]; move K or the bounds")
 
     def _check_loss_variants(self) -> None:
         _one_of("algo.policy_loss", self.policy_loss, POLICY_LOSSES)

@@ -79,3 +79,11 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     """All metric lines of a run, in order."""
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def gradient_token_share(rows: list[dict[str, float]]) -> float:
+    """A run's share of generated response tokens that carried a policy gradient: the sum of
+    `perf/gradient_tokens` over the sum of `perf/generated_tokens` (what dynamic sampling
+    dropped, zero advantages and the skip all leave out); nan before any step logged them."""
+    generated = sum(r.get("perf/generated_tokens", 0.0) for r in rows)
+    return sum(r.get("perf/gradient_tokens", 0.0) for r in rows) / generated if generated else float("nan")

@@ -29,6 +29,8 @@ from megatron_qae.batch.shard import HandoffBytes, TrainShard, scatter_shards, s
 from megatron_qae.launch_env import LaunchEnv
 from megatron_qae.config.algo import AlgoConfig
 from megatron_qae.config.loading import Config, save_config, to_dict, validate_against_model
+from megatron_qae.algorithm import k_control
+from megatron_qae.algorithm.k_control import KState
 from megatron_qae.algorithm.objective import zero_advantage_gradient
 from megatron_qae.persistence.ledger import GroupLedger
 from megatron_qae.persistence.metrics import MetricsSink
@@ -73,13 +75,15 @@ def run(cfg: Config, env: LaunchEnv) -> list[dict[str, float]]:
             if state.get("rollout") is not None:
                 rollout.load_state_dict(state["rollout"])
             rollout.wait_ready()
-        return _train_loop(cfg, policy, reference, rollout, placement, start, run_dir, is_driver)
+        kstate = k_control.initial_state(cfg.algo, state.get("k_control"))
+        return _train_loop(cfg, policy, reference, rollout, placement, start, kstate, run_dir, is_driver)
     finally:
         placement.close()
 
 
 def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollout: Rollout | None,
-                placement: Placement, start: int, run_dir: Path, is_driver: bool) -> list[dict[str, float]]:
+                placement: Placement, start: int, kstate: KState, run_dir: Path, is_driver: bool
+                ) -> list[dict[str, float]]:
     sink = MetricsSink(run_dir, enabled=is_driver, tensorboard=cfg.run.log_tensorboard,
                        wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
     sink.truncate_after(start)
@@ -96,7 +100,8 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
         if ahead and is_driver:
             rollout.generate_ahead(rollout_step - 1)  # the next rollout step's batch, while this one trains
         sent = HandoffBytes()  # rank 0 sends each DP rank its shard only (batch/shard.py)
-        shard = scatter_shards(batch, cfg.algo, _samples_per_mini_batch(cfg), skips_zero_advantage(cfg.algo),
+        algo = k_control.algo_at(cfg.algo, kstate)  # this step's K (algo.k_control; cfg.algo when off)
+        shard = scatter_shards(batch, algo, _samples_per_mini_batch(cfg), skips_zero_advantage(cfg.algo),
                                policy.groups, sent)
         wait_s = time.perf_counter() - t0
         samples = batch.samples if batch is not None else None
@@ -104,17 +109,20 @@ def _train_loop(cfg: Config, policy: Policy, reference: Reference | None, rollou
         _warn_underfilled(cfg, rollout_metrics, rollout_step, is_driver)
         ledger.record(rollout_step, batch)
         offload_metrics = placement.before_training()                     # colocated: engines free GPUs, state back
-        advantages, adv_metrics = shard_advantages(shard, cfg.algo, policy.groups.dp)  # advantage
+        advantages, adv_metrics = shard_advantages(shard, algo, policy.groups.dp)  # advantage
         train_metrics = _train(cfg, policy, reference, shard, advantages, rollout_step)  # train
+        kstate, k_metrics = k_control.update(cfg.algo, kstate, {**adv_metrics, **train_metrics})  # next K
         stopping = _broadcast(stop.requested, policy)  # every rank must agree before a collective save
         if stopping or (cfg.run.save_interval_steps and rollout_step % cfg.run.save_interval_steps == 0):
-            _save(cfg, policy, rollout, rollout_step, run_dir, is_driver)                # checkpoint
+            _save(cfg, policy, rollout, rollout_step, kstate, run_dir, is_driver)        # checkpoint
         placement.after_training()                                          # colocated: state off the GPU
         if ahead:
             _wait_ahead(rollout, policy)
         sync_metrics = placement.push(rollout_step).metrics()                           # weight sync
-        metrics = {**rollout_metrics, **adv_metrics, **train_metrics, **sync_metrics, **offload_metrics,
-                   **_staleness(samples, rollout_step), "time/step_s": time.perf_counter() - t0,
+        step_s = time.perf_counter() - t0
+        metrics = {**rollout_metrics, **adv_metrics, **train_metrics, **k_metrics, **sync_metrics, **offload_metrics,
+                   **_staleness(samples, rollout_step), **_goodput(rollout_metrics, train_metrics, step_s),
+                   "time/step_s": step_s,
                    "time/rollout_wait_s": wait_s, "train/policy_version": float(rollout_step),
                    "handoff/sent_bytes": float(sent.sent)}
         if cfg.run.eval_interval_steps and rollout_step % cfg.run.eval_interval_steps == 0 and is_driver:
@@ -144,12 +152,13 @@ def _restore(cfg: Config, policy: Policy) -> tuple[int, dict]:
     return 0, {}
 
 
-def _save(cfg: Config, policy: Policy, rollout: Rollout | None, rollout_step: int, run_dir: Path,
-          is_driver: bool) -> None:
+def _save(cfg: Config, policy: Policy, rollout: Rollout | None, rollout_step: int, kstate: KState,
+          run_dir: Path, is_driver: bool) -> None:
     """Checkpoint right after training, before the offload and the push: the train state is
     still on the device and colocated engines still hold nothing, so the save's peak is the
     trainer's alone (colocated: release -> restore -> [train] -> save -> offload -> resume)."""
-    loop_state = {"step": rollout_step, "rollout": rollout.state_dict() if is_driver else None}
+    loop_state = {"step": rollout_step, "rollout": rollout.state_dict() if is_driver else None,
+                  "k_control": kstate.state_dict()}
     checkpoint.save_checkpoint(run_dir, rollout_step, policy, _broadcast(loop_state, policy),
                                keep_last=cfg.run.keep_last_checkpoints,
                                optimizer_format=cfg.run.checkpoint_optimizer_format)
@@ -210,10 +219,31 @@ def _train(cfg: Config, policy: Policy, reference: Reference | None, shard: Trai
             sums[k] = sums.get(k, 0.0) + v / len(plans)
     finish_param_sync(policy)  # weight sync and checkpoints read the parameters next
     elapsed = time.perf_counter() - t0
-    trained = torch.tensor([float(sum(mb.loss_mask.sum() for mbs in mbs_of for mb in mbs))])
+    every = [mb for mbs in mbs_of for mb in mbs]
+    # [trained response tokens, those of responses with a non-zero advantage], in one all-reduce.
+    trained = torch.tensor([float(sum(mb.loss_mask.sum() for mb in every)),
+                            float(sum((mb.loss_mask * (mb.advantages != 0)).sum() for mb in every))])
     dist.all_reduce(trained, group=groups.dp)
     return {**sums, "train/logprob_gap_rollout": gap, "train/tis_cap": algo.tis_cap or 0.0, "train/step_s": elapsed,
-            "train/tokens_per_s": float(trained) / elapsed, "train/optimizer_steps": float(len(plans))}
+            "train/tokens_per_s": float(trained[0]) / elapsed, "train/optimizer_steps": float(len(plans)),
+            "train/trained_tokens": float(trained[0]), "train/gradient_tokens": float(trained[1])}
+
+
+def _goodput(rollout_metrics: dict[str, float], train_metrics: dict[str, float], step_s: float) -> dict[str, float]:
+    """Tokens per second of the whole rollout step (generation, hand-off, training, push):
+    generated (every scored response, dropped groups included), trained (reached the backward
+    pass), and goodput (trained and of a response with a non-zero advantage: the tokens that
+    carry a policy gradient); the gradient tokens' share of the generated ones (rank 0 only,
+    where the rollout metrics are). `persistence.metrics.gradient_token_share` is a run's share."""
+    generated = rollout_metrics.get("rollout/response_tokens")
+    if generated is None:
+        return {}
+    gradient = train_metrics.get("train/gradient_tokens", 0.0)
+    return {"perf/generated_tokens": generated, "perf/gradient_tokens": gradient,
+            "perf/generated_tokens_per_s": generated / step_s,
+            "perf/trained_tokens_per_s": train_metrics.get("train/trained_tokens", 0.0) / step_s,
+            "perf/goodput_tokens_per_s": gradient / step_s,
+            "perf/gradient_token_frac": gradient / generated if generated else 0.0}
 
 
 def _wait_ahead(rollout: Rollout | None, policy: Policy) -> None:

@@ -19,7 +19,20 @@ from megatron_qae.config.loading import Config, load_config
 from rollout_sglang.config import CPU_SERVER_ARGS, CPU_SERVER_MAX_SEQUENCES, SGLANG_SHADOWED, RolloutConfig
 from rollout_sglang.config_checks import Bound, numeric_fields
 
-SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def _sections(prefix: str, cls: type) -> dict[str, type]:
+    """{dotted section: its dataclass}, nested sections (algo.k_control) included."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory):
+            name = f"{prefix}.{f.name}" if prefix else f.name
+            out[name] = f.default_factory
+            out.update(_sections(name, f.default_factory))
+    return out
+
+
+SECTIONS = _sections("", Config)
 NUMERIC = [(section, name, kind, nullable) for section, cls in SECTIONS.items()
            for name, (kind, nullable) in numeric_fields(cls).items()]
 

@@ -120,7 +120,11 @@ def test_resume_after_step_k_repeats_the_uninterrupted_run(tmp_path):
     keys = ["rollout/accuracy_all", "rollout/reward_mean", "adv/zero_frac", "loss/loss",
             "loss/entropy", "train/grad_norm"]
     full, part = tmp_path / "a" / "run", tmp_path / "b" / "run"
-    common = ["run.save_interval_steps=1", "run.log_tensorboard=false"]
+    # The K controller on, with a band above the tiny model's entropy (about 4 nats/token on its
+    # 64-token vocabulary): K rises one step per trained rollout step, and the resumed run must
+    # continue from the saved K, not from algo.quantile_k.
+    common = ["run.save_interval_steps=1", "run.log_tensorboard=false", "algo.k_control.enabled=true",
+              "algo.k_control.low=50", "algo.k_control.high=60", "algo.k_control.window=1"]
     tiny.train_run(full, 1, [*common, "run.num_rollout_steps=3"])
     tiny.train_run(part, 1, [*common, "run.num_rollout_steps=2"])
     tiny.train_run(part, 1, [*common, "run.num_rollout_steps=3"])  # auto-resumes from step 2
@@ -128,4 +132,17 @@ def test_resume_after_step_k_repeats_the_uninterrupted_run(tmp_path):
     assert [r["step"] for r in b] == [1, 2, 3]
     for k in keys:
         assert abs(a[2][k] - b[2][k]) < 1e-6, (k, a[2][k], b[2][k])
+    for r in a:  # goodput: 1-token responses, zero-advantage ones skipped, so trained = gradient tokens
+        assert r["perf/generated_tokens"] == r["rollout/response_tokens"]
+        assert r["perf/gradient_tokens"] == r["train/trained_tokens"] == round((1 - r["adv/zero_frac"]) * r["rollout/samples"])
+        assert abs(r["perf/goodput_tokens_per_s"] * r["time/step_s"] - r["perf/gradient_tokens"]) < 1e-6
+        assert abs(sum(v for k, v in r.items() if k.startswith("rollout/group_acc_hist/")) - 1.0) < 1e-9
+    ks = [r["algo/quantile_k"] for r in a]
+    assert ks == [r["algo/quantile_k"] for r in b], (ks, [r["algo/quantile_k"] for r in b])
+    # Each step's K is the last one's plus 0.05 when it trained (it logged an entropy), else the same.
+    want = [0.4]
+    for r in a[:-1]:
+        want.append(round(want[-1] + 0.05, 10) if "algo/k_signal_entropy" in r else want[-1])
+    assert ks == want and ks[-1] > 0.4, ks
+    assert all(r["algo/k_band_low"] == 50.0 and r["algo/k_band_high"] == 60.0 for r in a)
     assert (part / "checkpoints" / "latest").read_text().strip() == "step_3"

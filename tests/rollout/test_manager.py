@@ -11,7 +11,7 @@ import ray
 
 from megatron_qae.config.loading import load_config
 from rollout_sglang import demo_task
-from rollout_sglang.manager import RolloutManager, select_groups
+from rollout_sglang.manager import RolloutManager, group_accuracy_histogram, select_groups
 from rollout_sglang.sglang.client import EngineError
 from rollout_sglang.types import Group, Prompt, Sample
 from testsupport.ray_local import local_ray
@@ -20,6 +20,17 @@ from testsupport.ray_local import local_ray
 def _group(gid: int, accs: list[float]) -> Group:
     p = Prompt(gid, (1, 2), "1")
     return Group(gid, p, tuple(Sample(gid, (1, 2), (3,), (-1.0,), "stop", 2 * a - 1, a, 0) for a in accs))
+
+
+def test_group_accuracy_histogram_counts_each_group_once_with_exact_ends():
+    # mean accuracies 0, 0.25, 0.5, 0.5, 0.75, 1, 1, 1 over 8 groups of 4
+    accs = [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 1], [1, 1, 1, 0], [1] * 4, [1] * 4, [1] * 4]
+    hist = group_accuracy_histogram([_group(i, [float(a) for a in g]) for i, g in enumerate(accs)])
+    assert hist == {"rollout/group_acc_hist/0": 1 / 8, "rollout/group_acc_hist/0-25": 1 / 8,
+                    "rollout/group_acc_hist/25-50": 2 / 8, "rollout/group_acc_hist/50-75": 1 / 8,
+                    "rollout/group_acc_hist/75-100": 0.0, "rollout/group_acc_hist/100": 3 / 8}
+    assert group_accuracy_histogram([_group(0, [1.0, 1.0, 1.0, 0.0, 1.0])])["rollout/group_acc_hist/75-100"] == 1.0
+    assert set(group_accuracy_histogram([]).values()) == {0.0}
 
 
 def test_select_groups_drops_all_equal_groups_only():
