@@ -31,7 +31,7 @@ def test_async_needs_truncated_importance_sampling_and_separate_engines():
         load_config("configs/test_tiny.yaml", ["rollout.async_steps=1"])
     with pytest.raises(ValueError, match=r"rollout.async_steps=1: colocated .*engine.colocate=false"):
         load_config("configs/test_tiny.yaml", ["rollout.async_steps=1", "algo.tis_cap=2", "engine.colocate=true"])
-    with pytest.raises(ValueError, match=r"rollout.async_steps=2: use one of \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"rollout.async_steps=2: must be in \[0, 1\]"):
         load_config("configs/test_tiny.yaml", ["rollout.async_steps=2", "algo.tis_cap=2"])
 
 
