@@ -407,6 +407,7 @@ def _send_in_turns(policy: Policy, link: EngineLink, buckets, version: int, time
             stopped = stopped or bool(failed)
             if stage == me and more[stage]:
                 mine = next(buckets)
+    assert next(buckets, None) is None, "a stage yielded a bucket after its last"  # ends the gathers
     return outcome
 
 
