@@ -46,10 +46,11 @@ SGLANG_DEMO_ARGS := engine.backend=sglang engine.sglang_python=$(CURDIR)/$(SGLAN
 demo-sglang: $(STAMP) $(SGLANG_STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m examples.cpu_demo --run-dir runs/demo-sglang $(SGLANG_DEMO_ARGS) $(ARGS)
 
-# One xdist worker by default: two reached 38% of the suite in 20 min on 2 cores, slower than the
-# serial run (36-39 min), so TEST_WORKERS=2 stays opt-in until it is measured faster; --dist loadgroup keeps each xdist_group (the real-SGLang tier: one ~3 GB
-# server at a time) in one worker. --durations=10 reports the ten slowest tests of every run.
-TEST_WORKERS ?= 1
+# Two xdist workers: the suite's tests wait on process starts (torchrun ranks, Ray, engines) much
+# of the time, so a second worker fills a 2-core machine (the one-worker run on CI took 48 min);
+# --dist loadgroup keeps each xdist_group (the real-SGLang tier: one ~3 GB server at a time) in one
+# worker. --durations=10 reports the ten slowest tests of every run. TEST_WORKERS=N to change it.
+TEST_WORKERS ?= 2
 test: $(STAMP) $(SGLANG_STAMP)
 	OMP_NUM_THREADS=1 RAY_AUTH_MODE=disabled $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup \
 		--durations=10 $(PYTEST_ARGS)
