@@ -16,7 +16,7 @@ FP8_TIS_CAP = 2.0
 """algo.tis_cap when it is null and model.fp8 is on: every trainer forward (old log-probs and
 reference included) runs in FP8 while the engines sample in bf16, so the trainer's old
 log-probs are not the sampling policy's; the truncated weight exp(old - rollout) <= 2 corrects
-the loss for that gap (docs/algorithm.md, "FP8 training against bf16 sampling")."""
+the loss for that gap (docs/scale.md, "FP8 training against bf16 sampling")."""
 
 POLICY_LOSSES = ("dapo", "gspo", "clip_cov", "kl_cov")
 """The allowed algo.policy_loss values: the names megatron_qae/algorithm/losses/ registers (a
