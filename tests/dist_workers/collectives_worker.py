@@ -13,6 +13,7 @@
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,7 +97,26 @@ def _same_micro_batches_as_whole_batch(cfg, groups, everything, shard, mine, adv
     return True
 
 
+def meet_at_the_store(timeout_s: float = 300.0) -> None:
+    """Every rank arrives here before the groups are made. With `--timeout-s 5` the default
+    group's 5 s also bounds its own rendezvous (gloo waits for its peers' keys in the store), so
+    a rank still importing megatron-core 5 s after the other (seen with the suite's real SGLang
+    servers on the same 2 cores: DistStoreError "wait timeout after 5000ms, keys:
+    /default_pg/0//cpu//0/0") failed the test before the collective it is about; meeting
+    first at torchrun's store, with a long wait, leaves the 5 s to that collective."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    store.add("qae_test_arrived", 1)
+    world = int(os.environ["WORLD_SIZE"])
+    deadline = time.monotonic() + timeout_s
+    while store.add("qae_test_arrived", 0) < world:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not every rank arrived within {timeout_s} s")
+        time.sleep(0.05)
+
+
 def wait_mode(a) -> dict:
+    meet_at_the_store()
     groups = parallel.init_distributed(ParallelConfig(),
                                        collective_timeout_s=a.timeout_s, rollout_wait_timeout_s=600.0)
     t0 = time.perf_counter()
