@@ -104,15 +104,11 @@ def meet_at_the_store(timeout_s: float = 300.0) -> None:
     servers on the same 2 cores: DistStoreError "wait timeout after 5000ms, keys:
     /default_pg/0//cpu//0/0") failed the test before the collective it is about; meeting
     first at torchrun's store, with a long wait, leaves the 5 s to that collective."""
+    from torch.distributed.elastic.utils.store import barrier
+
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=datetime.timedelta(seconds=timeout_s))
-    store.add("qae_test_arrived", 1)
-    world = int(os.environ["WORLD_SIZE"])
-    deadline = time.monotonic() + timeout_s
-    while store.add("qae_test_arrived", 0) < world:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not every rank arrived within {timeout_s} s")
-        time.sleep(0.05)
+    barrier(store, int(os.environ["WORLD_SIZE"]), "qae_test_arrived", barrier_timeout=timeout_s)
 
 
 def wait_mode(a) -> dict:
